@@ -1,0 +1,304 @@
+"""SafeClient: ``chromadb.PersistentClient``'s API, served by a crash-isolated worker."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from uuid import UUID
+
+from chromadb.api import ClientAPI
+from chromadb.api.client import Client
+from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
+
+from . import _supervisor
+from ._collection import SafeCollection, _UNSET
+from ._errors import ClientClosedError
+from ._policy import Options, Stats, effective_timeout
+from ._protocol import Op
+from ._supervisor import Supervisor, _Remote
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _mirror(original: Callable[..., Any]) -> Callable[[F], F]:
+    """Give ``fn`` chromadb's signature and docs, after checking its parameters match."""
+
+    def decorate(fn: F) -> F:
+        ours = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+        theirs = [(p.name, p.kind) for p in inspect.signature(original).parameters.values()]
+        if ours != theirs:  # pragma: no cover - caught at import, i.e. by every test run
+            raise TypeError(f"{fn.__qualname__} does not mirror {original.__qualname__}")
+        fn.__wrapped__ = original  # type: ignore[attr-defined]
+        fn.__doc__ = (
+            f"Behaves like ``chromadb`` ``Client.{original.__name__}``; runs in the worker.\n\n"
+            + (original.__doc__ or "")
+        )
+        return fn
+
+    return decorate
+
+
+def _default(method: Callable[..., Any], name: str) -> Any:
+    return inspect.signature(method).parameters[name].default
+
+
+# chromadb's own default objects, so that omitting an argument means exactly what it means
+# to chromadb (its default embedding function included: it is only loaded if used).
+_EF_CREATE = _default(Client.create_collection, "embedding_function")
+_EF_GET = _default(Client.get_collection, "embedding_function")
+_EF_GET_OR_CREATE = _default(Client.get_or_create_collection, "embedding_function")
+_EF_BY_ID = _default(Client.get_collection_by_id, "embedding_function")
+
+_READS = frozenset(
+    {"heartbeat", "get_version", "count_collections", "get_max_batch_size", "get_user_identity",
+     "list_collections", "get_collection", "get_or_create_collection", "get_collection_by_id",
+     "_count", "_get", "_peek", "_query"}
+)
+
+
+class SafeClient(ClientAPI, _Remote):
+    """A drop-in ``chromadb.PersistentClient`` whose calls run in a supervised worker process.
+
+    Args:
+        path: the persist directory, as for ``chromadb.PersistentClient``.
+        settings: chromadb ``Settings``; ``persist_directory`` and ``is_persistent`` are set
+            from ``path`` as chromadb does.
+        tenant: the tenant.
+        database: the database.
+        **options: see :class:`safechroma.Options` (``timeout``, ``read_retries``,
+            ``replay_writes``, ``lock_timeout``, ``validator``, ``recovery``, ``breaker``,
+            ``memory_limit``, ``standby``, ``on_event``, ...).
+
+    Raises:
+        DirectoryLockedError: another process owns ``path``.
+        RecoveryError: ``path`` is damaged and could not be repaired.
+        WorkerStartError: no worker could open ``path``.
+
+    Every ``SafeClient`` and ``SafeCollection`` on the same path in one process shares one
+    worker. Thread-safe. Use it as a context manager or call :meth:`close`.
+    """
+
+    tenant: str
+    database: str
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "./chroma",
+        settings: Settings | None = None,
+        tenant: str = DEFAULT_TENANT,
+        database: str = DEFAULT_DATABASE,
+        **options: Any,
+    ) -> None:
+        opts = Options(**options)
+        if settings is None:
+            settings = Settings()
+        # The same adjustments chromadb.PersistentClient makes.
+        settings.persist_directory = str(path)
+        settings.is_persistent = True
+        self._path = str(path)
+        self._settings = settings
+        self.tenant = str(tenant)
+        self.database = str(database)
+        self._timeout = opts.timeout
+        self._read_retries = opts.read_retries
+        self._replay_writes = opts.replay_writes
+        self._closed = True
+        self._sup = _supervisor.acquire(self._path, opts, (settings, self.tenant, self.database))
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _supervisor.release, self._sup)
+        try:
+            # chromadb opens the directory in its constructor, so errors surface here too.
+            self.heartbeat()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _reopen_request(self, sup: Supervisor, worker: Any) -> tuple[Op, Any, bool]:
+        return (Op.OPEN, (sup.path, self._settings, self.tenant, self.database, None), True)
+
+    def _call(self, method: str, *args: Any, by_value: bool = False, **kwargs: Any) -> Any:
+        if self._closed:
+            raise ClientClosedError(f"this SafeClient for {self._path} is closed")
+        return self._sup.call(
+            self, method, args, kwargs, read=method in _READS, replay=False,
+            retries=self._read_retries, timeout=effective_timeout(self._timeout),
+            by_value=by_value,
+        )
+
+    def _collection(self, ref: Any, embedding_function: Any, data_loader: Any) -> SafeCollection:
+        return SafeCollection._adopt(self, ref, embedding_function, data_loader)
+
+    # -- ClientAPI -------------------------------------------------------------------------
+
+    @_mirror(Client.heartbeat)
+    def heartbeat(self) -> int:
+        return int(self._call("heartbeat"))
+
+    @_mirror(Client.get_version)
+    def get_version(self) -> str:
+        return str(self._call("get_version"))
+
+    @_mirror(Client.get_settings)
+    def get_settings(self) -> Settings:
+        return self._settings
+
+    @_mirror(Client.get_max_batch_size)
+    def get_max_batch_size(self) -> int:
+        return int(self._call("get_max_batch_size"))
+
+    @_mirror(Client.get_user_identity)
+    def get_user_identity(self) -> Any:
+        return self._call("get_user_identity")
+
+    @_mirror(Client.list_collections)
+    def list_collections(
+        self, limit: int | None = None, offset: int | None = None
+    ) -> Sequence[SafeCollection]:
+        refs = self._call("list_collections", limit, offset)
+        return [self._collection(ref, _UNSET, None) for ref in refs]
+
+    @_mirror(Client.count_collections)
+    def count_collections(self) -> int:
+        return int(self._call("count_collections"))
+
+    @_mirror(Client.create_collection)
+    def create_collection(
+        self,
+        name: str,
+        schema: Any = None,
+        configuration: Any = None,
+        metadata: Any = None,
+        embedding_function: Any = _EF_CREATE,
+        data_loader: Any = None,
+        get_or_create: bool = False,
+    ) -> SafeCollection:
+        ref = self._call(
+            "create_collection", name, schema, configuration, metadata, embedding_function,
+            data_loader, get_or_create, by_value=True,
+        )
+        return self._collection(ref, embedding_function, data_loader)
+
+    @_mirror(Client.get_collection)
+    def get_collection(
+        self, name: str, embedding_function: Any = _EF_GET, data_loader: Any = None
+    ) -> SafeCollection:
+        ref = self._call("get_collection", name, embedding_function, data_loader, by_value=True)
+        return self._collection(ref, embedding_function, data_loader)
+
+    @_mirror(Client.get_or_create_collection)
+    def get_or_create_collection(
+        self,
+        name: str,
+        schema: Any = None,
+        configuration: Any = None,
+        metadata: Any = None,
+        embedding_function: Any = _EF_GET_OR_CREATE,
+        data_loader: Any = None,
+    ) -> SafeCollection:
+        ref = self._call(
+            "get_or_create_collection", name, schema, configuration, metadata,
+            embedding_function, data_loader, by_value=True,
+        )
+        return self._collection(ref, embedding_function, data_loader)
+
+    @_mirror(Client.get_collection_by_id)
+    def get_collection_by_id(
+        self, id: UUID, embedding_function: Any = _EF_BY_ID, data_loader: Any = None
+    ) -> SafeCollection:
+        ref = self._call(
+            "get_collection_by_id", id, embedding_function, data_loader, by_value=True
+        )
+        return self._collection(ref, embedding_function, data_loader)
+
+    @_mirror(Client.delete_collection)
+    def delete_collection(self, name: str) -> None:
+        self._call("delete_collection", name)
+
+    @_mirror(Client.reset)
+    def reset(self) -> bool:
+        return bool(self._call("reset"))
+
+    @_mirror(Client.set_tenant)
+    def set_tenant(self, tenant: str, database: str = DEFAULT_DATABASE) -> None:
+        self._call("set_tenant", tenant, database)
+        self.tenant, self.database = tenant, database
+
+    @_mirror(Client.set_database)
+    def set_database(self, database: str) -> None:
+        self._call("set_database", database)
+        self.database = database
+
+    @staticmethod
+    def clear_system_cache() -> None:
+        """Does nothing: the worker owns Chroma's system cache; a respawn starts it afresh."""
+
+    # BaseAPI's record-level methods, for code written against ServerAPI-style calls.
+    def _add(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_add", *args, **kwargs)
+
+    def _update(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_update", *args, **kwargs)
+
+    def _upsert(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_upsert", *args, **kwargs)
+
+    def _delete(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_delete", *args, **kwargs)
+
+    def _count(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_count", *args, **kwargs)
+
+    def _get(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_get", *args, **kwargs)
+
+    def _peek(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_peek", *args, **kwargs)
+
+    def _query(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_query", *args, **kwargs)
+
+    # -- what safechroma adds ----------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The persist directory."""
+        return self._path
+
+    def stats(self) -> Stats:
+        """Counters and facts about the worker (calls, deaths by signal, respawns, ...)."""
+        return self._sup.stats()
+
+    def reset_breaker(self) -> None:
+        """Close the crash-loop breaker so the next call may start a worker at once."""
+        self._sup.reset_breaker()
+
+    def run_in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(chroma_client, *args)`` inside the worker and return its result.
+
+        ``chroma_client`` is the worker's real ``chromadb`` client for this directory. ``fn``
+        travels by cloudpickle; its result must be plain data (numbers, strings, lists, dicts,
+        numpy arrays). Not retried after a crash.
+        """
+        if self._closed:
+            raise ClientClosedError(f"this SafeClient for {self._path} is closed")
+        return self._sup.run(self, fn, args, effective_timeout(self._timeout))
+
+    def close(self) -> None:
+        """Release this client; the last one on a path stops the worker and frees the lock."""
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> SafeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafeClient(path={self._path!r})"

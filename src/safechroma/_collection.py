@@ -1,0 +1,234 @@
+"""SafeCollection: chromadb's ``Collection`` whose every call runs in the worker.
+
+``SafeCollection`` subclasses ``chromadb.api.models.Collection.Collection`` so that code which
+checks ``isinstance(col, chromadb.Collection)`` keeps working and the read-only properties
+(``name``, ``id``, ``metadata``, ``configuration``, ...) are chromadb's own, computed from the
+collection model the worker sent. Each public method is a proxy whose signature *is* chromadb's
+(``__wrapped__``): the call is shipped to the worker and run there by the real ``Collection``
+method, so argument checking, embedding and results are exactly chromadb's.
+
+The embedding function runs in the worker: chromadb's ``Collection`` calls it inside ``add`` and
+``query``, and running it there keeps any native code it uses (onnxruntime, torch) out of the
+caller's process too. It travels there with cloudpickle, so lambdas and functions defined in
+``__main__`` or a test module work.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from chromadb.api.models.Collection import Collection
+from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT
+
+from ._errors import ClientClosedError
+from ._policy import effective_timeout
+from ._protocol import Op
+from ._supervisor import Supervisor, _Remote
+
+if TYPE_CHECKING:
+    from chromadb.api.collection_configuration import CreateCollectionConfiguration
+    from chromadb.api.types import CollectionMetadata, Schema
+
+    from ._client import SafeClient
+    from ._transport import WorkerProcess
+
+_UNSET: Any = object()
+
+# Methods that only read: retried on a fresh worker after a crash.
+READS = frozenset(
+    {"count", "get", "peek", "query", "search", "get_indexing_status", "fork_count",
+     "get_attached_function"}
+)
+# Writes that are safe to resend (duplicate ids in add are ignored; the others are
+# idempotent), replayed only with replay_writes=True.
+REPLAYABLE = frozenset({"add", "upsert", "update", "delete"})
+OTHER_WRITES = frozenset({"modify", "fork", "attach_function", "detach_function"})
+PROXIED = READS | REPLAYABLE | OTHER_WRITES
+
+
+def _proxy(name: str) -> Callable[..., Any]:
+    original = getattr(Collection, name)
+    read = name in READS
+    replay = name in REPLAYABLE
+
+    def method(self: SafeCollection, *args: Any, **kwargs: Any) -> Any:
+        client = self._client
+        if client._closed:
+            raise ClientClosedError(f"the SafeClient of collection {self.name!r} is closed")
+        return self._sup.call(
+            self, name, args, kwargs, read=read, replay=replay and client._replay_writes,
+            retries=client._read_retries, timeout=effective_timeout(client._timeout),
+        )
+
+    method.__name__ = name
+    method.__qualname__ = f"SafeCollection.{name}"
+    method.__doc__ = (
+        f"Behaves like ``chromadb.Collection.{name}``; runs in the worker process.\n\n"
+        + (original.__doc__ or "")
+    )
+    method.__wrapped__ = original  # type: ignore[attr-defined]
+    return method
+
+
+class SafeCollection(Collection, _Remote):
+    """A Chroma collection whose calls run in a crash-isolated worker process.
+
+    Get one from a :class:`safechroma.SafeClient` exactly as from chromadb's client, or open one
+    directly::
+
+        with SafeCollection("./db", "docs") as col:
+            col.add(ids=["a"], embeddings=[[0.1, 0.2]], documents=["hello"])
+
+    Args:
+        path: the persist directory.
+        name: the collection's name.
+        create: create the collection if it does not exist (``get_or_create_collection``);
+            with False, a missing collection raises chromadb's ``NotFoundError``.
+        embedding_function: as in chromadb; runs in the worker (see module docs).
+        data_loader: as in chromadb.
+        metadata: collection metadata, used when it is created.
+        configuration: collection configuration, used when it is created.
+        schema: collection schema, used when it is created.
+        settings: chromadb ``Settings`` for the client.
+        tenant: the tenant.
+        database: the database.
+        **options: worker options (see :class:`safechroma.Options`), e.g. ``timeout=30``.
+
+    Used standalone, the collection owns its client: ``close()`` (or leaving the ``with``
+    block) closes it. A collection obtained from a ``SafeClient`` belongs to that client and
+    its ``close()`` does nothing.
+    """
+
+    _sup: Supervisor
+    _client: SafeClient  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        create: bool = True,
+        embedding_function: Any = _UNSET,
+        data_loader: Any = None,
+        metadata: CollectionMetadata | None = None,
+        configuration: CreateCollectionConfiguration | None = None,
+        schema: Schema | None = None,
+        settings: Any = None,
+        tenant: str = DEFAULT_TENANT,
+        database: str = DEFAULT_DATABASE,
+        **options: Any,
+    ) -> None:
+        from ._client import SafeClient
+
+        client = SafeClient(path, settings, tenant, database, **options)
+        extra: dict[str, Any] = {"data_loader": data_loader}
+        if embedding_function is not _UNSET:
+            extra["embedding_function"] = embedding_function
+        try:
+            if create:
+                col = client.get_or_create_collection(
+                    name, schema=schema, configuration=configuration, metadata=metadata,
+                    **extra,
+                )
+            else:
+                col = client.get_collection(name, **extra)
+        except BaseException:
+            client.close()
+            raise
+        self.__dict__.update(col.__dict__)
+        self._owns_client = True
+        # Take over col's handle: col's finalizer must no longer release it, ours will.
+        self._slot = list(col._slot)
+        col._slot[0] = -1
+        weakref.finalize(self, _release_slot, self._sup, self._slot)
+
+    @classmethod
+    def _adopt(
+        cls,
+        client: SafeClient,
+        ref: tuple[str, int, Any, int],
+        embedding_function: Any,
+        data_loader: Any,
+    ) -> SafeCollection:
+        """Build the caller-side collection for a ("collection", handle, model, serial) ref."""
+        _, handle, model, serial = ref
+        self = cls.__new__(cls)
+        self._client = client
+        self._sup = client._sup
+        self._model = model
+        self._embedding_function = (
+            None if embedding_function is _UNSET else embedding_function
+        )
+        self._data_loader = data_loader
+        self._open_kwargs = (
+            {}
+            if embedding_function is _UNSET
+            else {"embedding_function": embedding_function, "data_loader": data_loader}
+        )
+        self._owns_client = False
+        self._slot = [serial, handle]
+        weakref.finalize(self, _release_slot, client._sup, self._slot)
+        return self
+
+    # The handle in the worker lives in a shared slot so the finalizer sees the latest one.
+    @property  # type: ignore[override]
+    def _handle(self) -> int:
+        return int(self._slot[1])
+
+    @_handle.setter
+    def _handle(self, value: int) -> None:
+        self._slot[1] = value
+
+    @property  # type: ignore[override]
+    def _handle_serial(self) -> int:
+        return int(self._slot[0])
+
+    @_handle_serial.setter
+    def _handle_serial(self, value: int) -> None:
+        self._slot[0] = value
+
+    def _reopen_request(self, sup: Supervisor, worker: WorkerProcess) -> tuple[Op, Any, bool]:
+        client_handle = sup._handle_of(worker, self._client)
+        return (Op.OPEN_HANDLE, (client_handle, self.id, self._open_kwargs), True)
+
+    for _name in sorted(PROXIED):
+        locals()[_name] = _proxy(_name)
+    del _name
+
+    def modify(  # type: ignore[override]
+        self,
+        name: str | None = None,
+        metadata: CollectionMetadata | None = None,
+        configuration: Any = None,
+    ) -> None:
+        """Behaves like ``chromadb.Collection.modify``; runs in the worker process."""
+        client = self._client
+        if client._closed:
+            raise ClientClosedError(f"the SafeClient of collection {self.name!r} is closed")
+        self._sup.call(
+            self, "modify", (name, metadata, configuration), {}, read=False, replay=False,
+            retries=0, timeout=effective_timeout(client._timeout),
+        )
+        # chromadb updates its cached model the same way after a successful modify.
+        self._update_model_after_modify_success(name, metadata, configuration)
+
+    modify.__wrapped__ = Collection.modify  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Close the client this collection owns (standalone use); otherwise do nothing."""
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> SafeCollection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _release_slot(sup: Supervisor, slot: list[int]) -> None:
+    if slot[0] >= 0:
+        sup.release(slot[0], slot[1])

@@ -1,0 +1,190 @@
+"""The exceptions safechroma raises.
+
+Chroma's own exceptions (``chromadb.errors.NotFoundError``, ``ValueError``, ...) raised inside the
+worker reach the caller as the same type; everything below is about the worker itself::
+
+    SafeChromaError                          base of everything safechroma adds
+    ├── ClientClosedError                    you closed the client; not a fault
+    ├── DirectoryLockedError                 another process owns the persist directory
+    ├── WorkerError                          the worker broke under you
+    │   ├── WorkerCrashedError               it died (signal or exit) while serving a call
+    │   ├── WorkerTimeoutError (TimeoutError)  a call passed its deadline; the worker was killed
+    │   ├── WorkerStartError                 a fresh worker could not be started
+    │   └── ProtocolError                    it sent bytes the caller refuses to decode
+    ├── CrashLoopError                       too many deaths in a short time: breaker is open
+    ├── RecoveryError                        the directory is damaged and recovery failed
+    ├── ChromaPanicError                     Chroma's Rust core panicked (the worker is replaced)
+    └── RemoteError                          an error of a type the caller will not rebuild
+
+Every exception pickles, so it can cross process boundaries (``__reduce__`` rebuilds it from
+its constructor arguments).
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from typing import Any
+
+__all__ = [
+    "ChromaPanicError",
+    "ClientClosedError",
+    "CrashLoopError",
+    "DirectoryLockedError",
+    "ProtocolError",
+    "RecoveryError",
+    "RemoteError",
+    "SafeChromaError",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerStartError",
+    "WorkerTimeoutError",
+    "signal_name",
+]
+
+
+def signal_name(exitcode: int | None) -> str | None:
+    """Name the signal behind a negative ``Popen.returncode``: ``-7`` -> ``"SIGBUS"``."""
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return _signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+class SafeChromaError(Exception):
+    """Base class of every exception that safechroma itself raises."""
+
+    def __init__(self, message: str, **facts: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for key, value in facts.items():
+            setattr(self, key, value)
+        self._facts = facts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self._facts))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[SafeChromaError], message: str, facts: dict[str, Any]) -> SafeChromaError:
+    return cls(message, **facts)
+
+
+class ClientClosedError(SafeChromaError, RuntimeError):
+    """The client (or the collection's owner) was closed by the caller."""
+
+
+class DirectoryLockedError(SafeChromaError):
+    """Another process owns the persist directory; Chroma is not safe with two owners.
+
+    Attributes:
+        path: the persist directory.
+        lock_path: the lock file that is held.
+    """
+
+    path: str
+    lock_path: str
+
+
+class WorkerError(SafeChromaError):
+    """The worker process failed; the caller is fine and the next call gets a new worker.
+
+    Attributes:
+        pid: the worker's process id.
+        operation: the method that was in flight (e.g. ``"query"``), or None.
+        outcome_unknown: True when a write was in flight, so it may or may not have been
+            applied. Writes are not replayed unless the client was built with
+            ``replay_writes=True``; check with ``get`` before retrying a non-idempotent call.
+    """
+
+    pid: int | None
+    operation: str | None
+    outcome_unknown: bool
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker died while serving a call.
+
+    Attributes:
+        exitcode: the worker's exit status (negative for a signal, as in ``Popen``).
+        signal: the signal's name (``"SIGBUS"``, ``"SIGSEGV"``, ...) or None for a plain exit.
+        crash_log: the tail of the worker's ``faulthandler`` output and stderr.
+    """
+
+    exitcode: int | None
+    signal: str | None
+    crash_log: str
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """A call passed its deadline; the worker was killed so that it cannot hold the directory.
+
+    Attributes:
+        timeout: the deadline in seconds that was exceeded.
+    """
+
+    timeout: float
+
+
+class WorkerStartError(WorkerError):
+    """A new worker could not be started or could not open the directory."""
+
+    crash_log: str
+
+
+class ProtocolError(WorkerError):
+    """The worker sent a malformed or forbidden message; it was killed and will be replaced."""
+
+
+class CrashLoopError(SafeChromaError):
+    """The worker died too often in a short time, so no new one is started.
+
+    Calls fail fast until ``client.reset_breaker()`` is called or the cooldown passes.
+
+    Attributes:
+        path: the persist directory.
+        deaths: descriptions of the recent deaths, oldest first.
+        retry_after: seconds until the cooldown ends.
+    """
+
+    path: str
+    deaths: list[str]
+    retry_after: float
+
+
+class RecoveryError(SafeChromaError):
+    """The directory failed validation and the recovery hook could not repair it.
+
+    Attributes:
+        path: the persist directory.
+        report: the validator's report (see ``safechroma.check_directory``).
+    """
+
+    path: str
+    report: Any
+
+
+class ChromaPanicError(SafeChromaError, RuntimeError):
+    """Chroma's Rust core panicked (``pyo3_runtime.PanicException``) during the call.
+
+    The panic is caught inside the worker and reported as this error; because a panic can leave
+    Rust state poisoned, the worker is retired and the next call gets a fresh one.
+    """
+
+    operation: str | None
+
+
+class RemoteError(SafeChromaError):
+    """An exception raised in the worker whose type the caller does not rebuild.
+
+    The caller only rebuilds builtin exceptions and ``chromadb.errors`` types; anything else
+    arrives as this, naming the original type.
+
+    Attributes:
+        type_name: ``module.QualName`` of the original exception.
+    """
+
+    type_name: str

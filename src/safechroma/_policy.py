@@ -1,0 +1,224 @@
+"""Policy as data: options, the crash-loop breaker, hook contexts, events and stats.
+
+Everything a caller can tune is a field here; the supervisor only reads them. Hooks take one
+context object, so fields can be added later without breaking anyone's hook (the shape of
+tenacity's ``RetryCallState``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import tenacity
+
+
+def _default_memory_limit() -> int | None:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return None
+    # Half the machine, at least 4 GiB: a normal worker's address space is under 1 GiB at
+    # 10k records (measured: VmPeak ~0.9 GiB), so this only stops runaway allocations.
+    return max(4 << 30, total // 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BreakerPolicy:
+    """When to stop respawning.
+
+    Attributes:
+        max_deaths: this many worker deaths within ``window`` seconds opens the breaker.
+        window: the sliding window in seconds.
+        cooldown: seconds after which an open breaker lets one new attempt through.
+    """
+
+    max_deaths: int = 5
+    window: float = 60.0
+    cooldown: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HookContext:
+    """What the validator and the recovery hook are told.
+
+    Attributes:
+        path: the persist directory (absolute).
+        reason: why the hook runs: ``"start"`` (first start), ``"crash"`` (the worker died),
+            ``"damage"`` (Chroma raised an error that means on-disk damage), ``"manual"``.
+        crash: the error that led here, if any.
+        attempt: 1 for the first respawn after a healthy period, then 2, 3, ...
+        report: the validator's report (None when the validator itself is running).
+    """
+
+    path: str
+    reason: Literal["start", "crash", "damage", "manual"]
+    crash: BaseException | None = None
+    attempt: int = 1
+    report: Any = None
+
+
+Validator = Callable[[HookContext], Any]
+Recovery = Callable[[HookContext], Any]
+
+
+def default_validator(ctx: HookContext) -> Any:
+    """The built-in validator: :func:`safechroma.check_directory` on ``ctx.path``."""
+    from ._validate import check_directory
+
+    return check_directory(ctx.path)
+
+
+def default_recovery(ctx: HookContext) -> Any:
+    """The built-in, non-destructive recovery: :func:`safechroma.repair_directory`."""
+    from ._recovery import repair_directory
+
+    return repair_directory(ctx.path, ctx.report)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One thing that happened to a worker, for logging and the ``on_event`` callback.
+
+    Attributes:
+        kind: ``worker_started``, ``worker_died``, ``worker_timeout``, ``worker_retired``,
+            ``protocol_error``, ``validated``, ``recovered``, ``recovery_failed``,
+            ``breaker_open``, ``breaker_reset``.
+        path: the persist directory.
+        pid: the worker's pid, when one is concerned.
+        detail: facts specific to the kind (signal, operation, report, ...).
+        time: ``time.time()`` when it happened.
+    """
+
+    kind: str
+    path: str
+    pid: int | None = None
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+    time: float = dataclasses.field(default_factory=time.time)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Worker options, passed as keyword arguments to ``SafeClient``/``SafeCollection``.
+
+    The first client opened on a path in a process creates its worker, so worker-level fields
+    (memory, hooks, breaker, standby) come from that client; ``timeout``, ``read_retries`` and
+    ``replay_writes`` apply per client.
+
+    Attributes:
+        timeout: default deadline in seconds for one call (None: no deadline). Large enough for
+            the biggest legitimate ``add`` (a full max-size batch takes seconds, not minutes).
+        start_timeout: deadline for a new worker to open the directory.
+        read_retries: how many times an idempotent read is retried on a fresh worker after
+            the worker died under it.
+        replay_writes: replay ``add``/``upsert``/``update``/``delete`` after a crash instead of
+            raising ``WorkerCrashedError(outcome_unknown=True)``. These are safe to resend in
+            Chroma (duplicate ids in ``add`` are ignored, the others are idempotent).
+        lock_timeout: seconds to wait for another process to release the directory (0: fail
+            at once with ``DirectoryLockedError``).
+        validator: called before each start; returns a report with a ``healthy`` attribute.
+            None disables validation.
+        recovery: called when the report says damaged; may return a report with
+            ``salvage_files`` to write back through the fresh worker. None disables recovery
+            (a damaged directory then raises ``RecoveryError``).
+        recover_on_damage_errors: treat Chroma errors that mean on-disk damage (``Error
+            loading hnsw index`` ...) like a crash: validate and recover before the next call.
+        breaker: the crash-loop breaker.
+        respawn_wait: tenacity wait strategy between consecutive respawns.
+        memory_limit: address-space ceiling of the worker in bytes (None: no limit).
+        max_reply_bytes: largest reply accepted from the worker.
+        standby: keep one warm spare worker (chromadb imported, directory not opened) so that
+            a crashed worker is replaced in milliseconds instead of an interpreter start. Costs
+            one idle process (~80 MB RSS).
+        worker_init: a callable run in each new worker before it opens the directory (logging,
+            environment); carried by cloudpickle.
+        on_event: called with each :class:`Event` (in the thread that observed it).
+        sleep: how to sleep between respawns (tests pass a recorder).
+    """
+
+    timeout: float | None = 600.0
+    start_timeout: float = 120.0
+    read_retries: int = 2
+    replay_writes: bool = False
+    lock_timeout: float = 0.0
+    validator: Validator | None = default_validator
+    recovery: Recovery | None = default_recovery
+    recover_on_damage_errors: bool = True
+    breaker: BreakerPolicy = BreakerPolicy()
+    respawn_wait: Any = tenacity.wait_exponential_jitter(initial=0.05, max=5.0, jitter=0.05)
+    memory_limit: int | None = dataclasses.field(default_factory=_default_memory_limit)
+    max_reply_bytes: int = 16 << 30
+    standby: bool = True
+    worker_init: Callable[[], None] | None = None
+    on_event: Callable[[Event], None] | None = None
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """A snapshot of one worker supervisor's life.
+
+    Attributes:
+        path: the persist directory.
+        calls: calls answered by a worker.
+        errors: calls that raised an error from Chroma (the worker stayed alive).
+        deaths: worker deaths, by signal name (``"exit"`` for a plain exit).
+        respawns: workers started after the first.
+        timeouts: calls that passed their deadline.
+        recoveries: times the recovery hook ran.
+        last_crash: the last worker error, or None.
+        worker_pid: pid of the current worker, or None.
+        worker_uptime: seconds since the current worker started, or None.
+        last_call_worker_seconds: time spent inside the worker on the last call.
+        worker_rss: resident memory of the current worker in bytes, or None.
+        breaker_open: whether the crash-loop breaker is open.
+    """
+
+    path: str
+    calls: int
+    errors: int
+    deaths: dict[str, int]
+    respawns: int
+    timeouts: int
+    recoveries: int
+    last_crash: BaseException | None
+    worker_pid: int | None
+    worker_uptime: float | None
+    last_call_worker_seconds: float
+    worker_rss: int | None
+    breaker_open: bool
+
+
+_call_timeout: contextvars.ContextVar[float | None | Literal["default"]] = (
+    contextvars.ContextVar("safechroma_call_timeout", default="default")
+)
+
+
+@contextlib.contextmanager
+def call_timeout(seconds: float | None) -> Iterator[None]:
+    """Set the deadline of every safechroma call made in this context (thread or task).
+
+    Example::
+
+        with safechroma.call_timeout(2.0):
+            col.query(query_embeddings=q)   # WorkerTimeoutError after 2 s
+
+    Args:
+        seconds: the deadline; None means no deadline.
+    """
+    token = _call_timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _call_timeout.reset(token)
+
+
+def effective_timeout(default: float | None) -> float | None:
+    """The deadline for a call now: the innermost ``call_timeout`` or the client's default."""
+    value = _call_timeout.get()
+    return default if value == "default" else value

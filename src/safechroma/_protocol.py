@@ -1,0 +1,163 @@
+"""Messages between the caller and its worker, and how they are encoded. No I/O here.
+
+A frame on the wire::
+
+    header   "<4sIQ"  magic b"SCW1", number of out-of-band buffers n, length of the pickle
+    lengths  "<nQ"    the length of each buffer
+    pickle            pickle protocol 5 stream
+    buffers           the raw bytes of each buffer, in order
+
+Large numpy arrays travel as out-of-band buffers: the sender hands their memory to
+``socket.sendmsg`` without a copy, and the receiver reads them straight into fresh buffers that
+the unpickled arrays then use (pickle protocol 5, PEP 574). That is what makes bulk transfer cost
+a kernel copy instead of pickle's several (CHROMA_FACTS.md section 5: ~2.5 ms/MB for default
+pickle, ~0.3 ms/MB out of band).
+
+Trust is one-way. The worker trusts its parent, so requests may carry cloudpickle'd embedding
+functions. The parent does not trust the worker (a worker runs Chroma's native code on files that
+may be hostile): replies are decoded by :class:`ReplyUnpickler`, which resolves only an allow-list
+of globals, so a malicious reply cannot run code in the caller, and frame sizes are bounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import pickle
+import struct
+from collections.abc import Callable
+from typing import Any, Final
+
+import cloudpickle
+
+MAGIC: Final = b"SCW1"
+HEADER: Final = struct.Struct("<4sIQ")
+MAX_BUFFERS: Final = 65536
+
+
+class Op(enum.IntEnum):
+    """What a request asks the worker to do."""
+
+    OPEN = 1  # open the persist directory: (path, settings, tenant, database)
+    CALL = 2  # call a method: (handle, method, args, kwargs); handle 0 is the client
+    OPEN_HANDLE = 3  # reopen a collection by id after a respawn: (id, ef_blob, dl_blob)
+    RELEASE = 4  # forget collection handles: (handles,)
+    RUN = 5  # run "module:function"(client, *args) inside the worker: recovery write-back
+    EXIT = 6  # finish and exit cleanly
+    PING = 7  # answer at once; used to measure the transport alone
+
+
+class Status(enum.IntEnum):
+    """How the worker answered."""
+
+    OK = 0  # payload is the result
+    ERROR = 1  # payload is an ErrorInfo tuple: the call raised
+    PANIC = 2  # payload is an ErrorInfo tuple: Chroma's Rust core panicked
+
+
+# (module, qualname, args, message, remote traceback text)
+ErrorInfo = tuple[str, str, tuple[Any, ...], str, str]
+
+# A reply: (status, payload, seconds the worker spent serving the call)
+Reply = tuple[int, Any, float]
+
+# Replies may name only these globals. Everything here is data: numpy's own array and scalar
+# rebuilders, UUID, and Chroma's plain result/model classes. Unpickling an instance of them sets
+# attributes; it runs no code of the sender's choosing.
+ALLOWED_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
+    {
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("uuid", "UUID"),
+        ("chromadb.types", "Collection"),
+        ("chromadb.base_types", "SparseVector"),
+        ("chromadb.api.types", "IndexingStatus"),
+        ("chromadb.api.types", "SearchResult"),
+        ("chromadb.auth", "UserIdentity"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "bytearray"),
+        ("builtins", "complex"),
+        ("builtins", "slice"),
+        ("datetime", "datetime"),
+        ("datetime", "date"),
+        ("datetime", "timedelta"),
+        ("datetime", "timezone"),
+    }
+)
+
+
+class ForbiddenGlobalError(pickle.UnpicklingError):
+    """A reply named a global outside :data:`ALLOWED_GLOBALS`."""
+
+
+class ReplyUnpickler(pickle.Unpickler):
+    """Unpickler for replies from the worker: resolves allow-listed globals only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise ForbiddenGlobalError(f"reply names a forbidden global {module}.{name}")
+
+
+def encode(obj: Any, *, by_value: bool = False) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` (protocol 5) and return the stream and its out-of-band buffers.
+
+    Args:
+        obj: the message.
+        by_value: use cloudpickle, which carries functions and classes defined in
+            ``__main__``, in a test module or as lambdas by value. Only requests that carry
+            an embedding function or data loader need it; plain data uses the faster C pickler.
+    """
+    buffers: list[memoryview] = []
+
+    def keep(buf: pickle.PickleBuffer) -> None:
+        buffers.append(buf.raw())
+
+    if by_value:
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+    else:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+    return data, buffers
+
+
+def frame_header(data: bytes, buffers: list[memoryview]) -> bytes:
+    """The header and buffer lengths that precede ``data`` on the wire."""
+    n = len(buffers)
+    head = HEADER.pack(MAGIC, n, len(data))
+    if n:
+        head += struct.pack(f"<{n}Q", *(b.nbytes for b in buffers))
+    return head
+
+
+def decode_request(data: bytes | bytearray | memoryview, buffers: list[bytearray]) -> Any:
+    """Decode a request in the worker (the parent is trusted)."""
+    return pickle.loads(data, buffers=buffers)
+
+
+def decode_reply(data: bytes | bytearray | memoryview, buffers: list[bytearray]) -> Any:
+    """Decode a reply in the parent with the allow-list unpickler."""
+    return ReplyUnpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+def error_info(exc: BaseException, tb_text: str) -> ErrorInfo:
+    """Describe an exception raised in the worker so the parent can rebuild it."""
+    cls = type(exc)
+    args = exc.args if all(_is_plain(a) for a in exc.args) else (str(exc),)
+    return (cls.__module__, cls.__qualname__, args, str(exc), tb_text)
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, bytes))
+
+
+def is_panic(exc: BaseException) -> bool:
+    """True for ``pyo3_runtime.PanicException``, which derives from BaseException."""
+    cls = type(exc)
+    return cls.__name__ == "PanicException" and cls.__module__.startswith("pyo3")
+
+
+Rebuilder = Callable[[ErrorInfo], BaseException]

@@ -1,0 +1,712 @@
+"""Lifecycle of the worker that owns one persist directory: lock, start, call, crash, respawn.
+
+One :class:`Supervisor` exists per persist directory per process (see :func:`acquire`); every
+``SafeClient`` and ``SafeCollection`` on that directory shares it. It:
+
+- holds an exclusive ``flock`` on ``<path>/.safechroma.lock`` for as long as it lives, and passes
+  the locked descriptor to each worker, so the directory never has two owners, not even while a
+  worker is being replaced or after the parent died with a call in flight;
+- runs the validator (and, on damage, the recovery hook) before the first start and before each
+  respawn, then starts a fresh worker (a warm standby when there is one);
+- turns every way a worker can fail into one precise exception, counts deaths, and opens the
+  crash-loop breaker when they come too fast.
+
+States, as the supervisor sees its worker::
+
+    NO_WORKER   no live worker: the next call validates, recovers if needed, and starts one
+    READY       a live worker has opened the directory and serves calls
+    BROKEN      too many deaths: the breaker is open, calls fail fast with CrashLoopError
+    CLOSED      closed by the caller: calls raise ClientClosedError
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import collections
+import enum
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Final
+
+import tenacity
+
+from ._errors import (
+    ChromaPanicError,
+    ClientClosedError,
+    CrashLoopError,
+    DirectoryLockedError,
+    ProtocolError,
+    RecoveryError,
+    RemoteError,
+    SafeChromaError,
+    WorkerCrashedError,
+    WorkerError,
+    WorkerStartError,
+    WorkerTimeoutError,
+    signal_name,
+)
+from ._policy import Event, HookContext, Options, Stats
+from ._protocol import ErrorInfo, Op, Status, decode_reply, encode
+from ._transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
+
+logger = logging.getLogger("safechroma")
+
+LOCK_NAME: Final = ".safechroma.lock"
+
+# Chroma errors that mean the files on disk are damaged (CHROMA_FACTS.md section 3).
+_DAMAGE = re.compile(
+    r"Error loading hnsw index|Error deserializing pickle file|Error finding id|"
+    r"Error getting embedding|Error querying knn|Failed to apply logs to the hnsw segment"
+    r"|database disk image is malformed|file is not a database",
+    re.IGNORECASE,
+)
+
+
+class State(enum.Enum):
+    NO_WORKER = "no worker"  # next call validates, recovers if needed, starts one
+    READY = "ready"  # a live worker serves calls
+    BROKEN = "broken"  # the breaker is open; calls fail fast
+    CLOSED = "closed"  # closed by the caller
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in the worker, attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb
+
+
+class _Remote:
+    """A caller-side object that has a handle in the worker (a client or a collection)."""
+
+    _handle: int = 0
+    _handle_serial: int = -1
+
+    def _reopen_request(self, sup: Supervisor, worker: WorkerProcess) -> tuple[Op, Any, bool]:
+        raise NotImplementedError
+
+
+class Supervisor:
+    """Owns the worker of one persist directory. Thread-safe: one call at a time."""
+
+    def __init__(self, path: str, options: Options, primary: tuple[Any, str, str]) -> None:
+        self.path = path
+        self.options = options
+        self.primary = primary  # settings, tenant, database of the first client
+        self.refs = 0
+        self.lock = threading.RLock()
+        self.state = State.NO_WORKER
+        self.worker: WorkerProcess | None = None
+        self.standby: WorkerProcess | None = None
+        self.primary_handle = 0
+        self.log_dir = tempfile.mkdtemp(prefix="safechroma-")
+        self.lock_fd = self._lock_directory()
+        self.deaths: collections.deque[tuple[float, str]] = collections.deque()
+        self.consecutive = 0
+        self.breaker_until = 0.0
+        self.pending_reason: str | None = "start"
+        self.pending_crash: BaseException | None = None
+        self.pending_salvage: list[str] = []
+        self.released: list[tuple[int, int]] = []
+        self.chroma_version = ""
+        # stats
+        self.calls = 0
+        self.errors = 0
+        self.death_counts: dict[str, int] = {}
+        self.respawns = 0
+        self.timeouts = 0
+        self.recoveries = 0
+        self.started_workers = 0
+        self.last_crash: BaseException | None = None
+        self.last_worker_seconds = 0.0
+
+    # -- the directory lock ----------------------------------------------------------------
+
+    def _lock_directory(self) -> int:
+        os.makedirs(self.path, exist_ok=True)
+        lock_path = os.path.join(self.path, LOCK_NAME)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        give_up = time.monotonic() + self.options.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= give_up:
+                    os.close(fd)
+                    shutil.rmtree(self.log_dir, ignore_errors=True)
+                    raise DirectoryLockedError(
+                        f"{self.path} is in use by another process (it holds {lock_path}); "
+                        "Chroma is not safe with two owners. Close the other program, or pass "
+                        "lock_timeout=<seconds> to wait for it.",
+                        path=self.path,
+                        lock_path=lock_path,
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    # -- calling ---------------------------------------------------------------------------
+
+    def call(
+        self,
+        owner: _Remote,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        read: bool,
+        replay: bool,
+        retries: int,
+        timeout: float | None,
+        by_value: bool = False,
+    ) -> Any:
+        """Call ``method`` on ``owner``'s object in the worker and return its result.
+
+        Args:
+            read: the call is an idempotent read, retried on a fresh worker after a crash.
+            replay: the call is a write that may be replayed (caller opted in).
+            retries: how many retries reads (and replayable writes) get.
+            timeout: deadline in seconds, or None.
+            by_value: encode with cloudpickle (the call carries an embedding function).
+        """
+        try:
+            return self._attempt(owner, method, args, kwargs, timeout, by_value)
+        except (WorkerCrashedError, ProtocolError, _DamageRetry) as first:
+            if not (read or replay) or retries <= 0:
+                if isinstance(first, _DamageRetry):
+                    raise first.error from None
+                if not read:
+                    first.outcome_unknown = True
+                    first._facts["outcome_unknown"] = True
+                raise
+            logger.info("retrying %s after: %s", method, first)
+
+        retry_on = tenacity.retry_if_exception_type(
+            (WorkerCrashedError, ProtocolError, _DamageRetry)
+        )
+        try:
+            for attempt in tenacity.Retrying(
+                stop=tenacity.stop_after_attempt(retries), retry=retry_on, reraise=True,
+                sleep=lambda _s: None,
+            ):
+                with attempt:
+                    return self._attempt(owner, method, args, kwargs, timeout, by_value)
+        except _DamageRetry as exc:
+            raise exc.error from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(
+        self,
+        owner: _Remote,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        by_value: bool,
+    ) -> Any:
+        with self.lock:
+            worker = self._ready_worker()
+            handle = self._handle_of(worker, owner)
+            request = (Op.CALL, (handle, method, args, kwargs))
+            result = self._exchange(worker, request, method, timeout, by_value)
+            self.consecutive = 0  # a served call ends a run of consecutive deaths
+            # Collections come back as ("collection", handle, model): tag them with the worker
+            # they live in, under the lock, so a respawn in between cannot mix them up.
+            if type(result) is tuple and result[:1] == ("collection",):
+                return (*result, worker.serial)
+            if type(result) is list and result and type(result[0]) is tuple and (
+                result[0][:1] == ("collection",)
+            ):
+                return [(*ref, worker.serial) for ref in result]
+            return result
+
+    def run(self, owner: _Remote, fn: Any, args: tuple[Any, ...], timeout: float | None) -> Any:
+        """Run ``fn(chroma_client, *args)`` in the worker (fn is carried by cloudpickle)."""
+        with self.lock:
+            worker = self._ready_worker()
+            request = (Op.RUN, (self._handle_of(worker, owner), fn, args))
+            return self._exchange(worker, request, getattr(fn, "__name__", "run"), timeout, True)
+
+    def ping(self) -> float:
+        """One empty round trip; returns the seconds the worker spent (transport check)."""
+        with self.lock:
+            worker = self._ready_worker()
+            self._exchange(worker, (Op.PING, None), "ping", self.options.timeout, False)
+            return self.last_worker_seconds
+
+    def _handle_of(self, worker: WorkerProcess, owner: _Remote) -> int:
+        if owner._handle_serial != worker.serial:
+            op, body, by_value = owner._reopen_request(self, worker)
+            ref = self._exchange(worker, (op, body), "open", self.options.start_timeout, by_value)
+            owner._handle = ref[1] if isinstance(ref, tuple) else int(ref)
+            owner._handle_serial = worker.serial
+        self._flush_released(worker)
+        return owner._handle
+
+    def release(self, serial: int, handle: int) -> None:
+        """Forget a handle whose caller-side object is gone (sent with the next call).
+
+        Called from garbage collection, in any thread: it only appends to a list.
+        """
+        self.released.append((serial, handle))
+
+    def _flush_released(self, worker: WorkerProcess) -> None:
+        if not self.released:
+            return
+        taken, self.released = self.released, []
+        mine = [h for s, h in taken if s == worker.serial]
+        if mine:
+            self._exchange(worker, (Op.RELEASE, mine), "release", self.options.timeout, False)
+
+    def _exchange(
+        self,
+        worker: WorkerProcess,
+        request: tuple[Op, Any],
+        operation: str,
+        timeout: float | None,
+        by_value: bool,
+    ) -> Any:
+        data, buffers = encode(request, by_value=by_value)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            frame = worker.exchange(data, buffers, deadline)
+        except PeerDied:
+            raise self._crashed(worker, operation) from None
+        except PeerTimedOut:
+            raise self._timed_out(worker, operation, timeout) from None
+        except PeerMisbehaved as exc:
+            raise self._misbehaved(worker, operation, str(exc)) from None
+        try:
+            reply = decode_reply(*frame)
+            status, payload, seconds = reply
+            status = Status(status)
+            self.last_worker_seconds = float(seconds)
+        except Exception as exc:  # noqa: BLE001 - any undecodable reply is a protocol error
+            raise self._misbehaved(worker, operation, f"undecodable reply: {exc!r}") from None
+        if status is Status.OK:
+            self.calls += 1
+            return payload
+        self.errors += 1
+        if status is Status.PANIC:
+            self._retire(worker, "panic")
+            raise ChromaPanicError(
+                f"Chroma's Rust core panicked during {operation}: {payload[3]}. The worker was "
+                "replaced; the next call gets a fresh one.",
+                operation=operation,
+            ) from RemoteTraceback(payload[4])
+        error = rebuild_error(payload)
+        if self.options.recover_on_damage_errors and _means_damage(payload):
+            # The files are damaged: stop this worker so the validator and the recovery hook
+            # can run on a quiet directory before the next call (reads retry after that).
+            self._retire(worker, "damage")
+            self._record_death("damage", worker, error, operation)
+            self.pending_reason = "damage"
+            self.pending_crash = error
+            raise _DamageRetry(error)
+        raise error
+
+    # -- failures --------------------------------------------------------------------------
+
+    def _crashed(self, worker: WorkerProcess, operation: str) -> WorkerCrashedError:
+        code = worker.wait(2.0)
+        if code is None:  # socket closed but still running: it is of no use any more
+            worker.kill()
+            code = worker.popen.returncode
+        sig = signal_name(code)
+        tail = worker.log_tail()
+        how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
+        error = WorkerCrashedError(
+            f"safechroma worker (pid {worker.pid}) for {self.path} {how} during {operation}. "
+            "Your process is fine; the next call starts a fresh worker after checking the "
+            "directory. Reads are retried; a write in flight may or may not have been applied."
+            + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
+            pid=worker.pid,
+            exitcode=code,
+            signal=sig,
+            operation=operation,
+            crash_log=tail,
+            outcome_unknown=False,
+        )
+        self._drop(worker)
+        self._record_death(sig or "exit", worker, error, operation)
+        return error
+
+    def _timed_out(
+        self, worker: WorkerProcess, operation: str, timeout: float | None
+    ) -> WorkerTimeoutError:
+        worker.kill()
+        self.timeouts += 1
+        error = WorkerTimeoutError(
+            f"{operation} on {self.path} did not finish within {timeout} s; the worker "
+            f"(pid {worker.pid}) was killed so it cannot keep the directory. The next call "
+            "starts a fresh worker. Raise the deadline with timeout= or "
+            "safechroma.call_timeout() if the call is legitimately long.",
+            pid=worker.pid,
+            operation=operation,
+            timeout=timeout,
+            outcome_unknown=True,
+        )
+        self._drop(worker)
+        self._record_death("timeout", worker, error, operation)
+        self._emit("worker_timeout", worker.pid, operation=operation, timeout=timeout)
+        return error
+
+    def _misbehaved(self, worker: WorkerProcess, operation: str, why: str) -> ProtocolError:
+        worker.kill()
+        error = ProtocolError(
+            f"safechroma worker (pid {worker.pid}) sent an invalid reply to {operation}: "
+            f"{why}. It was killed and will be replaced.",
+            pid=worker.pid,
+            operation=operation,
+            outcome_unknown=False,
+        )
+        self._drop(worker)
+        self._record_death("protocol", worker, error, operation)
+        self._emit("protocol_error", worker.pid, operation=operation, why=why)
+        return error
+
+    def _drop(self, worker: WorkerProcess) -> None:
+        worker.close()
+        if self.worker is worker:
+            self.worker = None
+            if self.state is State.READY:
+                self.state = State.NO_WORKER
+
+    def _retire(self, worker: WorkerProcess, why: str) -> None:
+        """Stop a live worker: ask it to exit, kill it if it does not."""
+        try:
+            worker.exchange(*encode((Op.EXIT, None)), time.monotonic() + 5.0)
+        except (PeerDied, PeerTimedOut, PeerMisbehaved, OSError):
+            pass
+        if worker.wait(5.0) is None:
+            worker.kill()
+        self._drop(worker)
+        self._emit("worker_retired", worker.pid, why=why)
+
+    def _record_death(
+        self, kind: str, worker: WorkerProcess, error: BaseException, operation: str
+    ) -> None:
+        now = time.monotonic()
+        self.death_counts[kind] = self.death_counts.get(kind, 0) + 1
+        self.last_crash = error
+        self.consecutive += 1
+        self.deaths.append((now, f"pid {worker.pid}: {kind} during {operation}"))
+        policy = self.options.breaker
+        while self.deaths and now - self.deaths[0][0] > policy.window:
+            self.deaths.popleft()
+        self.pending_reason = "crash"
+        self.pending_crash = error
+        if kind not in ("damage", "timeout", "protocol", "panic"):
+            self._emit(
+                "worker_died", worker.pid, operation=operation, signal=kind,
+                exitcode=worker.popen.returncode,
+            )
+        if len(self.deaths) >= policy.max_deaths:
+            self.state = State.BROKEN
+            self.breaker_until = now + policy.cooldown
+            self._emit("breaker_open", None, deaths=[d for _, d in self.deaths])
+
+    # -- starting a worker -----------------------------------------------------------------
+
+    def _ready_worker(self) -> WorkerProcess:
+        if self.state is State.READY and self.worker is not None:
+            return self.worker
+        if self.state is State.CLOSED:
+            raise ClientClosedError(f"the safechroma client for {self.path} is closed")
+        if self.state is State.BROKEN:
+            now = time.monotonic()
+            if now < self.breaker_until:
+                raise CrashLoopError(
+                    f"the worker for {self.path} died {len(self.deaths)} times in "
+                    f"{self.options.breaker.window:.0f} s, so no new worker is started for "
+                    f"{self.breaker_until - now:.1f} s more. Check the directory with "
+                    f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
+                    path=self.path,
+                    deaths=[d for _, d in self.deaths],
+                    retry_after=self.breaker_until - now,
+                )
+            self.state = State.NO_WORKER
+            self._emit("breaker_reset", None, why="cooldown")
+        if self.consecutive > 1:
+            # Back off between consecutive respawns (the first one is immediate).
+            state = tenacity.RetryCallState(None, None, (), {})
+            state.attempt_number = self.consecutive - 1
+            self.options.sleep(float(self.options.respawn_wait(state)))
+        self._check_and_recover()
+        return self._start()
+
+    def _check_and_recover(self) -> None:
+        validator = self.options.validator
+        reason = self.pending_reason or "crash"
+        if validator is None:
+            return
+        ctx = HookContext(self.path, reason, self.pending_crash, max(1, self.consecutive))  # type: ignore[arg-type]
+        report = validator(ctx)
+        healthy = bool(getattr(report, "healthy", True))
+        self._emit("validated", None, healthy=healthy, report=report, reason=reason)
+        if healthy:
+            return
+        recovery = self.options.recovery
+        if recovery is None:
+            raise RecoveryError(
+                f"{self.path} is damaged and no recovery hook is set: {_summary(report)}. "
+                f"Run `safechroma repair {self.path}`.",
+                path=self.path,
+                report=report,
+            )
+        ctx = HookContext(self.path, ctx.reason, ctx.crash, ctx.attempt, report)
+        try:
+            result = recovery(ctx)
+        except Exception as exc:
+            self._emit("recovery_failed", None, error=repr(exc))
+            raise RecoveryError(
+                f"{self.path} is damaged ({_summary(report)}) and recovery failed: {exc}",
+                path=self.path,
+                report=report,
+            ) from exc
+        self.recoveries += 1
+        self.pending_salvage.extend(getattr(result, "salvage_files", None) or [])
+        self._emit("recovered", None, report=result)
+
+    def _start(self) -> WorkerProcess:
+        worker = self._take_standby() or self._spawn()
+        settings, tenant, database = self.primary
+        try:
+            ref = self._exchange(
+                worker,
+                (Op.OPEN, (self.path, settings, tenant, database, self.options.worker_init)),
+                "start",
+                self.options.start_timeout,
+                True,
+            )
+        except WorkerError as exc:
+            raise WorkerStartError(
+                f"a new worker for {self.path} could not open it: {exc}",
+                pid=worker.pid,
+                operation="start",
+                outcome_unknown=False,
+                crash_log=getattr(exc, "crash_log", ""),
+            ) from exc
+        except Exception:
+            self._retire(worker, "open failed")
+            raise
+        self.primary_handle = int(ref[1])
+        self.chroma_version = str(ref[2])
+        self.worker = worker
+        self.state = State.READY
+        self.started_workers += 1
+        if self.started_workers > 1:
+            self.respawns += 1
+        self.pending_reason = None
+        self.pending_crash = None
+        self._emit("worker_started", worker.pid, serial=worker.serial)
+        self._write_back_salvage(worker)
+        if self.options.standby and self.standby is None:
+            self.standby = self._spawn()
+        return worker
+
+    def _write_back_salvage(self, worker: WorkerProcess) -> None:
+        while self.pending_salvage:
+            path = self.pending_salvage[0]
+            summary = self._exchange(
+                worker,
+                (Op.RUN, (self.primary_handle, "safechroma._recovery:apply_salvage", (path,))),
+                "apply_salvage",
+                None,
+                False,
+            )
+            self.pending_salvage.pop(0)
+            self._emit("salvage_applied", worker.pid, file=path, summary=summary)
+
+    def _spawn(self) -> WorkerProcess:
+        return WorkerProcess(
+            log_dir=self.log_dir,
+            lock_fd=self.lock_fd,
+            memory_limit=self.options.memory_limit,
+            max_reply_bytes=self.options.max_reply_bytes,
+        )
+
+    def _take_standby(self) -> WorkerProcess | None:
+        standby, self.standby = self.standby, None
+        if standby is not None and not standby.alive():
+            standby.wait(None)
+            standby.close()
+            return None
+        return standby
+
+    def reset_breaker(self) -> None:
+        """Close the crash-loop breaker: the next call may start a worker at once."""
+        with self.lock:
+            self.deaths.clear()
+            self.consecutive = 0
+            if self.state is State.BROKEN:
+                self.state = State.NO_WORKER
+                self._emit("breaker_reset", None, why="manual")
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the worker and the standby, release the lock. Idempotent."""
+        with self.lock:
+            if self.state is State.CLOSED:
+                return
+            self.state = State.CLOSED
+            if self.worker is not None:
+                self._retire(self.worker, "closed")
+            if self.standby is not None:
+                self.standby.kill()
+                self.standby.close()
+                self.standby = None
+            os.close(self.lock_fd)
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    # -- observability ---------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        worker = self.worker
+        return Stats(
+            path=self.path,
+            calls=self.calls,
+            errors=self.errors,
+            deaths=dict(self.death_counts),
+            respawns=self.respawns,
+            timeouts=self.timeouts,
+            recoveries=self.recoveries,
+            last_crash=self.last_crash,
+            worker_pid=worker.pid if worker else None,
+            worker_uptime=time.monotonic() - worker.started if worker else None,
+            last_call_worker_seconds=self.last_worker_seconds,
+            worker_rss=worker.rss_bytes() if worker else None,
+            breaker_open=self.state is State.BROKEN,
+        )
+
+    def _emit(self, kind: str, pid: int | None, **detail: Any) -> None:
+        event = Event(kind, self.path, pid, detail)
+        level = logging.WARNING if kind in _LOUD else logging.INFO
+        logger.log(level, "%s %s pid=%s %s", kind, self.path, pid, _brief(detail))
+        if self.options.on_event is not None:
+            try:
+                self.options.on_event(event)
+            except Exception:  # noqa: BLE001 - a broken callback must not break the client
+                logger.exception("safechroma on_event callback failed")
+
+
+_LOUD: Final = frozenset(
+    {"worker_died", "worker_timeout", "protocol_error", "recovery_failed", "breaker_open",
+     "recovered"}
+)
+
+
+class _DamageRetry(Exception):
+    """Internal: Chroma raised an error meaning on-disk damage; validate and maybe retry."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _brief(detail: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v!r}"[:200] for k, v in detail.items() if k != "report")
+
+
+def _summary(report: Any) -> str:
+    for name in ("summary", "describe"):
+        fn = getattr(report, name, None)
+        if callable(fn):
+            return str(fn())
+    return str(report)[:500]
+
+
+def _means_damage(info: ErrorInfo) -> bool:
+    module, qualname, _args, message, _tb = info
+    if module.startswith("chromadb") and qualname == "InternalError":
+        return bool(_DAMAGE.search(message))
+    if module == "sqlite3" and qualname == "DatabaseError":
+        return bool(_DAMAGE.search(message))
+    return False
+
+
+def rebuild_error(info: ErrorInfo) -> BaseException:
+    """Rebuild an exception reported by the worker as the same type, when it is safe to.
+
+    Only builtin exceptions and the exception classes of modules the caller already imported
+    from chromadb are rebuilt; anything else becomes :class:`RemoteError` naming the type.
+    """
+    module, qualname, args, message, tb = info
+    cls: Any = None
+    if module == "builtins":
+        cls = getattr(builtins, qualname, None)
+    elif module == "chromadb" or module.startswith("chromadb."):
+        mod = sys.modules.get(module)
+        cls = getattr(mod, qualname, None) if mod is not None and "." not in qualname else None
+    error: BaseException
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(
+        cls, SafeChromaError
+    ):
+        try:
+            error = cls(*args)
+        except Exception:  # noqa: BLE001 - a constructor we cannot satisfy
+            error = RemoteError(f"{module}.{qualname}: {message}", type_name=f"{module}.{qualname}")
+    else:
+        error = RemoteError(f"{module}.{qualname}: {message}", type_name=f"{module}.{qualname}")
+    error.__cause__ = RemoteTraceback(tb)
+    return error
+
+
+# -- one supervisor per directory per process ----------------------------------------------
+
+_registry: dict[str, Supervisor] = {}
+_registry_lock = threading.Lock()
+
+
+def acquire(path: str, options: Options, primary: tuple[Any, str, str]) -> Supervisor:
+    """The supervisor for ``path`` in this process, created (and locked) on first use."""
+    key = os.path.realpath(path)
+    with _registry_lock:
+        sup = _registry.get(key)
+        if sup is None or sup.state is State.CLOSED:
+            sup = Supervisor(key, options, primary)
+            _registry[key] = sup
+        sup.refs += 1
+        return sup
+
+
+def release(sup: Supervisor) -> None:
+    """Drop one reference; the last one closes the worker and releases the lock."""
+    with _registry_lock:
+        sup.refs -= 1
+        if sup.refs > 0:
+            return
+        if _registry.get(sup.path) is sup:
+            del _registry[sup.path]
+    sup.close()
+
+
+@atexit.register
+def _close_all() -> None:
+    with _registry_lock:
+        sups = list(_registry.values())
+        _registry.clear()
+    for sup in sups:
+        try:
+            sup.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            logger.exception("closing %s at exit failed", sup.path)

@@ -1,0 +1,304 @@
+"""The worker process and the socket between it and the caller.
+
+Only this module knows about processes and sockets. A :class:`WorkerProcess` is started with
+``subprocess`` (fork+exec of a fresh interpreter, never a bare fork: forking after Chroma's Rust
+runtime has started is unsafe, CHROMA_FACTS.md section 4), so the user's ``__main__`` is never
+re-imported and scripts need no ``if __name__ == "__main__"`` guard.
+
+Death is detected without ever blocking on a dead peer: the caller polls the socket and a pidfd
+of the worker together (the pidfd becomes readable the moment the process exits), so a crash is
+seen within a poll wake-up, whatever state the socket is in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Final
+
+from ._protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
+
+_IOV_MAX: Final = 1024
+_SCRATCH: Final = 1 << 16
+
+# The worker's bootstrap: put the caller's import path first (so that embedding functions
+# pickled by reference, e.g. from a test module, resolve), then run the worker loop.
+_BOOT: Final = (
+    "import sys, json; info = json.loads(sys.argv[1]); "
+    "sys.path[:0] = info['sys_path']; "
+    "from safechroma._worker import main; main(info)"
+)
+
+_serial = itertools.count(1)
+
+
+class PeerDied(Exception):
+    """The worker closed the socket or exited."""
+
+
+class PeerTimedOut(Exception):
+    """The deadline passed before the worker answered."""
+
+
+class PeerMisbehaved(Exception):
+    """The worker sent bytes that are not a valid frame."""
+
+
+def send_frame(sock: socket.socket, data: bytes, buffers: list[memoryview]) -> None:
+    """Send one frame; large buffers go to the kernel without being copied first."""
+    parts = [memoryview(frame_header(data, buffers)), memoryview(data)]
+    parts.extend(b for b in buffers if b.nbytes)
+    i = 0
+    while i < len(parts):
+        sent = sock.sendmsg(parts[i : i + _IOV_MAX])
+        while sent:
+            size = parts[i].nbytes
+            if sent >= size:
+                sent -= size
+                i += 1
+            else:
+                parts[i] = parts[i][sent:]
+                sent = 0
+
+
+class FrameReader:
+    """Reads frames from a socket: one ``recv`` for a small frame, direct reads for big buffers.
+
+    Args:
+        sock: the socket (blocking, or with a timeout that bounds each read).
+        max_bytes: frames announcing more than this are refused before any allocation.
+    """
+
+    def __init__(self, sock: socket.socket, max_bytes: int) -> None:
+        self._sock = sock
+        self._max = max_bytes
+        self._buf = bytearray(_SCRATCH)
+        self._view = memoryview(self._buf)
+        self._pos = 0
+        self._end = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed."""
+        return self._end - self._pos
+
+    def read_frame(self) -> tuple[bytearray, list[bytearray]]:
+        """Read one frame and return its pickle stream and its out-of-band buffers."""
+        magic, n, plen = HEADER.unpack(self._read(HEADER.size))
+        if magic != MAGIC or n > MAX_BUFFERS:
+            raise PeerMisbehaved(f"bad frame header (magic={magic!r}, buffers={n})")
+        lengths = list(memoryview(self._read(8 * n)).cast("Q")) if n else []
+        if plen + sum(lengths) > self._max:
+            raise PeerMisbehaved(
+                f"frame of {plen + sum(lengths)} bytes exceeds the limit of {self._max}"
+            )
+        data = self._read(plen)
+        return data, [self._read(size) for size in lengths]
+
+    def _read(self, n: int) -> bytearray:
+        out = bytearray(n)
+        target = memoryview(out)
+        have = min(self._end - self._pos, n)
+        if have:
+            target[:have] = self._view[self._pos : self._pos + have]
+            self._pos += have
+        while have < n:
+            if n - have >= _SCRATCH:
+                got = self._sock.recv_into(target[have:])
+                if not got:
+                    raise PeerDied("socket closed")
+                have += got
+                continue
+            self._pos = 0
+            self._end = self._sock.recv_into(self._view)
+            if not self._end:
+                raise PeerDied("socket closed")
+            take = min(self._end, n - have)
+            target[have : have + take] = self._view[:take]
+            self._pos = take
+            have += take
+        return out
+
+
+class WorkerProcess:
+    """One worker: a child interpreter running :func:`safechroma._worker.main`.
+
+    Args:
+        log_dir: folder for the worker's log (its stderr, stdout and faulthandler output).
+        lock_fd: the open, locked directory lock file; the worker inherits it so the lock is
+            held as long as any of our processes lives.
+        memory_limit: address-space ceiling in bytes for the worker, or None.
+        max_reply_bytes: largest reply frame the caller accepts.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_dir: str,
+        lock_fd: int | None,
+        memory_limit: int | None,
+        max_reply_bytes: int,
+    ) -> None:
+        self.serial = next(_serial)
+        self.log_path = os.path.join(log_dir, f"worker-{self.serial}.log")
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        info = {
+            "fd": child_sock.fileno(),
+            "sys_path": [p for p in sys.path if p],
+            "log": self.log_path,
+            "ppid": os.getpid(),
+            "memory_limit": memory_limit,
+        }
+        pass_fds = [child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, json.dumps(info)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=pass_fds,
+                close_fds=True,
+            )
+        child_sock.close()
+        self.pid = self.popen.pid
+        self.started = time.monotonic()
+        self.sock = parent_sock
+        self.reader = FrameReader(parent_sock, max_reply_bytes)
+        self._pidfd: int | None
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # pragma: no cover - pre-5.3 kernels
+            self._pidfd = None
+        self._poll = select.poll()
+        self._poll.register(parent_sock.fileno(), select.POLLIN)
+        if self._pidfd is not None:
+            self._poll.register(self._pidfd, select.POLLIN)
+        self.opened = False
+        self.closed = False
+
+    # -- talking ---------------------------------------------------------------------------
+
+    def exchange(
+        self, data: bytes, buffers: list[memoryview], deadline: float | None
+    ) -> tuple[bytearray, list[bytearray]]:
+        """Send a request and wait for its reply frame.
+
+        Raises:
+            PeerDied: the worker exited or closed the socket.
+            PeerTimedOut: ``deadline`` (a ``time.monotonic`` value) passed.
+            PeerMisbehaved: the reply is not a valid frame.
+        """
+        try:
+            self.sock.settimeout(_remaining(deadline))
+            send_frame(self.sock, data, buffers)
+        except TimeoutError as exc:
+            raise PeerTimedOut from exc
+        except OSError as exc:
+            raise PeerDied(str(exc)) from exc
+        return self.receive(deadline)
+
+    def receive(self, deadline: float | None) -> tuple[bytearray, list[bytearray]]:
+        """Wait for the next frame, watching the process as well as the socket."""
+        if not self.reader.buffered:
+            self._wait_readable(deadline)
+        try:
+            self.sock.settimeout(_remaining(deadline))
+            frame = self.reader.read_frame()
+        except TimeoutError as exc:
+            raise PeerTimedOut from exc
+        except OSError as exc:
+            raise PeerDied(str(exc)) from exc
+        if self.reader.buffered:
+            raise PeerMisbehaved("the worker sent bytes after its reply")
+        return frame
+
+    def _wait_readable(self, deadline: float | None) -> None:
+        sock_fd = self.sock.fileno()
+        while True:
+            remaining = _remaining(deadline)
+            timeout_ms = None if remaining is None else max(0, int(remaining * 1000) + 1)
+            events = self._poll.poll(timeout_ms)
+            if not events:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise PeerTimedOut
+                continue
+            # Data first: a reply that arrived before the exit is still a reply.
+            for fd, _ in events:
+                if fd == sock_fd:
+                    return
+            raise PeerDied("process exited")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the worker and reap it (no-op if already gone)."""
+        if self.popen.returncode is None:
+            try:
+                self.popen.kill()
+            except ProcessLookupError:  # pragma: no cover - raced with exit
+                pass
+        self.wait(None)
+
+    def wait(self, timeout: float | None) -> int | None:
+        """Reap the worker; returns its exit status, or None if still running after timeout."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """Release the caller's ends: socket and pidfd. The process must be reaped first."""
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def log_tail(self, limit: int = 4000) -> str:
+        """The last ``limit`` characters of the worker's log (faulthandler output, stderr)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - limit))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the worker, from /proc; None if unavailable."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    # Never 0: a zero timeout makes the socket non-blocking and a read would fail with
+    # BlockingIOError, which would look like a dead peer instead of a timeout.
+    return max(0.001, deadline - time.monotonic())
+
+
+def describe_exit(returncode: int | None) -> dict[str, Any]:
+    """Facts about an exit status for error messages: exitcode and signal name."""
+    from ._errors import signal_name
+
+    return {"exitcode": returncode, "signal": signal_name(returncode)}

@@ -1,0 +1,196 @@
+"""The worker: the only process that opens the persist directory with Chroma.
+
+Started by :class:`safechroma._transport.WorkerProcess` as ``python -c <boot> <json>``. It imports
+chromadb at once (so a standby worker is warm before it is needed), then serves one request at a
+time until told to exit or until its parent is gone.
+
+What it guarantees to the caller:
+
+- Every exception, including ``pyo3_runtime.PanicException`` (a BaseException), becomes an error
+  reply; only a real crash (signal, abort) ends the process mid-call.
+- ``faulthandler`` writes the native stack of a fatal signal to the log whose tail the caller's
+  ``WorkerCrashedError`` carries. stdout and stderr also go to that log, never to the socket.
+- When the parent dies, the worker exits: at once when idle, after at most ``PARENT_GRACE``
+  seconds when a call is in flight (so a write in progress usually completes).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Final
+
+from ._protocol import Op, Status, decode_request, encode, error_info, is_panic
+from ._transport import FrameReader, PeerDied, send_frame
+
+PARENT_GRACE: Final = 1.5
+# Requests come from the trusted parent; the bound only stops a runaway frame.
+_MAX_REQUEST: Final = 1 << 40
+
+
+class _Worker:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = FrameReader(sock, _MAX_REQUEST)
+        self.initialised = False
+        self.handles: dict[int, Any] = {}
+        self.next_handle = 1
+        self.busy = False
+
+    def serve(self) -> None:
+        while True:
+            try:
+                data, buffers = self.reader.read_frame()
+            except (PeerDied, OSError):
+                return  # the parent is gone
+            self.busy = True
+            request = decode_request(data, buffers)
+            del data, buffers
+            op = request[0]
+            start = time.perf_counter()
+            status = Status.OK
+            try:
+                payload = self.dispatch(op, request[1])
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes a reply
+                if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not is_panic(exc):
+                    raise
+                status = Status.PANIC if is_panic(exc) else Status.ERROR
+                payload = error_info(exc, traceback.format_exc())
+            elapsed = time.perf_counter() - start
+            try:
+                out, bufs = encode((int(status), payload, elapsed))
+            except Exception as exc:  # noqa: BLE001 - an unencodable result is the call's error
+                info = error_info(
+                    TypeError(f"the result of this call cannot be sent to the caller: {exc}"),
+                    traceback.format_exc(),
+                )
+                out, bufs = encode((int(Status.ERROR), info, elapsed))
+            del payload
+            send_frame(self.sock, out, bufs)
+            self.busy = False
+            if op == Op.EXIT:
+                return
+
+    def dispatch(self, op: int, body: Any) -> Any:
+        if op == Op.CALL:
+            handle, method, args, kwargs = body
+            return self.export(getattr(self.handles[handle], method)(*args, **kwargs))
+        if op == Op.PING:
+            return None
+        if op == Op.OPEN:
+            return self.open(*body)
+        if op == Op.OPEN_HANDLE:
+            client_handle, collection_id, kwargs = body
+            client = self.handles[client_handle]
+            return self.export(client.get_collection_by_id(collection_id, **kwargs))
+        if op == Op.RELEASE:
+            for handle in body:
+                self.handles.pop(handle, None)
+            return None
+        if op == Op.RUN:
+            client_handle, fn, args = body
+            if isinstance(fn, str):
+                module, _, name = fn.partition(":")
+                fn = getattr(importlib.import_module(module), name)
+            return fn(self.handles[client_handle], *args)
+        if op == Op.EXIT:
+            return None
+        raise ValueError(f"unknown operation {op!r}")
+
+    def open(
+        self, path: str, settings: Any, tenant: str, database: str, init: Any
+    ) -> tuple[str, int, str]:
+        if init is not None and not self.initialised:
+            init()
+        self.initialised = True
+        import chromadb
+
+        client = chromadb.PersistentClient(
+            path=path, settings=settings, tenant=tenant, database=database
+        )
+        handle = self.next_handle
+        self.next_handle += 1
+        self.handles[handle] = client
+        return ("client", handle, str(chromadb.__version__))
+
+    def export(self, result: Any) -> Any:
+        """Replace Chroma Collection objects (which do not pickle) by (handle, model) refs."""
+        from chromadb.api.models.Collection import Collection
+
+        if isinstance(result, Collection):
+            return self._ref(result)
+        if isinstance(result, list) and result and isinstance(result[0], Collection):
+            return [self._ref(c) for c in result]
+        return result
+
+    def _ref(self, collection: Any) -> tuple[str, int, Any]:
+        handle = self.next_handle
+        self.next_handle += 1
+        self.handles[handle] = collection
+        return ("collection", handle, collection.get_model())
+
+
+def _watch_parent(ppid: int, worker: _Worker) -> None:
+    """Exit when the parent dies: at once if idle, after PARENT_GRACE if a call is running."""
+    try:
+        pidfd = os.pidfd_open(ppid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if os.getppid() != ppid:
+        os._exit(0)
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:  # pragma: no cover - kernels without pidfd
+        while os.getppid() == ppid:
+            time.sleep(0.2)
+    give_up = time.monotonic() + PARENT_GRACE
+    while worker.busy and time.monotonic() < give_up:
+        time.sleep(0.02)
+    os._exit(0)
+
+
+def _limit_memory(limit: int | None) -> None:
+    if not limit:
+        return
+    import resource
+
+    # An address-space ceiling turns a runaway allocation (a corrupt header with huge counts
+    # makes hnswlib allocate without bound, CHROMA_FACTS.md section 3) into a failed malloc in
+    # this process instead of memory pressure on the whole machine.
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def main(info: dict[str, Any]) -> None:
+    """Entry point of the worker process (see ``safechroma._transport._BOOT``)."""
+    # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    _limit_memory(info.get("memory_limit"))
+    sock = socket.socket(fileno=info["fd"])
+    worker = _Worker(sock)
+    threading.Thread(
+        target=_watch_parent, args=(info["ppid"], worker), name="safechroma-parent-watch",
+        daemon=True,
+    ).start()
+    # Warm up while the caller does other things: a standby worker is ready when promoted.
+    import chromadb  # noqa: F401
+
+    try:
+        worker.serve()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Chroma keeps nothing unflushed that a normal exit would write (its WAL is in SQLite,
+        # CHROMA_FACTS.md section 2); skipping interpreter teardown avoids waiting on Rust threads.
+        os._exit(0)
