@@ -150,7 +150,9 @@ class Options:
     recovery: Recovery | None = default_recovery
     recover_on_damage_errors: bool = True
     breaker: BreakerPolicy = BreakerPolicy()
-    respawn_wait: Any = tenacity.wait_exponential_jitter(initial=0.05, max=5.0, jitter=0.05)
+    respawn_wait: Any = tenacity.wait_exponential(multiplier=0.05, max=5.0) + tenacity.wait_random(
+        0, 0.05
+    )
     memory_limit: int | None = dataclasses.field(default_factory=_default_memory_limit)
     max_reply_bytes: int = 16 << 30
     standby: bool = True

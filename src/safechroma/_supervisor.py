@@ -647,19 +647,20 @@ def _means_damage(info: ErrorInfo) -> bool:
 def rebuild_error(info: ErrorInfo) -> BaseException:
     """Rebuild an exception reported by the worker as the same type, when it is safe to.
 
-    Only builtin exceptions and the exception classes of modules the caller already imported
-    from chromadb are rebuilt; anything else becomes :class:`RemoteError` naming the type.
+    The closed set of types the caller rebuilds: exception classes it has *already imported*
+    (builtins, chromadb's errors, httpx's, the caller's own embedding function's ...), looked up
+    in ``sys.modules`` without importing anything, and constructed from plain arguments
+    (strings, numbers). Anything else arrives as :class:`RemoteError` naming the type.
     """
     module, qualname, args, message, tb = info
-    cls: Any = None
-    if module == "builtins":
-        cls = getattr(builtins, qualname, None)
-    elif module == "chromadb" or module.startswith("chromadb."):
-        mod = sys.modules.get(module)
-        cls = getattr(mod, qualname, None) if mod is not None and "." not in qualname else None
+    mod = builtins if module == "builtins" else sys.modules.get(module)
+    cls = getattr(mod, qualname, None) if mod is not None and "." not in qualname else None
     error: BaseException
-    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(
-        cls, SafeChromaError
+    if (
+        isinstance(cls, type)
+        and issubclass(cls, Exception)
+        and not issubclass(cls, SafeChromaError)
+        and all(a is None or isinstance(a, (str, int, float, bool, bytes)) for a in args)
     ):
         try:
             error = cls(*args)

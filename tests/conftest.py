@@ -1,0 +1,114 @@
+"""Shared fixtures. The suite polices itself: a test that leaves a child process or an open
+file descriptor behind fails (the pattern of loky's ``_check_subprocesses_number``)."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+
+
+def child_pids() -> set[int]:
+    """Live (non-zombie) children of this process, read from /proc."""
+    pids: set[int] = set()
+    me = os.getpid()
+    for task in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    live = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    live.add(pid)
+        except OSError:
+            continue
+    return live
+
+
+def open_fds() -> set[str]:
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            continue
+    return fds
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a worker process or a file descriptor behind."""
+    before_pids = child_pids()
+    before_fds = open_fds()
+    yield
+    gc.collect()
+    deadline = time.monotonic() + 5.0
+    while True:
+        extra_pids = child_pids() - before_pids
+        # Only what the library opens counts: sockets, pidfds, the lock file and worker logs
+        # (pytest's own capture files come and go on their own schedule).
+        extra_fds = {
+            f
+            for f in open_fds() - before_fds
+            if "socket:" in f or "pidfd" in f or ".lock" in f or "safechroma" in f
+        }
+        if not extra_pids and not extra_fds:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    pytest.fail(f"leaked child processes {sorted(extra_pids)} / descriptors {sorted(extra_fds)}")
+
+
+DIM = 16
+
+
+def embed_text(text: str, dim: int = DIM) -> list[float]:
+    """A deterministic toy embedding: no model, no network."""
+    digest = hashlib.sha256(text.encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return [float(x) for x in rng.random(dim)]
+
+
+class HashEmbedding(EmbeddingFunction[Documents]):
+    """An embedding function defined in the test suite (travels to the worker by value)."""
+
+    def __init__(self, dim: int = DIM) -> None:
+        self.dim = dim
+
+    def __call__(self, input: Documents) -> Embeddings:  # noqa: A002 - chromadb's name
+        return [np.asarray(embed_text(t, self.dim), dtype=np.float32) for t in input]
+
+    @staticmethod
+    def name() -> str:
+        return "safechroma-test-hash"
+
+    def get_config(self) -> dict[str, int]:
+        return {"dim": self.dim}
+
+    @staticmethod
+    def build_from_config(config: dict[str, int]) -> "HashEmbedding":
+        return HashEmbedding(config["dim"])
+
+    def is_legacy(self) -> bool:
+        return False
+
+
+def vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, dim), dtype=np.float32)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "db")
