@@ -1,0 +1,405 @@
+"""Mode drivers: one spawned child process per mode; each times its own calls.
+
+The benchmark process never imports chromadb. It starts one driver per mode (multiprocessing,
+spawn) and sends it requests over a Pipe: "run op X of round r, k times". The driver builds the
+call from :mod:`_workload`, times the bare call with ``time.perf_counter_ns`` inside its own
+process, and sends back the timings. So every mode is measured the same way, from the caller's
+side of its own API, in a process of its own:
+
+- ``direct``: ``chromadb.PersistentClient`` in the driver; the timer wraps the bare Chroma call.
+- ``safechroma``: ``SafeClient`` in the driver (the caller); its worker is the driver's child.
+- ``http``: ``chromadb.HttpClient`` to a ``chroma run`` on loopback that the benchmark process
+  started.
+- ``process-per-call``: each call spawns ``python _oneshot.py`` (a fresh interpreter that imports
+  chromadb, opens the PersistentClient, makes the one call).
+
+A driver leaves its session (``os.setsid``) so that Ctrl-C reaches only the benchmark process,
+which then closes every driver in order; a driver whose pipe closes (benchmark process gone)
+closes its client and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from _sysinfo import NetAudit, alive, cmdline, descendants, inet_endpoints, non_loopback, proc_status
+from _workload import DIMS, OP_BY_NAME, Call, collection_name, make_call, result_bytes
+
+ONESHOT = str(Path(__file__).resolve().parent / "_oneshot.py")
+NS = 1_000_000_000
+
+
+def _rss_tree(root: int, worker_pid: int | None = None) -> dict[str, Any]:
+    """RSS of ``root`` (the caller) and of each descendant (workers, standbys, servers)."""
+    procs = []
+    for pid in descendants(root):
+        st = proc_status(pid)
+        if not st:
+            continue
+        role = "worker" if pid == worker_pid else "child"
+        procs.append({"pid": pid, "role": role, "cmd": cmdline(pid)[:120], **st})
+    return {"caller": {"pid": root, **proc_status(root)}, "children": procs}
+
+
+class Mode:
+    """Opens a client on a copy of the data and runs timed calls against it."""
+
+    name = "?"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.path: str = cfg["path"]
+        self.records: int = cfg["records"]
+        self.cols: dict[str, Any] = {}
+        self.rss_start = proc_status(os.getpid())
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def open(self) -> dict[str, Any]:
+        t0 = time.perf_counter_ns()
+        self._open()
+        n = self.cols[collection_name(DIMS[0])].count()
+        t1 = time.perf_counter_ns()
+        return {"open_to_first_count_ns": t1 - t0, "count": n}
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> dict[str, Any]:
+        return {}
+
+    # -- measurement ------------------------------------------------------------------------
+    def run(self, op: str, rnd: int, reps: int, tag: str = "") -> dict[str, Any]:
+        out: dict[str, list[Any]] = {"ns": [], "transport_ns": [], "bytes_out": [], "payload": []}
+        for rep in range(reps):
+            call = make_call(op, self.records, rnd, rep, tag)
+            ns, transport, result = self._timed(call)
+            out["ns"].append(ns)
+            if transport is not None:
+                out["transport_ns"].append(transport)
+            out["bytes_out"].append(result_bytes(result))
+            out["payload"].append(call.payload_bytes)
+            del result
+            if call.cleanup is not None:
+                self._cleanup(call)
+        return out
+
+    def _timed(self, call: Call) -> tuple[int, int | None, Any]:
+        fn = getattr(self.cols[call.collection], call.method)
+        kwargs = call.kwargs
+        t0 = time.perf_counter_ns()
+        result = fn(**kwargs)
+        t1 = time.perf_counter_ns()
+        return t1 - t0, None, result
+
+    def _cleanup(self, call: Call) -> None:
+        assert call.cleanup is not None
+        method, kwargs = call.cleanup
+        getattr(self.cols[call.collection], method)(**kwargs)
+
+    def rss(self) -> dict[str, Any]:
+        return {"start": self.rss_start, **_rss_tree(os.getpid())}
+
+    def network(self) -> dict[str, Any]:
+        """Non-loopback sockets held now by this process and its children."""
+        bad = []
+        for pid in [os.getpid(), *descendants(os.getpid())]:
+            bad += [{"pid": pid, **e} for e in non_loopback(inet_endpoints(pid))]
+        return {"non_loopback_sockets": bad}
+
+
+class DirectMode(Mode):
+    name = "direct"
+
+    def _open(self) -> None:
+        import chromadb
+        from chromadb.config import Settings
+
+        self.client = chromadb.PersistentClient(
+            path=self.path, settings=Settings(anonymized_telemetry=False)
+        )
+        for dim in DIMS:
+            name = collection_name(dim)
+            self.cols[name] = self.client.get_collection(name, embedding_function=None)
+
+
+class HttpMode(Mode):
+    name = "http"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        # The question for this mode is whether the client reaches anywhere but loopback.
+        self.audit = NetAudit()
+        self.audit.install()
+
+    def _open(self) -> None:
+        import chromadb
+        from chromadb.config import Settings
+
+        self.client = chromadb.HttpClient(
+            host="127.0.0.1", port=self.cfg["port"], settings=Settings(anonymized_telemetry=False)
+        )
+        for dim in DIMS:
+            name = collection_name(dim)
+            self.cols[name] = self.client.get_collection(name, embedding_function=None)
+
+    def rss(self) -> dict[str, Any]:
+        out = super().rss()
+        server = self.cfg.get("server_pid")
+        if server:
+            out["server"] = {"pid": server, **proc_status(server)}
+        return out
+
+    def network(self) -> dict[str, Any]:
+        out = super().network()
+        out["client_non_loopback_attempts"] = list(self.audit.attempts)
+        return out
+
+
+class SafechromaMode(Mode):
+    name = "safechroma"
+
+    def _open(self) -> None:
+        from safechroma import SafeClient
+
+        self.client = SafeClient(self.path)
+        for dim in DIMS:
+            name = collection_name(dim)
+            self.cols[name] = self.client.get_collection(name, embedding_function=None)
+
+    def _timed(self, call: Call) -> tuple[int, int | None, Any]:
+        fn = getattr(self.cols[call.collection], call.method)
+        kwargs = call.kwargs
+        t0 = time.perf_counter_ns()
+        result = fn(**kwargs)
+        t1 = time.perf_counter_ns()
+        worker_s = self.client.stats().last_call_worker_seconds
+        return t1 - t0, (t1 - t0) - int(worker_s * NS), result
+
+    def close(self) -> dict[str, Any]:
+        client = getattr(self, "client", None)
+        if client is None:
+            return {}
+        pid = client.stats().worker_pid
+        kids = descendants(os.getpid())
+        t0 = time.perf_counter_ns()
+        client.close()
+        t1 = time.perf_counter_ns()
+        self.client = None
+        # Did close() take its worker (and any standby) down with it?
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(alive(k) for k in kids):
+            time.sleep(0.02)
+        return {
+            "close_ns": t1 - t0,
+            "worker_pid": pid,
+            "children_left_after_close": [k for k in kids if alive(k)],
+        }
+
+    def rss(self) -> dict[str, Any]:
+        worker = self.client.stats().worker_pid if self.client is not None else None
+        return {"start": self.rss_start, **_rss_tree(os.getpid(), worker)}
+
+    def startup(self, n: int) -> dict[str, Any]:
+        """SafeClient(path) to the first answered count(), then close(); ``n`` times.
+
+        The main client must be closed first: one process per directory (CHROMA_FACTS 4).
+        """
+        from safechroma import SafeClient
+
+        assert getattr(self, "client", None) is None, "close the main client first"
+        first, closes = [], []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            client = SafeClient(self.path)
+            col = client.get_collection(collection_name(DIMS[0]), embedding_function=None)
+            col.count()
+            t1 = time.perf_counter_ns()
+            client.close()
+            t2 = time.perf_counter_ns()
+            first.append(t1 - t0)
+            closes.append(t2 - t1)
+        return {"open_to_first_count_ns": first, "close_ns": closes}
+
+    def crash(self, n: int, settle_s: float) -> dict[str, Any]:
+        """SIGKILL the worker between calls, time until the next count() returns.
+
+        Each trial uses a fresh client, warmed up and left idle ``settle_s`` seconds (steady
+        state: whatever the client prepares in the background is ready), so that one trial's
+        respawn and the crash-loop breaker do not colour the next.
+        """
+        from safechroma import SafeClient
+
+        assert getattr(self, "client", None) is None, "close the main client first"
+        trials = []
+        for _ in range(n):
+            client = SafeClient(self.path)
+            try:
+                col = client.get_collection(collection_name(DIMS[0]), embedding_function=None)
+                for _ in range(5):
+                    col.count()
+                time.sleep(settle_s)
+                col.count()
+                old = client.stats().worker_pid
+                errors: list[str] = []
+                t0 = time.perf_counter_ns()
+                os.kill(old, signal.SIGKILL)
+                answered = None
+                for _attempt in range(5):  # bounded: a call may fail once on the dead worker
+                    try:
+                        answered = col.count()
+                        break
+                    except Exception as exc:  # noqa: BLE001 - recorded, then retried
+                        errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}"[:300])
+                t1 = time.perf_counter_ns()
+                st = client.stats()
+                trials.append({
+                    "ns": t1 - t0,
+                    "answered": answered,
+                    "errors_before_answer": errors,
+                    "old_pid": old,
+                    "new_pid": st.worker_pid,
+                    "respawns": st.respawns,
+                    "deaths": dict(st.deaths),
+                })
+            finally:
+                client.close()
+        return {"trials": trials}
+
+
+class ProcessPerCallMode(Mode):
+    name = "process-per-call"
+
+    def _open(self) -> None:
+        pass
+
+    def open(self) -> dict[str, Any]:
+        return {}
+
+    def _spawn(self, call: Call, method: str, kwargs: dict[str, Any]) -> tuple[int, int, Any, dict]:
+        t0 = time.perf_counter_ns()
+        blob = pickle.dumps((self.path, call.collection, method, kwargs), protocol=5)
+        proc = subprocess.Popen(
+            [sys.executable, ONESHOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+            proc.stdin.write(blob)
+            proc.stdin.close()
+            head = proc.stdout.read(8)
+            if len(head) != 8:
+                raise RuntimeError(f"one-shot process failed: {proc.stderr.read()[-2000:]!r}")
+            body = proc.stdout.read(int.from_bytes(head, "little"))
+            result, breakdown = pickle.loads(body)
+            t1 = time.perf_counter_ns()
+            proc.stdout.read()
+            proc.stderr.read()
+            rc = proc.wait(timeout=300)
+            t2 = time.perf_counter_ns()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"one-shot process exited with {rc}")
+        return t1 - t0, t2 - t0, result, breakdown
+
+    def run(self, op: str, rnd: int, reps: int, tag: str = "") -> dict[str, Any]:
+        out: dict[str, list[Any]] = {
+            "ns": [], "transport_ns": [], "bytes_out": [], "payload": [], "exit_ns": [],
+            "breakdown": [],
+        }
+        for rep in range(reps):
+            call = make_call(op, self.records, rnd, rep, tag)
+            answer_ns, exit_ns, result, breakdown = self._spawn(call, call.method, call.kwargs)
+            out["ns"].append(answer_ns)
+            out["exit_ns"].append(exit_ns)
+            out["breakdown"].append(breakdown)
+            out["bytes_out"].append(result_bytes(result))
+            out["payload"].append(call.payload_bytes)
+            if call.cleanup is not None:
+                self._spawn(call, *call.cleanup)  # untimed
+        return out
+
+
+MODES: dict[str, type[Mode]] = {
+    m.name: m for m in (DirectMode, SafechromaMode, HttpMode, ProcessPerCallMode)
+}
+
+
+def driver_main(conn: Connection, mode: str, cfg: dict[str, Any]) -> None:
+    """Entry point of a driver process: serve requests until "shutdown" or until the pipe closes."""
+    os.setsid()  # Ctrl-C goes to the benchmark process only; it closes us in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["ANONYMIZED_TELEMETRY"] = "False"
+    impl: Mode | None = None
+    try:
+        impl = MODES[mode](cfg)
+        for _ in range(10_000_000):  # bounded; ends on "shutdown" or EOF
+            try:
+                cmd, kwargs = conn.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                if cmd == "shutdown":
+                    conn.send(("ok", impl.close()))
+                    impl = None
+                    break
+                conn.send(("ok", getattr(impl, cmd)(**kwargs)))
+            except BaseException:  # noqa: BLE001 - reported to the benchmark process
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        if impl is not None:
+            try:
+                impl.close()
+            except BaseException:  # noqa: BLE001 - best effort on the way out
+                pass
+        conn.close()
+
+
+def available(mode: str) -> str | None:
+    """None when ``mode`` can run here, else why not (checked in the benchmark process)."""
+    if mode == "safechroma":
+        import importlib.util
+
+        if importlib.util.find_spec("safechroma") is None:
+            return "safechroma is not installed"
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", "from safechroma import SafeClient, SafeCollection"],
+                capture_output=True, text=True, timeout=120,
+            )
+        except subprocess.TimeoutExpired:
+            return "importing safechroma timed out"
+        if out.returncode != 0:
+            return "cannot import SafeClient from safechroma: " + out.stderr.strip().splitlines()[-1]
+    return None
+
+
+def build_main(path: str, records: int) -> None:
+    """Build the master data set: one collection per dimension, ``records`` each (spawned child)."""
+    os.environ["ANONYMIZED_TELEMETRY"] = "False"
+    import chromadb
+    from chromadb.config import Settings
+
+    from _workload import dataset_batches
+
+    client = chromadb.PersistentClient(path=path, settings=Settings(anonymized_telemetry=False))
+    for dim in DIMS:
+        col = client.create_collection(collection_name(dim), embedding_function=None)
+        for ids, emb, docs, metas in dataset_batches(records, dim):
+            col.add(ids=ids, embeddings=emb, documents=docs, metadatas=metas)
+        if col.count() != records:
+            raise RuntimeError(f"built {col.count()} records, wanted {records}")
+
+
+__all__ = ["MODES", "OP_BY_NAME", "available", "build_main", "driver_main"]
