@@ -1,0 +1,489 @@
+"""Non-destructive repair of a damaged Chroma persist directory.
+
+Two steps, because the second needs Chroma and the first must not (FACTS §4: one process owns
+a directory, and a fresh process is the clean reset):
+
+1. :func:`repair_directory` (no Chroma; the caller holds the directory lock): back up, salvage,
+   quarantine. Order, each step only after the previous one is on disk:
+
+   a. backup ``<path>/.safechroma/backups/<UTC stamp>/``: a consistent copy of
+      ``chroma.sqlite3`` (sqlite3 backup API) and of every damaged segment directory, built
+      under ``<stamp>.partial`` and renamed into place;
+   b. salvage: every structurally intact vector of the damaged ``data_level0.bin`` that the
+      WAL will not replay, written to ``salvage-<collection>.npz`` + ``.json`` in the backup;
+   c. quarantine: the damaged segment directory is *renamed* to
+      ``<path>/.safechroma/quarantine/<stamp>/<segment uuid>``, never deleted.
+
+   A crash before (c) leaves the old state plus a backup; after (c), the new state (Chroma
+   rebuilds the index from the WAL on the next open: FACTS §2) plus the backup and the salvage
+   file, which :func:`pending_salvage_files` finds again.
+
+2. :func:`apply_salvage` (inside a process that owns the directory, after a fresh open): upsert
+   the salvaged embeddings, embeddings only, so documents and metadata stay as they are.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from safechroma._hnsw import salvage_vectors
+from safechroma._validate import (
+    SQLITE_FILE,
+    CollectionReport,
+    DirectoryReport,
+    check_directory,
+)
+
+__all__ = [
+    "CollectionRepair",
+    "RepairReport",
+    "apply_salvage",
+    "keep_full_wal",
+    "pending_salvage_files",
+    "repair_directory",
+    "wal_purge_enabled",
+]
+
+STATE_DIR = ".safechroma"
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class CollectionRepair:
+    """What repair did for one damaged collection.
+
+    Attributes:
+        collection_id: Collection uuid.
+        name: Collection name.
+        segment_id: The damaged vector segment.
+        reasons: Codes of the error findings that made it damaged.
+        action: ``"quarantine"`` (index moved aside, Chroma rebuilds it), ``"none"``.
+        wal_covers_all: The WAL alone rebuilds every record (no salvage needed).
+        records: Live records in SQLite.
+        salvaged: Vectors written to the salvage file.
+        not_recovered: Ids whose vector exists nowhere (re-embed from their documents).
+        salvage_file: The ``.npz`` file, or ``None`` when nothing needed salvaging.
+        quarantined_to: Where the damaged directory went.
+    """
+
+    collection_id: str
+    name: str | None
+    segment_id: str | None
+    reasons: list[str]
+    action: str = "none"
+    wal_covers_all: bool | None = None
+    records: int | None = None
+    salvaged: int = 0
+    not_recovered: list[str] = field(default_factory=list)
+    salvage_file: str | None = None
+    quarantined_to: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict."""
+        return asdict(self)
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair_directory` found and did.
+
+    Attributes:
+        path: The persist directory.
+        status: ``"nothing_to_do"``, ``"planned"`` (dry run), ``"repaired"`` (files moved,
+            salvage pending), or ``"not_repairable"`` (see ``message``).
+        message: One line for a person.
+        dry_run: Nothing was changed.
+        backup_dir: The backup folder (``None`` when nothing was backed up).
+        collections: One entry per damaged collection.
+        salvage_files: Files :func:`apply_salvage` must still apply.
+        steps: Log of the steps done, in order.
+    """
+
+    path: str
+    status: str = "nothing_to_do"
+    message: str = ""
+    dry_run: bool = False
+    backup_dir: str | None = None
+    collections: list[CollectionRepair] = field(default_factory=list)
+    salvage_files: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+
+    @property
+    def not_recovered(self) -> list[str]:
+        """All ids whose vectors could not be salvaged."""
+        return [i for c in self.collections for i in c.not_recovered]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict."""
+        d = asdict(self)
+        d["not_recovered_count"] = len(self.not_recovered)
+        return d
+
+
+def _stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _ro(db: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{os.path.abspath(db)}?mode=ro", uri=True, timeout=5.0)
+
+
+def _wal_vector_ids(con: sqlite3.Connection, cid: str) -> set[str]:
+    # Topics end in the collection id (see _validate._read_catalog).
+    return {
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT id FROM embeddings_queue WHERE topic LIKE ? AND vector IS NOT NULL",
+            ("%/" + cid,),
+        )
+    }
+
+
+def _live_ids(con: sqlite3.Connection, metadata_segment: str) -> list[str]:
+    return [r[0] for r in con.execute(
+        "SELECT embedding_id FROM embeddings WHERE segment_id = ? ORDER BY id", (metadata_segment,)
+    )]
+
+
+def _documents(con: sqlite3.Connection, metadata_segment: str, ids: Sequence[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {i: None for i in ids}
+    wanted = set(ids)
+    for eid, doc in con.execute(
+        "SELECT e.embedding_id, m.string_value FROM embeddings e JOIN embedding_metadata m "
+        "ON m.id = e.id AND m.key = 'chroma:document' WHERE e.segment_id = ?",
+        (metadata_segment,),
+    ):
+        if eid in wanted:
+            out[eid] = doc
+    return out
+
+
+def repair_directory(
+    path: str | os.PathLike[str],
+    report: DirectoryReport | None = None,
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> RepairReport:
+    """Back up, salvage and quarantine every damaged vector index of ``path``.
+
+    The caller must own the directory (hold ``<path>/.safechroma.lock``; no Chroma process may
+    have it open). Nothing is deleted: damaged segment directories are renamed into
+    ``.safechroma/quarantine``. Write the salvage back afterwards with :func:`apply_salvage`
+    from a process that opens the directory fresh.
+
+    Args:
+        path: The persist directory.
+        report: A fresh :func:`check_directory` result; checked again when omitted.
+        dry_run: Only plan: report what would be done, change nothing.
+        progress: Called as ``progress(step, details)`` after each step (the CLI shows it;
+            tests use it to check that no step runs before its backup exists).
+
+    Returns:
+        A :class:`RepairReport`.
+    """
+    root = os.fspath(path)
+    note = progress or (lambda step, details: None)
+    if report is None:
+        report = check_directory(root, wal_coverage=True)
+    out = RepairReport(path=root, dry_run=dry_run)
+    if report.sqlite_status != "ok":
+        out.status = "not_repairable"
+        out.message = (
+            f"SQLite is {report.sqlite_status}: safechroma repairs vector indexes only; "
+            "restore chroma.sqlite3 from a backup (nothing was changed)"
+            if report.sqlite_status == "corrupt"
+            else f"SQLite is {report.sqlite_status}: cannot check, nothing was changed"
+        )
+        return out
+    damaged = [c for c in report.collections if c.status == "damaged"]
+    if not damaged:
+        out.status = "nothing_to_do"
+        out.message = "no damaged collection"
+        return out
+
+    db = os.path.join(root, SQLITE_FILE)
+    con = _ro(db)
+    try:
+        plans = [_plan(con, c) for c in damaged]
+        out.collections = [p[2] for p in plans]
+        if dry_run:
+            out.status = "planned"
+            out.message = f"would back up and quarantine {len(damaged)} damaged index(es)"
+            return out
+
+        stamp = _stamp()
+        state = os.path.join(root, STATE_DIR)
+        backups = os.path.join(state, "backups")
+        os.makedirs(backups, exist_ok=True)
+        final = os.path.join(backups, stamp)
+        partial = final + ".partial"
+        os.makedirs(partial)
+        # (a) backup: a consistent SQLite copy even if someone read it meanwhile.
+        dst = sqlite3.connect(os.path.join(partial, SQLITE_FILE))
+        try:
+            con.backup(dst)
+        finally:
+            dst.close()
+        for rep, _need, _cr in plans:
+            if rep.segment_id and os.path.isdir(os.path.join(root, rep.segment_id)):
+                shutil.copytree(os.path.join(root, rep.segment_id), os.path.join(partial, "segments", rep.segment_id))
+        _write_atomic(os.path.join(partial, "check.json"), json.dumps(report.to_dict(), indent=1).encode())
+        _fsync_dir(partial)
+        os.rename(partial, final)
+        _fsync_dir(backups)
+        out.backup_dir = final
+        out.steps.append(f"backup {final}")
+        note("backup", {"backup_dir": final})
+
+        # (b) salvage, from the original files (still in place).
+        for rep, need, cr in plans:
+            if need is None or rep.segment_id is None:
+                continue
+            _salvage_one(root, final, con, rep, need, cr)
+            out.steps.append(f"salvage {cr.name}: {cr.salvaged} vectors, {len(cr.not_recovered)} not recoverable")
+            if cr.salvage_file:
+                out.salvage_files.append(cr.salvage_file)
+            note("salvage", {"collection": cr.name, "salvaged": cr.salvaged})
+    finally:
+        con.close()
+
+    # (c) quarantine: rename, the one step that changes Chroma's view of the directory.
+    qdir = os.path.join(root, STATE_DIR, "quarantine", stamp)
+    for rep, _need, cr in plans:
+        src = os.path.join(root, rep.segment_id) if rep.segment_id else None
+        if src and os.path.isdir(src):
+            os.makedirs(qdir, exist_ok=True)
+            dest = os.path.join(qdir, rep.segment_id or "")
+            os.rename(src, dest)
+            _fsync_dir(root)
+            cr.action = "quarantine"
+            cr.quarantined_to = dest
+            out.steps.append(f"quarantine {src} -> {dest}")
+            note("quarantine", {"collection": cr.name, "to": dest})
+    _write_atomic(os.path.join(final, "repair.json"), json.dumps(out.to_dict(), indent=1).encode())
+    out.status = "repaired"
+    lost = len(out.not_recovered)
+    out.message = (
+        f"{len(damaged)} damaged index(es) quarantined; backup in {final}; "
+        f"{sum(c.salvaged for c in out.collections)} vectors salvaged"
+        + (f"; {lost} records need re-embedding" if lost else "")
+    )
+    return out
+
+
+def _plan(con: sqlite3.Connection, c: CollectionReport) -> tuple[CollectionReport, list[str] | None, CollectionRepair]:
+    """Which live ids the WAL will not rebuild (``None``: all covered)."""
+    cr = CollectionRepair(
+        collection_id=c.id,
+        name=c.name,
+        segment_id=c.segment_id,
+        reasons=sorted({f.code for f in c.findings if f.severity == "error"}),
+        records=c.records,
+        action="quarantine",
+    )
+    need: list[str] | None = None
+    if c.metadata_segment_id:
+        in_wal = _wal_vector_ids(con, c.id)
+        need = [i for i in _live_ids(con, c.metadata_segment_id) if i not in in_wal]
+    cr.wal_covers_all = not need
+    return c, (need or None), cr
+
+
+def _salvage_one(
+    root: str, backup: str, con: sqlite3.Connection, c: CollectionReport, need: list[str], cr: CollectionRepair
+) -> None:
+    seg = os.path.join(root, c.segment_id or "")
+    ids: list[str] = []
+    vecs = np.zeros((0, c.dimension or 0), np.float32)
+    skipped: dict[str, int] = {}
+    if os.path.isdir(seg):
+        s = salvage_vectors(seg, space=c.space, dim=c.dimension, m=c.max_neighbors)
+        skipped = s.skipped
+        wanted = set(need)
+        keep = [i for i, x in enumerate(s.ids) if x in wanted]
+        ids = [s.ids[i] for i in keep]
+        vecs = s.vectors[keep] if keep else np.zeros((0, s.vectors.shape[1] if s.vectors.ndim == 2 else 0), np.float32)
+    got = set(ids)
+    lost = [i for i in need if i not in got]
+    docs = _documents(con, c.metadata_segment_id or "", lost) if lost else {}
+    cr.salvaged = len(ids)
+    cr.not_recovered = lost
+    base = os.path.join(backup, f"salvage-{c.id}")
+    tmp = base + ".partial.npz"
+    np.savez(tmp, vectors=vecs)
+    os.replace(tmp, base + ".npz")
+    side = {
+        "collection_id": c.id,
+        "name": c.name,
+        "space": c.space,
+        "dimension": c.dimension,
+        "ids": ids,
+        "skipped": skipped,
+        "not_recovered": [{"id": i, "document": docs.get(i)} for i in lost],
+    }
+    _write_atomic(base + ".json", json.dumps(side).encode())
+    cr.salvage_file = base + ".npz"
+
+
+def pending_salvage_files(path: str | os.PathLike[str]) -> list[str]:
+    """Salvage files under ``<path>/.safechroma/backups`` not yet applied (oldest first)."""
+    backups = os.path.join(os.fspath(path), STATE_DIR, "backups")
+    out: list[str] = []
+    if not os.path.isdir(backups):
+        return out
+    for stamp in sorted(os.listdir(backups)):
+        d = os.path.join(backups, stamp)
+        if stamp.endswith(".partial") or not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            f = os.path.join(d, name)
+            if name.startswith("salvage-") and name.endswith(".npz") and not os.path.exists(f + ".applied"):
+                out.append(f)
+    return out
+
+
+def apply_salvage(
+    client: Any,
+    salvage_file: str,
+    *,
+    reembed: Callable[[list[str]], Sequence[Sequence[float]]] | None = None,
+    batch_size: int = 1000,
+) -> dict[str, Any]:
+    """Write salvaged embeddings back through a live ``chromadb.PersistentClient``.
+
+    Run it in the process that owns the directory, right after a fresh open of the repaired
+    directory (Chroma has then rebuilt the index from the WAL tail: FACTS §2). Only ids that
+    the metadata segment still has are written, with ``upsert(ids, embeddings)``: documents
+    and metadata are left as they are (FACTS §3 "Recovery paths").
+
+    Args:
+        client: A live ``chromadb.PersistentClient`` on the repaired directory.
+        salvage_file: A ``salvage-<collection>.npz`` from :func:`repair_directory`.
+        reembed: Optional ``documents -> embeddings`` (the collection's embedding function);
+            when given, records whose vector could not be salvaged are re-embedded from their
+            documents. Without it they are only reported.
+        batch_size: Records per upsert.
+
+    Returns:
+        JSON-able summary: ``collection``, ``recovered``, ``reembedded``, ``not_recovered``
+        (list of ``{"id", "document"}``), ``gone`` (ids deleted meanwhile).
+    """
+    with open(salvage_file[: -len(".npz")] + ".json", "rb") as f:
+        side = json.loads(f.read())
+    with np.load(salvage_file, allow_pickle=False) as z:
+        vecs = np.asarray(z["vectors"], dtype=np.float32)
+    ids: list[str] = list(side["ids"])
+    col = client.get_collection(side["name"])
+    try:
+        batch_size = min(batch_size, int(client.get_max_batch_size()))
+    except Exception:  # noqa: BLE001 - older clients have no such call; keep the default
+        pass
+    recovered = 0
+    gone: list[str] = []
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s : s + batch_size]
+        alive = set(col.get(ids=chunk, include=[])["ids"])
+        rows = [i for i, x in enumerate(chunk) if x in alive]
+        gone.extend(x for x in chunk if x not in alive)
+        if rows:
+            col.upsert(ids=[chunk[i] for i in rows], embeddings=vecs[s:s + batch_size][rows])
+            recovered += len(rows)
+    not_recovered: list[dict[str, Any]] = list(side["not_recovered"])
+    reembedded = 0
+    if reembed is not None and not_recovered:
+        todo = [r for r in not_recovered if r.get("document") is not None]
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s : s + batch_size]
+            embs = reembed([r["document"] for r in chunk])
+            col.upsert(ids=[r["id"] for r in chunk], embeddings=[list(e) for e in embs])
+            reembedded += len(chunk)
+        done = {r["id"] for r in todo}
+        not_recovered = [r for r in not_recovered if r["id"] not in done]
+    summary = {
+        "collection": side["name"],
+        "salvage_file": salvage_file,
+        "recovered": recovered,
+        "reembedded": reembedded,
+        "not_recovered": not_recovered,
+        "gone": gone,
+    }
+    _write_atomic(salvage_file + ".applied", json.dumps(summary).encode())
+    return summary
+
+
+def wal_purge_enabled(path: str | os.PathLike[str]) -> bool | None:
+    """Chroma's ``automatically_purge`` for ``path`` (``None``: no setting stored yet)."""
+    con = _ro(os.path.join(os.fspath(path), SQLITE_FILE))
+    try:
+        row = con.execute("SELECT config_json_str FROM embeddings_queue_config LIMIT 1").fetchone()
+    finally:
+        con.close()
+    if row is None:
+        return None
+    v = json.loads(row[0]).get("automatically_purge")
+    return None if v is None else bool(v)
+
+
+def keep_full_wal(path: str | os.PathLike[str], enable: bool = True) -> dict[str, Any]:
+    """Opt-in durability: stop Chroma from purging its WAL, so recovery is exact.
+
+    Chroma 1.5.9 reads ``automatically_purge`` from the ``embeddings_queue_config`` row of
+    ``chroma.sqlite3`` (the Rust core runs ``SELECT * FROM embeddings_queue_config``; there is
+    no Python setting for a local client). With it false, every write stays in
+    ``embeddings_queue`` and deleting a broken index makes Chroma rebuild it exactly (FACTS §2,
+    verified 3000/3000). Enable it before the first write: rows purged earlier are gone.
+
+    Disk cost: every ``add``/``update``/``upsert``/``delete`` keeps one WAL row forever:
+    ``4 * dim`` bytes of vector plus the id, the metadata JSON (document included) and ~40
+    bytes of row overhead. 1M records of 384 dims with 200-byte documents is about 2 GB more
+    than with purging, and it grows with every update. ``chroma vacuum`` (which purges) undoes
+    it. Call this only while no process has the directory open (hold the directory lock).
+
+    Args:
+        path: The persist directory (``chroma.sqlite3`` must exist: open it once with Chroma).
+        enable: ``True`` keeps the full WAL; ``False`` restores Chroma's default purge.
+
+    Returns:
+        ``{"path", "automatically_purge", "previous"}``.
+    """
+    db = os.path.join(os.fspath(path), SQLITE_FILE)
+    if not os.path.isfile(db):
+        raise FileNotFoundError(f"{db} does not exist; open the directory with Chroma once first")
+    previous = wal_purge_enabled(path)
+    con = sqlite3.connect(db, timeout=5.0)
+    try:
+        with con:
+            con.execute(
+                "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, ?)",
+                (json.dumps({"automatically_purge": not enable, "_type": "EmbeddingsQueueConfigurationInternal"}),),
+            )
+    finally:
+        con.close()
+    return {"path": os.fspath(path), "automatically_purge": not enable, "previous": previous}
