@@ -8,8 +8,8 @@ worker reach the caller as the same type; everything below is about the worker i
     ├── DirectoryLockedError                 another process owns the persist directory
     ├── WorkerError                          the worker broke under you
     │   ├── WorkerCrashedError               it died (signal or exit) while serving a call
+    │   │   └── WorkerStartError             it died (or hung) while opening the directory
     │   ├── WorkerTimeoutError (TimeoutError)  a call passed its deadline; the worker was killed
-    │   ├── WorkerStartError                 a fresh worker could not be started
     │   └── ProtocolError                    it sent bytes the caller refuses to decode
     ├── CrashLoopError                       too many deaths in a short time: breaker is open
     ├── RecoveryError                        the directory is damaged and recovery failed
@@ -129,10 +129,8 @@ class WorkerTimeoutError(WorkerError, TimeoutError):
     timeout: float
 
 
-class WorkerStartError(WorkerError):
-    """A new worker could not be started or could not open the directory."""
-
-    crash_log: str
+class WorkerStartError(WorkerCrashedError):
+    """A new worker died or hung while opening the directory (``signal`` says how)."""
 
 
 class ProtocolError(WorkerError):

@@ -188,14 +188,11 @@ class Supervisor:
             by_value: encode with cloudpickle (the call carries an embedding function).
         """
         try:
-            return self._attempt(owner, method, args, kwargs, timeout, by_value)
+            return self._attempt(owner, method, args, kwargs, timeout, by_value, read)
         except (WorkerCrashedError, ProtocolError, _DamageRetry) as first:
             if not (read or replay) or retries <= 0:
                 if isinstance(first, _DamageRetry):
                     raise first.error from None
-                if not read:
-                    first.outcome_unknown = True
-                    first._facts["outcome_unknown"] = True
                 raise
             logger.info("retrying %s after: %s", method, first)
 
@@ -208,7 +205,7 @@ class Supervisor:
                 sleep=lambda _s: None,
             ):
                 with attempt:
-                    return self._attempt(owner, method, args, kwargs, timeout, by_value)
+                    return self._attempt(owner, method, args, kwargs, timeout, by_value, read)
         except _DamageRetry as exc:
             raise exc.error from None
         raise AssertionError("unreachable")  # pragma: no cover
@@ -221,12 +218,19 @@ class Supervisor:
         kwargs: dict[str, Any],
         timeout: float | None,
         by_value: bool,
+        read: bool,
     ) -> Any:
         with self.lock:
             worker = self._ready_worker()
             handle = self._handle_of(worker, owner)
             request = (Op.CALL, (handle, method, args, kwargs))
-            result = self._exchange(worker, request, method, timeout, by_value)
+            try:
+                result = self._exchange(worker, request, method, timeout, by_value)
+            except WorkerError as exc:
+                # Only a failure after the request was sent leaves a write's outcome unknown;
+                # failures while starting or reopening happen before anything was sent.
+                exc.outcome_unknown = exc._facts["outcome_unknown"] = not read
+                raise
             self.consecutive = 0  # a served call ends a run of consecutive deaths
             # Collections come back as ("collection", handle, model): tag them with the worker
             # they live in, under the lock, so a respawn in between cannot mix them up.
@@ -362,7 +366,7 @@ class Supervisor:
             pid=worker.pid,
             operation=operation,
             timeout=timeout,
-            outcome_unknown=True,
+            outcome_unknown=False,
         )
         self._drop(worker)
         self._record_death("timeout", worker, error, operation)
@@ -503,6 +507,10 @@ class Supervisor:
                 pid=worker.pid,
                 operation="start",
                 outcome_unknown=False,
+                exitcode=getattr(exc, "exitcode", None),
+                signal=getattr(exc, "signal", None) or (
+                    "timeout" if isinstance(exc, WorkerTimeoutError) else None
+                ),
                 crash_log=getattr(exc, "crash_log", ""),
             ) from exc
         except Exception:

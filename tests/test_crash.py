@@ -1,0 +1,241 @@
+"""The crash cycle (issue 3): real faults inside the worker, at every phase.
+
+Each case makes the worker really die (a genuine SIGBUS from a truncated mapping, a genuine
+SIGSEGV, abort, kill, exit) or hang, and checks that the caller survives, gets the precise error,
+and that the next call is served by a new worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import faults
+import safechroma
+from safechroma import (
+    BreakerPolicy,
+    ChromaPanicError,
+    CrashLoopError,
+    SafeClient,
+    WorkerCrashedError,
+    WorkerStartError,
+    WorkerTimeoutError,
+)
+
+from conftest import HashEmbedding
+
+EXPECTED = {
+    "SIGBUS": ("SIGBUS", -7),
+    "SIGSEGV": ("SIGSEGV", -11),
+    "SIGABRT": ("SIGABRT", -6),
+    "SIGKILL": ("SIGKILL", -9),
+    "exit": (None, 3),
+}
+FATAL_LOGGED = {"SIGBUS": "Bus error", "SIGSEGV": "Segmentation fault", "SIGABRT": "Aborted"}
+
+
+def _check_crash(err: WorkerCrashedError, fault: str, operation: str) -> None:
+    sig, code = EXPECTED[fault]
+    assert (err.signal, err.exitcode, err.operation) == (sig, code, operation)
+    assert err.pid and err.pid != os.getpid()
+    if fault in FATAL_LOGGED:
+        assert FATAL_LOGGED[fault] in err.crash_log  # faulthandler's report, from the log
+        assert "Fatal Python error" in str(err)
+    restored = pickle.loads(pickle.dumps(err))
+    assert type(restored) is type(err) and restored.signal == err.signal
+
+
+@pytest.mark.parametrize("fault", sorted(EXPECTED))
+@pytest.mark.parametrize("phase", ["call", "reply"])
+def test_worker_death_during_a_call(db: str, fault: str, phase: str) -> None:
+    with SafeClient(db, validator=None) as client:
+        first = client.stats().worker_pid
+        with pytest.raises(WorkerCrashedError) as info:
+            if phase == "call":
+                client.run_in_worker(faults.FAULTS[fault])
+            else:
+                client.run_in_worker(faults.crash_in_reply, fault)
+        err = info.value
+        _check_crash(err, fault, faults.FAULTS[fault].__name__ if phase == "call" else "crash_in_reply")
+        assert err.pid == first
+        assert client.heartbeat() > 0  # served by a fresh worker
+        stats = client.stats()
+        assert stats.worker_pid not in (None, first)
+        assert stats.deaths == {sig if (sig := EXPECTED[fault][0]) else "exit": 1}
+        assert stats.respawns == 1
+
+
+@pytest.mark.parametrize("fault", sorted(EXPECTED))
+def test_worker_death_while_starting(db: str, tmp_path: Path, fault: str) -> None:
+    """The first worker dies opening the directory; the constructor's read retries on a new one."""
+    marker = tmp_path / "crash-once"
+    marker.touch()
+    init = functools.partial(faults.fault_once, str(marker), fault)
+    events: list[safechroma.Event] = []
+    with SafeClient(db, validator=None, worker_init=init, on_event=events.append) as client:
+        assert not marker.exists()
+        assert client.heartbeat() > 0
+        assert client.stats().deaths == {EXPECTED[fault][0] or "exit": 1}
+    kinds = [e.kind for e in events]
+    assert kinds.count("worker_started") == 1 and "worker_died" in kinds
+
+
+def test_worker_that_always_dies_while_starting_gives_start_error(db: str) -> None:
+    with pytest.raises(WorkerStartError) as info:
+        SafeClient(db, validator=None, worker_init=faults.sigsegv, read_retries=1)
+    assert info.value.signal == "SIGSEGV" and info.value.operation == "start"
+
+
+def test_hung_call_is_cut_by_its_deadline(db: str) -> None:
+    with SafeClient(db, validator=None) as client:
+        first = client.stats().worker_pid
+        start = time.monotonic()
+        with safechroma.call_timeout(1.0), pytest.raises(WorkerTimeoutError) as info:
+            client.run_in_worker(faults.hang)
+        assert 0.9 < time.monotonic() - start < 10
+        assert isinstance(info.value, TimeoutError)
+        assert info.value.timeout == 1.0 and info.value.pid == first
+        assert client.heartbeat() > 0
+        assert client.stats().worker_pid != first and client.stats().timeouts == 1
+
+
+def test_hung_start_is_cut_by_start_timeout(db: str) -> None:
+    with pytest.raises(WorkerStartError) as info:
+        SafeClient(db, validator=None, worker_init=faults.hang, start_timeout=1.5,
+                   read_retries=0)
+    assert info.value.signal == "timeout"
+
+
+def test_client_timeout_option_applies_per_client(db: str) -> None:
+    with SafeClient(db, validator=None, timeout=0.5) as client:
+        with pytest.raises(WorkerTimeoutError):
+            client.run_in_worker(faults.hang)
+
+
+def _crashing_ef(marker: str) -> HashEmbedding:
+    class CrashingEmbedding(HashEmbedding):
+        def __call__(self, input: Any) -> Any:  # noqa: A002
+            faults.fault_once(marker, "SIGSEGV")
+            return super().__call__(input)
+
+    return CrashingEmbedding()
+
+
+def test_write_in_flight_reports_unknown_outcome_and_is_not_replayed(db: str, tmp_path: Path) -> None:
+    marker = tmp_path / "m"
+    with SafeClient(db, validator=None) as client:
+        col = client.create_collection("writes", embedding_function=_crashing_ef(str(marker)))
+        marker.touch()
+        with pytest.raises(WorkerCrashedError) as info:
+            col.add(ids=["a"], documents=["hello"])
+        assert info.value.outcome_unknown and info.value.operation == "add"
+        assert info.value.signal == "SIGSEGV"
+        assert col.count() == 0  # not replayed; the next call reopened the collection
+        col.add(ids=["a"], documents=["hello"])
+        assert col.count() == 1
+
+
+def test_write_replayed_when_the_caller_opted_in(db: str, tmp_path: Path) -> None:
+    marker = tmp_path / "m"
+    with SafeClient(db, validator=None, replay_writes=True) as client:
+        col = client.create_collection("writes", embedding_function=_crashing_ef(str(marker)))
+        marker.touch()
+        col.add(ids=["a", "b"], documents=["hello", "world"])
+        assert col.count() == 2
+        assert client.stats().deaths == {"SIGSEGV": 1}
+
+
+def test_read_is_retried_transparently_on_a_fresh_worker(db: str, tmp_path: Path) -> None:
+    marker = tmp_path / "m"
+    with SafeClient(db, validator=None) as client:
+        col = client.create_collection("reads", embedding_function=_crashing_ef(str(marker)))
+        col.add(ids=["a", "b"], documents=["apple", "bicycle"])
+        marker.touch()
+        assert col.query(query_texts=["bicycle"], n_results=1)["ids"] == [["b"]]
+        assert client.stats().deaths == {"SIGSEGV": 1}
+
+
+def test_breaker_opens_after_repeated_deaths_and_resets(db: str) -> None:
+    sleeps: list[float] = []
+    policy = BreakerPolicy(max_deaths=3, window=60, cooldown=300)
+    with SafeClient(db, validator=None, breaker=policy, sleep=sleeps.append) as client:
+        for _ in range(3):
+            with pytest.raises(WorkerCrashedError):
+                client.run_in_worker(faults.sigsegv)
+        with pytest.raises(CrashLoopError) as info:
+            client.heartbeat()
+        assert len(info.value.deaths) == 3 and info.value.retry_after > 200
+        assert info.value.path == os.path.realpath(db)
+        assert client.stats().breaker_open
+        # Consecutive respawns backed off, growing (first respawn immediate).
+        assert len(sleeps) == 1 and sleeps[0] > 0
+        client.reset_breaker()
+        assert client.heartbeat() > 0
+
+
+def test_breaker_lets_a_call_through_after_cooldown(db: str) -> None:
+    policy = BreakerPolicy(max_deaths=2, window=60, cooldown=0.3)
+    with SafeClient(db, validator=None, breaker=policy, sleep=lambda s: None) as client:
+        for _ in range(2):
+            with pytest.raises(WorkerCrashedError):
+                client.run_in_worker(faults.sigkill)
+        with pytest.raises(CrashLoopError):
+            client.heartbeat()
+        time.sleep(0.4)
+        assert client.heartbeat() > 0
+
+
+def test_backoff_grows_between_consecutive_respawns(db: str) -> None:
+    sleeps: list[float] = []
+    with SafeClient(db, validator=None, sleep=sleeps.append,
+                    breaker=BreakerPolicy(max_deaths=100)) as client:
+        for _ in range(4):
+            with pytest.raises(WorkerCrashedError):
+                client.run_in_worker(faults.sigkill)
+        client.heartbeat()
+    assert len(sleeps) == 3
+    assert sleeps[0] < sleeps[1] < sleeps[2]
+
+
+def test_memory_ceiling_turns_runaway_allocation_into_an_error(db: str) -> None:
+    with SafeClient(db, validator=None, memory_limit=2 << 30) as client:
+        pid = client.stats().worker_pid
+        with pytest.raises(MemoryError):
+            client.run_in_worker(lambda _c: len(bytearray(3 << 30)))
+        assert client.stats().worker_pid == pid  # an error, not a death
+
+
+def test_panic_in_the_worker_becomes_an_error_and_retires_the_worker(db: str) -> None:
+    """pyo3_runtime.PanicException derives from BaseException; it must not kill the loop."""
+
+    def panic(_c: Any) -> None:
+        cls = type("PanicException", (BaseException,), {"__module__": "pyo3_runtime"})
+        raise cls("called `Option::unwrap()` on a `None` value")
+
+    with SafeClient(db, validator=None) as client:
+        pid = client.stats().worker_pid
+        with pytest.raises(ChromaPanicError, match="unwrap"):
+            client.run_in_worker(panic)
+        assert client.heartbeat() > 0
+        assert client.stats().worker_pid != pid
+
+
+def test_crash_is_detected_within_milliseconds(db: str) -> None:
+    with SafeClient(db, validator=None) as client:
+        start = time.monotonic()
+        with pytest.raises(WorkerCrashedError):
+            client.run_in_worker(faults.sigkill)
+        assert time.monotonic() - start < 1.0  # generous: the machine is shared
+
+
+def test_errors_pickle_with_their_facts() -> None:
+    err = WorkerCrashedError("boom", pid=1, exitcode=-7, signal="SIGBUS", operation="query",
+                             crash_log="tail", outcome_unknown=False)
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.pid, again.signal, again.operation, str(again)) == (1, "SIGBUS", "query", "boom")
