@@ -154,15 +154,27 @@ def _ro(db: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{os.path.abspath(db)}?mode=ro", uri=True, timeout=5.0)
 
 
-def _wal_vector_ids(con: sqlite3.Connection, cid: str) -> set[str]:
-    # Topics end in the collection id (see _validate._read_catalog).
-    return {
-        r[0]
-        for r in con.execute(
-            "SELECT DISTINCT id FROM embeddings_queue WHERE topic LIKE ? AND vector IS NOT NULL",
-            ("%/" + cid,),
-        )
-    }
+def _wal_vectors(con: sqlite3.Connection, cid: str) -> tuple[set[str], dict[str, np.ndarray]]:
+    """Ids the WAL rebuilds (an ADD/UPSERT with a vector), and newer UPDATE vectors of the rest.
+
+    Replaying an UPDATE onto a rebuilt index that lacks the id does nothing, so such ids need a
+    write-back; their latest vector is the UPDATE's, newer than anything in the damaged index.
+    Topics end in the collection id (see _validate._read_catalog); operation codes are
+    chromadb's (ADD 0, UPDATE 1, UPSERT 2, DELETE 3).
+    """
+    adds: set[str] = set()
+    updates: dict[str, np.ndarray] = {}
+    for ident, op, blob, enc in con.execute(
+        "SELECT id, operation, vector, encoding FROM embeddings_queue "
+        "WHERE topic LIKE ? AND vector IS NOT NULL ORDER BY seq_id",
+        ("%/" + cid,),
+    ):
+        if op in (0, 2):
+            adds.add(ident)
+            updates.pop(ident, None)
+        elif op == 1 and ident not in adds and (enc or "FLOAT32").upper() == "FLOAT32":
+            updates[ident] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    return adds, updates
 
 
 def _live_ids(con: sqlite3.Connection, metadata_segment: str) -> list[str]:
@@ -310,7 +322,7 @@ def _plan(con: sqlite3.Connection, c: CollectionReport) -> tuple[CollectionRepor
     )
     need: list[str] | None = None
     if c.metadata_segment_id:
-        in_wal = _wal_vector_ids(con, c.id)
+        in_wal, _ = _wal_vectors(con, c.id)
         need = [i for i in _live_ids(con, c.metadata_segment_id) if i not in in_wal]
     cr.wal_covers_all = not need
     return c, (need or None), cr
@@ -330,6 +342,16 @@ def _salvage_one(
         keep = [i for i, x in enumerate(s.ids) if x in wanted]
         ids = [s.ids[i] for i in keep]
         vecs = s.vectors[keep] if keep else np.zeros((0, s.vectors.shape[1] if s.vectors.ndim == 2 else 0), np.float32)
+    # A newer vector from a WAL UPDATE beats the index's copy of the same id.
+    _, updated = _wal_vectors(con, c.id)
+    fresh = [i for i in need if i in updated and (c.dimension is None or updated[i].size == c.dimension)]
+    if fresh:
+        fset = set(fresh)
+        keep_rows = [k for k, x in enumerate(ids) if x not in fset]
+        dim = fresh and updated[fresh[0]].size
+        base_vecs = vecs[keep_rows] if len(keep_rows) else np.zeros((0, dim), np.float32)
+        ids = [ids[k] for k in keep_rows] + fresh
+        vecs = np.concatenate([base_vecs.reshape(-1, dim), np.stack([updated[i] for i in fresh])]).astype(np.float32)
     got = set(ids)
     lost = [i for i in need if i not in got]
     docs = _documents(con, c.metadata_segment_id or "", lost) if lost else {}

@@ -514,7 +514,7 @@ def _check_collection(
             in_wal = {
                 row[0]
                 for row in con.execute(
-                    "SELECT DISTINCT id FROM embeddings_queue WHERE topic = ? AND vector IS NOT NULL",
+                    "SELECT DISTINCT id FROM embeddings_queue WHERE topic = ? AND operation IN (0, 2) AND vector IS NOT NULL",
                     (topic,),
                 )
             }
@@ -524,9 +524,13 @@ def _check_collection(
 
 
 def _wal_uncovered(con: sqlite3.Connection, metadata_segment: str, topic: str) -> int:
-    """Live records whose vector is not in the WAL (the WAL is a suffix: FACTS §2)."""
+    """Live records the WAL cannot rebuild (the WAL is a suffix: FACTS §2).
+
+    Only ADD (0) and UPSERT (2) rows count: replaying an UPDATE (1) onto an index that lacks
+    the id is a no-op (measured: updated ids whose ADD was purged were not rebuilt).
+    """
     return int(con.execute(
         "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND e.embedding_id NOT IN "
-        "(SELECT id FROM embeddings_queue WHERE topic = ? AND vector IS NOT NULL)",
+        "(SELECT id FROM embeddings_queue WHERE topic = ? AND operation IN (0, 2) AND vector IS NOT NULL)",
         (metadata_segment, topic),
     ).fetchone()[0])
