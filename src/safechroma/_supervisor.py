@@ -59,6 +59,9 @@ from ._protocol import ErrorInfo, Op, Status, decode_reply, encode
 from ._transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
 
 logger = logging.getLogger("safechroma")
+# A library does not configure logging; without a handler Python would print WARNINGs to
+# stderr through its last-resort handler.
+logger.addHandler(logging.NullHandler())
 
 LOCK_NAME: Final = ".safechroma.lock"
 
@@ -232,6 +235,8 @@ class Supervisor:
                 exc.outcome_unknown = exc._facts["outcome_unknown"] = not read
                 raise
             self.consecutive = 0  # a served call ends a run of consecutive deaths
+            if self.standby is None:
+                self._refill_standby()
             # Collections come back as ("collection", handle, model): tag them with the worker
             # they live in, under the lock, so a respawn in between cannot mix them up.
             if type(result) is tuple and result[:1] == ("collection",):
@@ -460,11 +465,19 @@ class Supervisor:
     def _check_and_recover(self) -> None:
         validator = self.options.validator
         reason = self.pending_reason or "crash"
+        if reason == "start" and self.options.recovery is not None:
+            # A repair interrupted between quarantine and write-back left its salvage file
+            # behind (safechroma._recovery); finish it with the first worker.
+            from ._recovery import pending_salvage_files
+
+            self.pending_salvage.extend(
+                f for f in pending_salvage_files(self.path) if f not in self.pending_salvage
+            )
         if validator is None:
             return
         ctx = HookContext(self.path, reason, self.pending_crash, max(1, self.consecutive))  # type: ignore[arg-type]
         report = validator(ctx)
-        healthy = bool(getattr(report, "healthy", True))
+        healthy = not _is_damaged(report)
         self._emit("validated", None, healthy=healthy, report=report, reason=reason)
         if healthy:
             return
@@ -486,8 +499,18 @@ class Supervisor:
                 path=self.path,
                 report=report,
             ) from exc
+        if getattr(result, "status", None) == "not_repairable":
+            self._emit("recovery_failed", None, report=result)
+            raise RecoveryError(
+                f"{self.path} is damaged ({_summary(report)}) and could not be repaired: "
+                f"{getattr(result, 'message', result)}",
+                path=self.path,
+                report=report,
+            )
         self.recoveries += 1
-        self.pending_salvage.extend(getattr(result, "salvage_files", None) or [])
+        for salvage in getattr(result, "salvage_files", None) or []:
+            if salvage not in self.pending_salvage:
+                self.pending_salvage.append(salvage)
         self._emit("recovered", None, report=result)
 
     def _start(self) -> WorkerProcess:
@@ -527,9 +550,13 @@ class Supervisor:
         self.pending_crash = None
         self._emit("worker_started", worker.pid, serial=worker.serial)
         self._write_back_salvage(worker)
-        if self.options.standby and self.standby is None:
-            self.standby = self._spawn()
         return worker
+
+    def _refill_standby(self) -> None:
+        # Spawned only after the new worker has served a call: on two cores a standby importing
+        # chromadb right away would slow the very call a crashed worker's caller waits for.
+        if self.options.standby and self.standby is None and self.state is State.READY:
+            self.standby = self._spawn()
 
     def _write_back_salvage(self, worker: WorkerProcess) -> None:
         while self.pending_salvage:
@@ -641,6 +668,15 @@ def _summary(report: Any) -> str:
         if callable(fn):
             return str(fn())
     return str(report)[:500]
+
+
+def _is_damaged(report: Any) -> bool:
+    """A report means damage only when it says so: "cannot check" (a fresh directory, a busy
+    SQLite) is never a reason to touch the files."""
+    status = getattr(report, "status", None)
+    if status is not None:
+        return bool(status == "damaged")
+    return not bool(getattr(report, "healthy", True))
 
 
 def _means_damage(info: ErrorInfo) -> bool:
