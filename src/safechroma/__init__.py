@@ -12,6 +12,7 @@ worker takes over::
     col.add(ids=["a"], documents=["hello"])
 """
 
+from ._aio import AsyncSafeClient, AsyncSafeCollection
 from ._client import SafeClient
 from ._collection import SafeCollection
 from ._errors import (
@@ -33,6 +34,8 @@ from ._policy import BreakerPolicy, Event, HookContext, Options, Stats, call_tim
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncSafeClient",
+    "AsyncSafeCollection",
     "BreakerPolicy",
     "ChromaPanicError",
     "ClientClosedError",

@@ -1,0 +1,563 @@
+"""AsyncSafeClient and AsyncSafeCollection: the asyncio face of SafeClient and SafeCollection.
+
+The shape is chromadb's own async API (``AsyncClientAPI``, ``AsyncCollection``): the same
+methods, awaitable, with chromadb's signatures. There is one implementation of the policy:
+every awaitable runs the matching *sync* :class:`SafeClient`/:class:`SafeCollection` call, so
+errors, deadlines, retries, the crash-loop breaker, validation, recovery and hooks are exactly
+the sync ones. The sync call runs in a thread that the client owns, so waiting for the worker,
+a crash, a respawn, validation or recovery never blocks the event loop.
+
+Construction (opening a directory spawns a worker, which takes about a second, so it is never
+done in ``__init__``)::
+
+    client = await AsyncSafeClient.create("./db")      # like ``await chromadb.AsyncHttpClient()``
+    ...
+    await client.aclose()
+
+    async with AsyncSafeClient("./db") as client:      # opened on entry, closed on exit
+        col = await client.get_or_create_collection("docs", embedding_function=my_ef)
+        await col.add(ids=["a"], documents=["hello"])
+
+A plain ``AsyncSafeClient("./db")`` is lazy: the first awaited call opens the directory.
+
+One thread per client, first in first out
+-----------------------------------------
+Each ``AsyncSafeClient`` owns one thread (a ``ThreadPoolExecutor`` with one worker) and its
+collections share it. One thread is enough: the supervisor serves one call at a time per
+directory anyway, so more threads would only queue on its lock. It also gives cancellation a
+clean edge (below), keeps calls in the order they were awaited, and never borrows the event
+loop's default executor, which the application may need for other things.
+
+Deadlines are per task: ``safechroma.call_timeout()`` is a context variable, and each call runs
+in a copy of the awaiting task's context (as ``asyncio.to_thread`` does).
+
+Cancellation contract
+---------------------
+Cancelling a task that awaits a call (``task.cancel()``, ``asyncio.wait_for``,
+``asyncio.timeout``) makes the task see ``CancelledError`` at once. What happens to the call:
+
+- Not started yet (still queued behind other calls of this client): it is withdrawn and never
+  reaches the worker. A cancelled write of this kind is absent.
+- Already started: it runs to completion in the client's thread. The thread finishes the
+  exchange and consumes the reply itself, so the channel to the worker stays in step and a
+  late reply is never handed to a later caller. A write that was sent completes (or fails)
+  exactly as it would have without the cancellation; only the caller does not see the result.
+  It is applied in full or not at all, as Chroma applies any single call.
+- ``aclose()`` waits for every started call, cancelled or not, before it stops the worker: a
+  write in flight is never cut short by closing.
+
+Cancelling does not stop a call that is running in the worker. To bound how long the worker
+may take (and have it killed when it overruns), use ``safechroma.call_timeout(seconds)`` or the
+``timeout=`` option: those raise :class:`WorkerTimeoutError` and replace the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from uuid import UUID
+
+from chromadb.api import AsyncClientAPI
+from chromadb.api.async_client import AsyncClient
+from chromadb.api.models.AsyncCollection import AsyncCollection
+from chromadb.api.models.Collection import Collection
+from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
+
+from ._client import _EF_BY_ID, _EF_CREATE, _EF_GET, _EF_GET_OR_CREATE, SafeClient
+from ._collection import PROXIED, SafeCollection
+from ._errors import ClientClosedError
+from ._policy import Options, Stats
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _mirror(original: Callable[..., Any]) -> Callable[[F], F]:
+    """Give ``fn`` chromadb's async signature and docs, after checking its parameters match."""
+
+    def decorate(fn: F) -> F:
+        ours = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+        theirs = [(p.name, p.kind) for p in inspect.signature(original).parameters.values()]
+        if ours != theirs:  # pragma: no cover - caught at import, i.e. by every test run
+            raise TypeError(f"{fn.__qualname__} does not mirror {original.__qualname__}")
+        fn.__wrapped__ = original  # type: ignore[attr-defined]
+        fn.__doc__ = (
+            f"Behaves like ``chromadb`` ``AsyncClient.{original.__name__}``; runs in the worker "
+            "(see the module docs for cancellation).\n\n" + (original.__doc__ or "")
+        )
+        return fn
+
+    return decorate
+
+
+def _default(method: Callable[..., Any], name: str) -> Any:
+    return inspect.signature(method).parameters[name].default
+
+
+# chromadb's AsyncClient has its own default embedding-function objects. Omitting the argument
+# must mean what it means to the sync client, so each async default maps to the sync one.
+_ASYNC_EF_DEFAULTS = {
+    id(_default(AsyncClient.create_collection, "embedding_function")): _EF_CREATE,
+    id(_default(AsyncClient.get_collection, "embedding_function")): _EF_GET,
+    id(_default(AsyncClient.get_or_create_collection, "embedding_function")): _EF_GET_OR_CREATE,
+    id(_default(AsyncClient.get_collection_by_id, "embedding_function")): _EF_BY_ID,
+}
+_AEF_CREATE = _default(AsyncClient.create_collection, "embedding_function")
+_AEF_GET = _default(AsyncClient.get_collection, "embedding_function")
+_AEF_GET_OR_CREATE = _default(AsyncClient.get_or_create_collection, "embedding_function")
+_AEF_BY_ID = _default(AsyncClient.get_collection_by_id, "embedding_function")
+
+
+def _sync_ef(embedding_function: Any) -> Any:
+    return _ASYNC_EF_DEFAULTS.get(id(embedding_function), embedding_function)
+
+
+class AsyncSafeClient(AsyncClientAPI):
+    """chromadb's ``AsyncClientAPI`` over a crash-isolated worker process.
+
+    Every method behaves like the same method of :class:`safechroma.SafeClient` (and of
+    chromadb's ``AsyncClient``), awaitable: the sync call runs in a thread this client owns,
+    so the event loop keeps running while the worker works, crashes or is replaced.
+
+    Args:
+        path: the persist directory, as for ``chromadb.PersistentClient``.
+        settings: chromadb ``Settings``.
+        tenant: the tenant.
+        database: the database.
+        **options: see :class:`safechroma.Options`; checked here, applied when the directory
+            is opened.
+
+    Nothing is opened by the constructor. Open with ``await AsyncSafeClient.create(...)``, with
+    ``async with AsyncSafeClient(...)``, or let the first awaited call open it. Errors from
+    opening (``DirectoryLockedError``, ``RecoveryError``, ``WorkerStartError``) surface there.
+    Close with ``await client.aclose()`` (``close()`` is the same coroutine). See the module
+    docs for the cancellation contract.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "./chroma",
+        settings: Settings | None = None,
+        tenant: str = DEFAULT_TENANT,
+        database: str = DEFAULT_DATABASE,
+        **options: Any,
+    ) -> None:
+        Options(**options)  # reject unknown or malformed options now, not in the thread
+        self._path = str(path)
+        self._settings = settings if settings is not None else Settings()
+        self._settings.persist_directory = self._path
+        self._settings.is_persistent = True
+        self._tenant = str(tenant)
+        self._database = str(database)
+        self._options = options
+        self._sync: SafeClient | None = None
+        self._closing = False
+        self._closed_future: concurrent.futures.Future[None] | None = None
+        # One thread, first in first out (see the module docs).
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="safechroma-aio"
+        )
+
+    @classmethod
+    async def create(
+        cls,
+        path: str | os.PathLike[str] = "./chroma",
+        settings: Settings | None = None,
+        tenant: str = DEFAULT_TENANT,
+        database: str = DEFAULT_DATABASE,
+        **options: Any,
+    ) -> AsyncSafeClient:
+        """Open ``path`` and return the client, as ``await chromadb.AsyncHttpClient()`` does.
+
+        Raises:
+            DirectoryLockedError: another process owns ``path``.
+            RecoveryError: ``path`` is damaged and could not be repaired.
+            WorkerStartError: no worker could open ``path``.
+        """
+        self = cls(path, settings, tenant, database, **options)
+        try:
+            await self.open()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the directory now (start the worker) if it is not open yet."""
+        await self._submit(lambda: None)
+
+    def _opened(self) -> SafeClient:
+        """In the client's thread: the sync client, opened on first use."""
+        if self._sync is None:
+            self._sync = SafeClient(
+                self._path, self._settings, self._tenant, self._database, **self._options
+            )
+        return self._sync
+
+    async def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the client's thread, in this task's context.
+
+        If the awaiting task is cancelled, a call that has not started is withdrawn and one that
+        has started runs to completion in the thread (see the module docs).
+        """
+        if self._closing:
+            raise ClientClosedError(f"this AsyncSafeClient for {self._path} is closed")
+        ctx = contextvars.copy_context()
+        try:
+            future = self._executor.submit(ctx.run, self._in_thread, fn, args, kwargs)
+        except RuntimeError:  # the executor was shut down by a concurrent aclose()
+            raise ClientClosedError(f"this AsyncSafeClient for {self._path} is closed") from None
+        return await asyncio.wrap_future(future)
+
+    def _in_thread(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        self._opened()
+        return fn(*args, **kwargs)
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Await ``SafeClient.<name>(*args, **kwargs)``."""
+        return await self._submit(lambda: getattr(self._opened(), name)(*args, **kwargs))
+
+    def _wrap(self, col: Any) -> Any:
+        return AsyncSafeCollection._adopt(self, col) if isinstance(col, SafeCollection) else col
+
+    # -- AsyncClientAPI --------------------------------------------------------------------
+
+    @property
+    def tenant(self) -> str:
+        """The current tenant."""
+        return self._sync.tenant if self._sync is not None else self._tenant
+
+    @property
+    def database(self) -> str:
+        """The current database."""
+        return self._sync.database if self._sync is not None else self._database
+
+    @_mirror(AsyncClient.heartbeat)
+    async def heartbeat(self) -> int:
+        return int(await self._call("heartbeat"))
+
+    @_mirror(AsyncClient.get_version)
+    async def get_version(self) -> str:
+        return str(await self._call("get_version"))
+
+    @_mirror(AsyncClient.get_settings)
+    def get_settings(self) -> Settings:
+        return self._settings
+
+    @_mirror(AsyncClient.get_max_batch_size)
+    async def get_max_batch_size(self) -> int:
+        return int(await self._call("get_max_batch_size"))
+
+    @_mirror(AsyncClient.get_user_identity)
+    async def get_user_identity(self) -> Any:
+        return await self._call("get_user_identity")
+
+    @_mirror(AsyncClient.list_collections)
+    async def list_collections(
+        self, limit: int | None = None, offset: int | None = None
+    ) -> Sequence[AsyncSafeCollection]:
+        return [self._wrap(c) for c in await self._call("list_collections", limit, offset)]
+
+    @_mirror(AsyncClient.count_collections)
+    async def count_collections(self) -> int:
+        return int(await self._call("count_collections"))
+
+    @_mirror(AsyncClient.create_collection)
+    async def create_collection(
+        self,
+        name: str,
+        schema: Any = None,
+        configuration: Any = None,
+        metadata: Any = None,
+        embedding_function: Any = _AEF_CREATE,
+        data_loader: Any = None,
+        get_or_create: bool = False,
+    ) -> AsyncSafeCollection:
+        return self._wrap(await self._call(
+            "create_collection", name, schema, configuration, metadata,
+            _sync_ef(embedding_function), data_loader, get_or_create,
+        ))
+
+    @_mirror(AsyncClient.get_collection)
+    async def get_collection(
+        self, name: str, embedding_function: Any = _AEF_GET, data_loader: Any = None
+    ) -> AsyncSafeCollection:
+        return self._wrap(
+            await self._call("get_collection", name, _sync_ef(embedding_function), data_loader)
+        )
+
+    @_mirror(AsyncClient.get_or_create_collection)
+    async def get_or_create_collection(
+        self,
+        name: str,
+        schema: Any = None,
+        configuration: Any = None,
+        metadata: Any = None,
+        embedding_function: Any = _AEF_GET_OR_CREATE,
+        data_loader: Any = None,
+    ) -> AsyncSafeCollection:
+        return self._wrap(await self._call(
+            "get_or_create_collection", name, schema, configuration, metadata,
+            _sync_ef(embedding_function), data_loader,
+        ))
+
+    @_mirror(AsyncClient.get_collection_by_id)
+    async def get_collection_by_id(
+        self, id: UUID, embedding_function: Any = _AEF_BY_ID, data_loader: Any = None
+    ) -> AsyncSafeCollection:
+        return self._wrap(await self._call(
+            "get_collection_by_id", id, _sync_ef(embedding_function), data_loader
+        ))
+
+    @_mirror(AsyncClient.delete_collection)
+    async def delete_collection(self, name: str) -> None:
+        await self._call("delete_collection", name)
+
+    @_mirror(AsyncClient.reset)
+    async def reset(self) -> bool:
+        return bool(await self._call("reset"))
+
+    @_mirror(AsyncClient.set_tenant)
+    async def set_tenant(self, tenant: str, database: str = DEFAULT_DATABASE) -> None:
+        await self._call("set_tenant", tenant, database)
+
+    @_mirror(AsyncClient.set_database)
+    async def set_database(self, database: str) -> None:
+        await self._call("set_database", database)
+
+    @staticmethod
+    def clear_system_cache() -> None:
+        """Does nothing: the worker owns Chroma's system cache; a respawn starts it afresh."""
+
+    # AsyncBaseAPI's record-level methods, for code written against ServerAPI-style calls.
+    async def _add(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_add", *args, **kwargs)
+
+    async def _update(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_update", *args, **kwargs)
+
+    async def _upsert(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_upsert", *args, **kwargs)
+
+    async def _delete(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_delete", *args, **kwargs)
+
+    async def _count(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_count", *args, **kwargs)
+
+    async def _get(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_get", *args, **kwargs)
+
+    async def _peek(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_peek", *args, **kwargs)
+
+    async def _query(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("_query", *args, **kwargs)
+
+    async def _modify(self, *args: Any, **kwargs: Any) -> Any:
+        # SafeClient has no _modify of its own (it inherits chromadb's abstract stub), so this
+        # goes straight to the worker through the sync client's call path.
+        return await self._submit(lambda: self._opened()._call("_modify", *args, **kwargs))
+
+    # -- what safechroma adds ----------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The persist directory."""
+        return self._path
+
+    def stats(self) -> Stats:
+        """Counters and facts about the worker; does not wait for a call in flight.
+
+        Raises:
+            ClientClosedError: the client was never opened (nothing to report yet).
+        """
+        if self._sync is None:
+            raise ClientClosedError(
+                f"this AsyncSafeClient for {self._path} is not open yet; await open() first"
+            )
+        return self._sync.stats()
+
+    async def reset_breaker(self) -> None:
+        """Close the crash-loop breaker so the next call may start a worker at once."""
+        await self._call("reset_breaker")
+
+    async def run_in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Like :meth:`SafeClient.run_in_worker`, awaitable. Not retried after a crash."""
+        return await self._call("run_in_worker", fn, *args)
+
+    async def aclose(self) -> None:
+        """Close the client once every call already started has finished.
+
+        Calls made after ``aclose()`` began raise :class:`ClientClosedError`. Calls already
+        started, including ones whose callers were cancelled, complete first: a write in flight
+        is never cut short. Cancelling the task that awaits ``aclose()`` does not stop the
+        close; it finishes in the background. Idempotent.
+        """
+        if not self._closing:
+            self._closing = True
+            try:
+                self._closed_future = self._executor.submit(self._close_in_thread)
+            except RuntimeError:  # pragma: no cover - the executor died with the interpreter
+                return
+        assert self._closed_future is not None
+        await asyncio.shield(asyncio.wrap_future(self._closed_future))
+
+    close = aclose
+
+    def _close_in_thread(self) -> None:
+        # Runs after every call submitted before it (one thread, first in first out).
+        try:
+            if self._sync is not None:
+                self._sync.close()
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncSafeClient:
+        try:
+            await self.open()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncSafeClient(path={self._path!r})"
+
+
+def _signature_source(name: str) -> Callable[..., Any]:
+    """chromadb's AsyncCollection method when it has one, else the sync Collection's."""
+    return getattr(AsyncCollection, name, None) or getattr(Collection, name)
+
+
+def _proxy(name: str) -> Callable[..., Any]:
+    original = _signature_source(name)
+
+    async def method(self: AsyncSafeCollection, *args: Any, **kwargs: Any) -> Any:
+        return self._client._wrap(
+            await self._client._submit(getattr(self._sync, name), *args, **kwargs)
+        )
+
+    method.__name__ = name
+    method.__qualname__ = f"AsyncSafeCollection.{name}"
+    method.__doc__ = (
+        f"Behaves like ``chromadb.AsyncCollection.{name}``; runs in the worker process (see "
+        "``safechroma._aio`` for cancellation).\n\n" + (original.__doc__ or "")
+    )
+    method.__wrapped__ = original  # type: ignore[attr-defined]
+    return method
+
+
+class AsyncSafeCollection(AsyncCollection):
+    """chromadb's ``AsyncCollection`` whose calls run in a crash-isolated worker process.
+
+    Get one from an :class:`AsyncSafeClient` exactly as from chromadb's async client, or open
+    one on its own with :meth:`create`. Each method behaves like the same method of
+    :class:`safechroma.SafeCollection`, awaitable, with the same errors, deadlines and retries.
+    The read-only properties (``name``, ``id``, ``metadata``, ...) are chromadb's own.
+    """
+
+    _client: AsyncSafeClient  # type: ignore[assignment]
+    _sync: SafeCollection
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "AsyncSafeCollection is not constructed directly: use "
+            "`await AsyncSafeCollection.create(path, name, ...)` or a collection method of "
+            "AsyncSafeClient"
+        )
+
+    @classmethod
+    def _adopt(cls, client: AsyncSafeClient, sync: SafeCollection) -> AsyncSafeCollection:
+        self = cls.__new__(cls)
+        self._client = client
+        self._sync = sync
+        self._owns_client = False
+        return self
+
+    @classmethod
+    async def create(
+        cls,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        create: bool = True,
+        embedding_function: Any = _AEF_GET_OR_CREATE,
+        data_loader: Any = None,
+        metadata: Any = None,
+        configuration: Any = None,
+        schema: Any = None,
+        settings: Settings | None = None,
+        tenant: str = DEFAULT_TENANT,
+        database: str = DEFAULT_DATABASE,
+        **options: Any,
+    ) -> AsyncSafeCollection:
+        """Open collection ``name`` in ``path`` with a client of its own.
+
+        The arguments are those of :class:`safechroma.SafeCollection`. The collection owns its
+        client: ``await col.aclose()`` (or leaving ``async with col``) closes it.
+
+        Raises:
+            chromadb.errors.NotFoundError: ``create=False`` and the collection does not exist.
+        """
+        client = await AsyncSafeClient.create(path, settings, tenant, database, **options)
+        try:
+            if create:
+                col = await client.get_or_create_collection(
+                    name, schema=schema, configuration=configuration, metadata=metadata,
+                    embedding_function=embedding_function, data_loader=data_loader,
+                )
+            else:
+                col = await client.get_collection(
+                    name, embedding_function=embedding_function, data_loader=data_loader
+                )
+        except BaseException:
+            await client.aclose()
+            raise
+        col._owns_client = True
+        return col
+
+    # chromadb's properties read these; they follow the sync collection (modify updates it).
+    @property  # type: ignore[override]
+    def _model(self) -> Any:
+        return self._sync._model
+
+    @property  # type: ignore[override]
+    def _embedding_function(self) -> Any:
+        return self._sync._embedding_function
+
+    @property  # type: ignore[override]
+    def _data_loader(self) -> Any:
+        return self._sync._data_loader
+
+    for _name in sorted(PROXIED):
+        locals()[_name] = _proxy(_name)
+    del _name
+
+    async def aclose(self) -> None:
+        """Close the client this collection owns (standalone use); otherwise do nothing."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncSafeCollection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncSafeCollection(name={self.name!r})"
+
+
+__all__ = ["AsyncSafeClient", "AsyncSafeCollection"]
