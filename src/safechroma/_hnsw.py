@@ -482,26 +482,38 @@ def check_segment(
 
     # ---- deep: labels --------------------------------------------------------------------------
     labels_all = np.concatenate(live_labels) if live_labels else np.zeros(0, np.uint64)
-    uniq = np.unique(labels_all)
-    if uniq.size != labels_all.size:
-        add(Finding("labels_duplicate", f"{labels_all.size - uniq.size} live elements share a label with another", dfile))
+    # Sort-based set logic: np.unique's hash path took ~1.4 s per million uint64 here.
+    srt = np.sort(labels_all)
+    dup = int((srt[1:] == srt[:-1]).sum()) if srt.size > 1 else 0
+    if dup:
+        add(Finding("labels_duplicate", f"{dup} live elements share a label with another", dfile))
     if label_to_id is not None:
         try:
             pk = np.fromiter((int(x) for x in label_to_id), dtype=np.uint64, count=len(label_to_id))
         except (TypeError, ValueError, OverflowError):
             add(Finding("pickle_labels", "label_to_id has keys that are not labels", pfile))
         else:
-            pk = np.unique(pk)
-            only_disk = np.setdiff1d(uniq, pk, assume_unique=True).size
-            only_pickle = np.setdiff1d(pk, uniq, assume_unique=True).size
-            if only_disk or only_pickle:
-                add(Finding(
-                    "pickle_labels",
-                    f"labels disagree: {only_disk} live labels on disk are not in the pickle, "
-                    f"{only_pickle} pickle labels are not live on disk",
-                    pfile,
-                ))
+            pk.sort()
+            if not (pk.size == srt.size and np.array_equal(pk, srt)):
+                uniq = srt[np.concatenate(([True], srt[1:] != srt[:-1]))] if srt.size else srt
+                only_disk = int((~_isin_sorted(uniq, pk)).sum())
+                only_pickle = int((~_isin_sorted(pk, uniq)).sum())
+                if only_disk or only_pickle:
+                    add(Finding(
+                        "pickle_labels",
+                        f"labels disagree: {only_disk} live labels on disk are not in the pickle, "
+                        f"{only_pickle} pickle labels are not live on disk",
+                        pfile,
+                    ))
     return rep
+
+
+def _isin_sorted(a: npt.NDArray[Any], sorted_b: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """Membership of ``a`` in the sorted array ``sorted_b`` by binary search."""
+    if sorted_b.size == 0:
+        return np.zeros(a.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_b, a), sorted_b.size - 1)
+    return np.asarray(sorted_b[pos] == a)
 
 
 def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
@@ -708,7 +720,10 @@ def salvage_vectors(
                 if nn.size == k:
                     good = np.isfinite(nn) & (nn > 0)
                     # A bad norm leaves the unit vector: same cosine neighbours, only its scale lost.
-                    vec[good] *= nn[good, None]
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        scaled = vec * nn[:, None]
+                    good &= np.isfinite(scaled).all(axis=1)
+                    vec[good] = scaled[good]
             for i in np.flatnonzero(alive & finite):
                 lab = int(labels[i])
                 ident = label_to_id.get(lab)
