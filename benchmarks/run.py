@@ -38,9 +38,10 @@ if str(HERE) not in sys.path:
 
 import _sysinfo  # noqa: E402
 from _drivers import available, build_main, driver_main  # noqa: E402
-from _workload import BATCH, BULK_IDS, OPS  # noqa: E402
+from _workload import BATCH, BULK_IDS, OP_BY_NAME, OPS  # noqa: E402
 
 ALL_MODES = ("direct", "safechroma", "http", "process-per-call")
+PPC_FAST_REPS = 2  # process-per-call: calls per fast op per round (each costs ~1 s)
 SCHEMA_VERSION = 1
 
 
@@ -178,33 +179,6 @@ def dataset(ctx: Any, records: int, cache_dir: Path | None, workdir: Path) -> tu
     return final, time.perf_counter() - t0
 
 
-# --- statistics --------------------------------------------------------------------------------
-
-def summarize(values_ns: list[int]) -> dict[str, Any]:
-    import numpy as np
-
-    a = np.asarray(values_ns, dtype=np.float64) / 1e6
-    return {
-        "n": int(a.size),
-        "median_ms": float(np.median(a)),
-        "p95_ms": float(np.percentile(a, 95)),
-        "mean_ms": float(a.mean()),
-        "min_ms": float(a.min()),
-        "max_ms": float(a.max()),
-    }
-
-
-def paired_ratio(mode_rounds: dict[int, list[int]], direct_rounds: dict[int, list[int]]) -> float | None:
-    """Median over rounds of (this mode's round median / direct's round median)."""
-    import numpy as np
-
-    ratios = [
-        float(np.median(v) / np.median(direct_rounds[r]))
-        for r, v in mode_rounds.items() if r in direct_rounds and v and direct_rounds[r]
-    ]
-    return float(np.median(ratios)) if ratios else None
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,7 +189,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer rounds and trials: ~2 minutes")
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help=f"comma-separated subset of {','.join(ALL_MODES)}")
-    p.add_argument("--ppc-rounds", type=int, help="rounds that include process-per-call (full 3, quick 1)")
+    p.add_argument("--slow-rounds", type=int,
+                   help="rounds that include the slow ops: bulk get, add, upsert (full 6, quick 1)")
+    p.add_argument("--ppc-rounds", type=int, help="rounds that include process-per-call (full 2, quick 1)")
     p.add_argument("--crash-trials", type=int, help="worker SIGKILL trials (full 5, quick 2)")
     p.add_argument("--startup-trials", type=int, help="SafeClient open-to-first-count trials (full 5, quick 2)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the results go")
@@ -228,7 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = a.quick
     a.rounds = a.rounds if a.rounds is not None else (3 if quick else 12)
     a.reps = a.reps if a.reps is not None else (8 if quick else 15)
-    a.ppc_rounds = a.ppc_rounds if a.ppc_rounds is not None else (1 if quick else 3)
+    a.slow_rounds = a.slow_rounds if a.slow_rounds is not None else (1 if quick else 6)
+    a.ppc_rounds = a.ppc_rounds if a.ppc_rounds is not None else (1 if quick else 2)
     a.crash_trials = a.crash_trials if a.crash_trials is not None else (2 if quick else 5)
     a.startup_trials = a.startup_trials if a.startup_trials is not None else (2 if quick else 5)
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -271,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _sysinfo.machine(),
         "config": {
             "records": args.records, "rounds": args.rounds, "reps_fast_ops": args.reps,
-            "ppc_rounds": args.ppc_rounds, "crash_trials": args.crash_trials,
+            "slow_rounds": min(args.slow_rounds, args.rounds), "ppc_rounds": min(args.ppc_rounds, args.rounds),
+            "ppc_reps_fast_ops": PPC_FAST_REPS, "crash_trials": args.crash_trials,
             "startup_trials": args.startup_trials, "quick": args.quick, "modes": args.modes,
             "batch": BATCH, "bulk_ids": BULK_IDS,
             "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *(argv or sys.argv[1:])]),
@@ -311,12 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             results["open"]["http"]["server_listen_ns"] = server.listen_ns
         log("warming up")
-        for op in OPS:
+        # Every read op a few times, and one add per collection: the write path and each
+        # collection's HNSW loaded. (Not every slow op: at 10k records they cost seconds each.)
+        warm = [op.name for op in OPS if not op.slow] + ["get_bulk_emb", "add384", "add1536"]
+        for name in warm:
             for mode, drv in drivers.items():
-                if mode == "process-per-call" and op.name != "count":
+                if mode == "process-per-call" and name != "count":
                     continue
-                reps = 1 if (op.slow or mode == "process-per-call") else 3
-                drv.call("run", op=op.name, rnd=-1, reps=reps, tag="w")
+                reps = 1 if (OP_BY_NAME[name].slow or mode == "process-per-call") else 3
+                drv.call("run", op=name, rnd=-1, reps=reps, tag="w")
 
         timed = list(drivers)
         for rnd in range(args.rounds):
@@ -324,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             shift = rnd % len(timed)
             order = timed[shift:] + timed[:shift]  # rotate: no mode always goes first
             for op in OPS:
+                if op.slow and rnd >= args.slow_rounds:
+                    continue
                 for mode in order:
-                    if mode == "process-per-call" and rnd >= args.ppc_rounds:
-                        continue
-                    reps = 1 if (op.slow or mode == "process-per-call") else args.reps
+                    if mode == "process-per-call":
+                        if rnd >= args.ppc_rounds:
+                            continue
+                        reps = 1 if op.slow else PPC_FAST_REPS
+                    else:
+                        reps = 1 if op.slow else args.reps
                     try:
                         got = drivers[mode].call("run", op=op.name, rnd=rnd, reps=reps)
                     except DriverError as exc:
@@ -398,4 +384,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; everything the suite started has been stopped", file=sys.stderr)
+        sys.exit(130)
