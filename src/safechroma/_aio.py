@@ -335,6 +335,8 @@ class AsyncSafeClient(AsyncClientAPI):
     def clear_system_cache() -> None:
         """Does nothing: the worker owns Chroma's system cache; a respawn starts it afresh."""
 
+    clear_system_cache.__func__.__wrapped__ = AsyncClient.clear_system_cache  # type: ignore[attr-defined]
+
     # AsyncBaseAPI's record-level methods, for code written against ServerAPI-style calls.
     async def _add(self, *args: Any, **kwargs: Any) -> Any:
         return await self._call("_add", *args, **kwargs)

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m safechroma._examples.<name>``. Not part of the public API."""
