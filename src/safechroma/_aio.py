@@ -335,7 +335,10 @@ class AsyncSafeClient(AsyncClientAPI):
     def clear_system_cache() -> None:
         """Does nothing: the worker owns Chroma's system cache; a respawn starts it afresh."""
 
-    clear_system_cache.__func__.__wrapped__ = AsyncClient.clear_system_cache  # type: ignore[attr-defined]
+    # chromadb's exact signature (its annotations are objects; ours are strings).
+    clear_system_cache.__func__.__wrapped__ = (  # type: ignore[attr-defined]
+        AsyncClient.clear_system_cache
+    )
 
     # AsyncBaseAPI's record-level methods, for code written against ServerAPI-style calls.
     async def _add(self, *args: Any, **kwargs: Any) -> Any:
