@@ -40,9 +40,19 @@ SRC = TESTS.parent / "src"
 def test_public_surface_is_exactly_all() -> None:
     public = {n for n in dir(safechroma) if not n.startswith("_")}
     assert public == set(safechroma.__all__) - {"__version__"}
-    assert safechroma.__all__ == sorted(safechroma.__all__, key=str.lower) or sorted(
-        safechroma.__all__
-    ) == safechroma.__all__
+    assert safechroma.__all__ == sorted(safechroma.__all__)
+    for name in safechroma.__all__:
+        assert getattr(safechroma, name) is not None
+
+
+def test_import_is_cheap_and_does_not_load_chromadb() -> None:
+    """The worker's parent-death watchdog and ``safechroma check`` rely on this."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, safechroma, safechroma._validate, safechroma._worker; "
+         "print('chromadb' in sys.modules)"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert out.stdout.strip() == "False", out.stderr
 
 
 @pytest.mark.parametrize(
@@ -301,7 +311,8 @@ import sys, time
 sys.path.insert(0, {src!r})
 from safechroma import SafeClient
 c = SafeClient({db!r}, validator=None)
-print(c.stats().worker_pid, flush=True)
+standby = c._sup.standby.pid if c._sup.standby else 0
+print(c.stats().worker_pid, standby, flush=True)
 time.sleep({hold})
 """
 
@@ -313,7 +324,7 @@ def test_second_program_is_refused_cleanly(db: str) -> None:
     )
     try:
         assert holder.stdout is not None
-        int(holder.stdout.readline())
+        holder.stdout.readline()
         start = time.monotonic()
         with pytest.raises(DirectoryLockedError) as info:
             SafeClient(db, validator=None)
@@ -334,7 +345,7 @@ def test_waiting_for_the_lock_succeeds_when_the_owner_leaves(db: str) -> None:
     )
     try:
         assert holder.stdout is not None
-        int(holder.stdout.readline())
+        holder.stdout.readline()
         with SafeClient(db, validator=None, lock_timeout=60) as client:
             assert client.heartbeat() > 0
     finally:
@@ -349,15 +360,16 @@ def test_parent_killed_leaves_no_worker_and_releases_the_lock(db: str) -> None:
         stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdout is not None
-    worker = int(holder.stdout.readline())
+    workers = [int(p) for p in holder.stdout.readline().split() if int(p)]
     holder.stdout.close()
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    deadline = time.monotonic() + 2.0
-    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+    # "Within a second or two": 3 s of slack for a loaded 2-core CI machine.
+    deadline = time.monotonic() + 3.0
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not Path(f"/proc/{worker}").exists(), "worker outlived its parent"
-    with SafeClient(db, validator=None) as client:  # the lock is free again
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()], "a worker outlived its parent"
+    with SafeClient(db, validator=None) as client:  # the lock is free again, at once
         assert client.heartbeat() > 0
 
 

@@ -10,51 +10,86 @@ worker takes over::
     client = SafeClient("./db")                  # instead of chromadb.PersistentClient("./db")
     col = client.get_or_create_collection("docs", embedding_function=my_ef)
     col.add(ids=["a"], documents=["hello"])
+
+Names are loaded on first use, so ``import safechroma`` is cheap: the worker starts its
+parent-death watchdog before it imports chromadb, and ``safechroma check`` never imports it.
 """
 
-from ._aio import AsyncSafeClient, AsyncSafeCollection
-from ._client import SafeClient
-from ._collection import SafeCollection
-from ._errors import (
-    ChromaPanicError,
-    ClientClosedError,
-    CrashLoopError,
-    DirectoryLockedError,
-    ProtocolError,
-    RecoveryError,
-    RemoteError,
-    SafeChromaError,
-    WorkerCrashedError,
-    WorkerError,
-    WorkerStartError,
-    WorkerTimeoutError,
-)
-from ._policy import BreakerPolicy, Event, HookContext, Options, Stats, call_timeout
+from __future__ import annotations as _annotations
+
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "AsyncSafeClient",
-    "AsyncSafeCollection",
-    "BreakerPolicy",
-    "ChromaPanicError",
-    "ClientClosedError",
-    "CrashLoopError",
-    "DirectoryLockedError",
-    "Event",
-    "HookContext",
-    "Options",
-    "ProtocolError",
-    "RecoveryError",
-    "RemoteError",
-    "SafeChromaError",
-    "SafeClient",
-    "SafeCollection",
-    "Stats",
-    "WorkerCrashedError",
-    "WorkerError",
-    "WorkerStartError",
-    "WorkerTimeoutError",
-    "__version__",
-    "call_timeout",
-]
+_EXPORTS = {
+    "AsyncSafeClient": "._aio",
+    "AsyncSafeCollection": "._aio",
+    "BreakerPolicy": "._policy",
+    "ChromaPanicError": "._errors",
+    "ClientClosedError": "._errors",
+    "CollectionReport": "._validate",
+    "CrashLoopError": "._errors",
+    "DirectoryLockedError": "._errors",
+    "DirectoryReport": "._validate",
+    "Event": "._policy",
+    "Finding": "._hnsw",
+    "HookContext": "._policy",
+    "Options": "._policy",
+    "ProtocolError": "._errors",
+    "RecoveryError": "._errors",
+    "RemoteError": "._errors",
+    "RepairReport": "._recovery",
+    "SafeChromaError": "._errors",
+    "SafeClient": "._client",
+    "SafeCollection": "._collection",
+    "Stats": "._policy",
+    "WorkerCrashedError": "._errors",
+    "WorkerError": "._errors",
+    "WorkerStartError": "._errors",
+    "WorkerTimeoutError": "._errors",
+    "apply_salvage": "._recovery",
+    "call_timeout": "._policy",
+    "check_directory": "._validate",
+    "keep_full_wal": "._recovery",
+    "repair_directory": "._recovery",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safechroma' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({n for n in globals() if n.startswith("_")} | set(__all__))
+
+
+if _typing.TYPE_CHECKING:
+    from ._aio import AsyncSafeClient, AsyncSafeCollection
+    from ._client import SafeClient
+    from ._collection import SafeCollection
+    from ._errors import (
+        ChromaPanicError,
+        ClientClosedError,
+        CrashLoopError,
+        DirectoryLockedError,
+        ProtocolError,
+        RecoveryError,
+        RemoteError,
+        SafeChromaError,
+        WorkerCrashedError,
+        WorkerError,
+        WorkerStartError,
+        WorkerTimeoutError,
+    )
+    from ._hnsw import Finding
+    from ._policy import BreakerPolicy, Event, HookContext, Options, Stats, call_timeout
+    from ._recovery import RepairReport, apply_salvage, keep_full_wal, repair_directory
+    from ._validate import CollectionReport, DirectoryReport, check_directory
