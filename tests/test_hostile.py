@@ -248,10 +248,6 @@ def test_random_frames_fuzz(client: SafeClient) -> None:
 # -- allocation bombs the caller does not refuse yet (reported, see the xfail reasons) -----------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safechroma bug: FrameReader._read preallocates bytearray(n) (zero-filled, so resident) "
-    "for any length under max_reply_bytes (16 GiB by default) before a byte of it arrives; a "
-    "24-byte header makes the caller commit up to 16 GiB"))
 def test_length_prefix_under_the_limit_does_not_allocate(client: SafeClient) -> None:
     """Pins: a header announcing 1 GiB (under the default limit) that is never followed by data
     must not make the caller's RSS grow; the worker is cut by the deadline."""
@@ -265,10 +261,6 @@ def test_length_prefix_under_the_limit_does_not_allocate(client: SafeClient) -> 
     assert grew < 64 * MiB, f"caller RSS grew by {grew / MiB:.0f} MiB for a 16-byte header"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safechroma bug: ('builtins', 'bytearray') is on the reply allow-list, so a 60-byte reply "
-    "REDUCEs to bytearray(1 << 30) and the caller allocates and zero-fills 1 GiB; protocol-5 "
-    "replies never need that global (bytearrays use the BYTEARRAY8 opcode)"))
 def test_allowed_global_cannot_amplify_allocation(client: SafeClient) -> None:
     """Pins: a tiny reply must not make the caller allocate a gigabyte through an allow-listed
     callable (bytearray(n))."""
@@ -294,10 +286,6 @@ def test_allowed_global_cannot_amplify_allocation(client: SafeClient) -> None:
     assert grew < 64 * MiB, f"caller RSS grew by {grew / MiB:.0f} MiB for a {len(body)}-byte reply"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safechroma bug: Supervisor._exchange calls rebuild_error(payload) outside its decode "
-    "try-block, so an ERROR reply whose payload is not a 5-tuple raises a bare ValueError in "
-    "the caller and the lying worker is kept (the next call then waits on it until its deadline)"))
 @pytest.mark.parametrize("payload", ["not an ErrorInfo", ("a", "b"), None])
 def test_malformed_error_payload_is_a_protocol_error(client: SafeClient, payload: Any) -> None:
     """Pins: an ERROR/PANIC reply whose payload is not an ErrorInfo 5-tuple is a ProtocolError

@@ -63,7 +63,9 @@ Reply = tuple[int, Any, float]
 
 # Replies may name only these globals. Everything here is data: numpy's own array and scalar
 # rebuilders, UUID, and Chroma's plain result/model classes. Unpickling an instance of them sets
-# attributes; it runs no code of the sender's choosing.
+# attributes; it runs no code of the sender's choosing. Nothing here can turn a few bytes into a
+# big allocation (``bytearray(n)`` could: protocol 5 has opcodes for bytearray, set and
+# frozenset, so none of those builtins is needed).
 ALLOWED_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
     {
         ("numpy", "dtype"),
@@ -77,11 +79,6 @@ ALLOWED_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
         ("chromadb.api.types", "IndexingStatus"),
         ("chromadb.api.types", "SearchResult"),
         ("chromadb.auth", "UserIdentity"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("builtins", "bytearray"),
-        ("builtins", "complex"),
-        ("builtins", "slice"),
         ("datetime", "datetime"),
         ("datetime", "date"),
         ("datetime", "timedelta"),
@@ -141,6 +138,16 @@ def decode_request(data: bytes | bytearray | memoryview, buffers: list[bytearray
 def decode_reply(data: bytes | bytearray | memoryview, buffers: list[bytearray]) -> Any:
     """Decode a reply in the parent with the allow-list unpickler."""
     return ReplyUnpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+def is_error_info(payload: Any) -> bool:
+    """True when ``payload`` has the shape of an :data:`ErrorInfo` (a worker could lie)."""
+    return (
+        type(payload) is tuple
+        and len(payload) == 5
+        and all(type(payload[i]) is str for i in (0, 1, 3, 4))
+        and type(payload[2]) is tuple
+    )
 
 
 def error_info(exc: BaseException, tb_text: str) -> ErrorInfo:

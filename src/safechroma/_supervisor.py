@@ -55,7 +55,7 @@ from ._errors import (
     signal_name,
 )
 from ._policy import Event, HookContext, Options, Stats
-from ._protocol import ErrorInfo, Op, Status, decode_reply, encode
+from ._protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
 from ._transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
 
 logger = logging.getLogger("safechroma")
@@ -308,6 +308,8 @@ class Supervisor:
             status, payload, seconds = reply
             status = Status(status)
             self.last_worker_seconds = float(seconds)
+            if status is not Status.OK and not is_error_info(payload):
+                raise ValueError(f"malformed error report {payload!r:.100}")
         except Exception as exc:  # noqa: BLE001 - any undecodable reply is a protocol error
             raise self._misbehaved(worker, operation, f"undecodable reply: {exc!r}") from None
         if status is Status.OK:

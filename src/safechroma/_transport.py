@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import select
 import socket
@@ -25,6 +26,7 @@ from typing import Any, Final
 from ._protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
 
 _IOV_MAX: Final = 1024
+_LAZY_ABOVE: Final = 1 << 20
 _SCRATCH: Final = 1 << 16
 
 # The worker's bootstrap: put the caller's import path first (so that embedding functions
@@ -88,7 +90,7 @@ class FrameReader:
         """Bytes received but not yet consumed."""
         return self._end - self._pos
 
-    def read_frame(self) -> tuple[bytearray, list[bytearray]]:
+    def read_frame(self) -> tuple[Any, list[Any]]:
         """Read one frame and return its pickle stream and its out-of-band buffers."""
         magic, n, plen = HEADER.unpack(self._read(HEADER.size))
         if magic != MAGIC or n > MAX_BUFFERS:
@@ -101,8 +103,8 @@ class FrameReader:
         data = self._read(plen)
         return data, [self._read(size) for size in lengths]
 
-    def _read(self, n: int) -> bytearray:
-        out = bytearray(n)
+    def _read(self, n: int) -> Any:
+        out = _allocate(n)
         target = memoryview(out)
         have = min(self._end - self._pos, n)
         if have:
@@ -124,6 +126,18 @@ class FrameReader:
             self._pos = take
             have += take
         return out
+
+
+def _allocate(n: int) -> Any:
+    """A writable buffer of ``n`` bytes that costs memory only as data arrives.
+
+    ``bytearray(n)`` zero-fills, so every page is resident at once: a 24-byte header announcing
+    a gigabyte would make the caller commit it before a byte of it arrived. An anonymous mapping
+    is backed lazily, page by page, as ``recv_into`` writes it.
+    """
+    if n <= _LAZY_ABOVE:
+        return bytearray(n)
+    return mmap.mmap(-1, n)
 
 
 class WorkerProcess:
@@ -186,7 +200,7 @@ class WorkerProcess:
 
     def exchange(
         self, data: bytes, buffers: list[memoryview], deadline: float | None
-    ) -> tuple[bytearray, list[bytearray]]:
+    ) -> tuple[Any, list[Any]]:
         """Send a request and wait for its reply frame.
 
         Raises:
@@ -203,7 +217,7 @@ class WorkerProcess:
             raise PeerDied(str(exc)) from exc
         return self.receive(deadline)
 
-    def receive(self, deadline: float | None) -> tuple[bytearray, list[bytearray]]:
+    def receive(self, deadline: float | None) -> tuple[Any, list[Any]]:
         """Wait for the next frame, watching the process as well as the socket."""
         if not self.reader.buffered:
             self._wait_readable(deadline)
