@@ -238,6 +238,9 @@ class SafeClient(ClientAPI, _Remote):
         """Does nothing: the worker owns Chroma's system cache; a respawn starts it afresh."""
 
     # BaseAPI's record-level methods, for code written against ServerAPI-style calls.
+    def _modify(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("_modify", *args, **kwargs)
+
     def _add(self, *args: Any, **kwargs: Any) -> Any:
         return self._call("_add", *args, **kwargs)
 

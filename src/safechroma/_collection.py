@@ -58,10 +58,15 @@ def _proxy(name: str) -> Callable[..., Any]:
         client = self._client
         if client._closed:
             raise ClientClosedError(f"the SafeClient of collection {self.name!r} is closed")
-        return self._sup.call(
+        result = self._sup.call(
             self, name, args, kwargs, read=read, replay=replay and client._replay_writes,
             retries=client._read_retries, timeout=effective_timeout(client._timeout),
         )
+        if type(result) is tuple and result[:1] == ("collection",):  # fork() returns one
+            return SafeCollection._adopt(
+                client, result, self._embedding_function, self._data_loader
+            )
+        return result
 
     method.__name__ = name
     method.__qualname__ = f"SafeCollection.{name}"
