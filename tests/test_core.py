@@ -396,3 +396,42 @@ def test_get_settings_is_chromadbs(db: str) -> None:
         s = client.get_settings()
         assert s.is_persistent and s.persist_directory == db
         assert client.get_version() == chromadb.__version__
+
+
+def test_request_the_worker_cannot_decode_is_an_error_not_a_death(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an embedding function pickled by reference to a module the worker cannot
+    import used to kill the worker's loop; it must be the call's error."""
+    with SafeClient(db, validator=None) as client:
+        pid = client.stats().worker_pid
+        (tmp_path / "late_module.py").write_text(textwrap.dedent("""
+            from chromadb.api.types import EmbeddingFunction
+            class LateEF(EmbeddingFunction):
+                def __init__(self): pass
+                def __call__(self, input): return [[1.0, 2.0] for _ in input]
+        """))
+        monkeypatch.syspath_prepend(str(tmp_path))  # after the worker started: it lacks it
+        import late_module  # type: ignore[import-not-found]
+
+        with pytest.raises(ModuleNotFoundError, match="late_module"):
+            client.create_collection("late", embedding_function=late_module.LateEF())
+        assert client.stats().worker_pid == pid
+        assert client.heartbeat() > 0
+
+
+def test_client_used_after_fork_refuses_instead_of_sharing_the_socket(db: str) -> None:
+    with SafeClient(db, validator=None) as client:
+        client.heartbeat()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the forked child
+            try:
+                client.heartbeat()
+                os._exit(1)
+            except safechroma.SafeChromaError as exc:
+                os._exit(0 if "fork" in str(exc) else 2)
+            except BaseException:
+                os._exit(3)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert client.heartbeat() > 0  # the parent's channel is untouched

@@ -107,6 +107,7 @@ class Supervisor:
 
     def __init__(self, path: str, options: Options, primary: tuple[Any, str, str]) -> None:
         self.path = path
+        self.owner = os.getpid()
         self.options = options
         self.primary = primary  # settings, tenant, database of the first client
         self.refs = 0
@@ -438,8 +439,15 @@ class Supervisor:
     # -- starting a worker -----------------------------------------------------------------
 
     def _ready_worker(self) -> WorkerProcess:
-        if self.state is State.READY and self.worker is not None:
+        if self.state is State.READY and self.worker is not None and self.owner == os.getpid():
             return self.worker
+        if self.owner != os.getpid():
+            # A forked child shares the parent's socket: a call from it would interleave
+            # frames with the parent's and hand replies to the wrong process.
+            raise SafeChromaError(
+                f"this safechroma client for {self.path} belongs to process {self.owner}; "
+                "create a new client after fork()"
+            )
         if self.state is State.CLOSED:
             raise ClientClosedError(f"the safechroma client for {self.path} is closed")
         if self.state is State.BROKEN:

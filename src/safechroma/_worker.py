@@ -52,12 +52,15 @@ class _Worker:
             except (PeerDied, OSError):
                 return  # the parent is gone
             self.busy = True
-            request = decode_request(data, buffers)
-            del data, buffers
-            op = request[0]
             start = time.perf_counter()
             status = Status.OK
+            op = None
             try:
+                # Decoding can fail too (an embedding function pickled by reference to a module
+                # this process cannot import): that is the call's error, not the worker's death.
+                request = decode_request(data, buffers)
+                del data, buffers
+                op = request[0]
                 payload = self.dispatch(op, request[1])
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a reply
                 if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not is_panic(exc):
