@@ -13,7 +13,7 @@ from _workload import OPS
 
 MODE_ORDER = ("direct", "safechroma", "http", "process-per-call")
 SMALL_OPS = ("count", "get_ids10")
-ADDED_LATENCY_OPS = ("count", "get_ids10", "get_limit100_emb", "query1", "query16")
+VS_HTTP_OPS = ("heartbeat", "count", "get_ids10", "query1")
 MiB = 2**20
 
 
@@ -212,23 +212,25 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{(min(rr) - 1) * 100:+.1f}% .. {(max(rr) - 1) * 100:+.1f}% (n={len(rr)})")
         out.append(_target(f"slowdown_{op}", f"{ops[op]['label']} slower than direct (median)",
                            slower, goal, "%", True, note))
-    # HttpClient's added latency over direct, divided by safechroma's.
+    # HttpClient's added latency over direct, divided by safechroma's. safechroma's is its
+    # transport cost, measured call by call (what it adds: the Chroma work is the same); http's
+    # can only be read as median(http) - median(direct). The median difference for safechroma is
+    # in the note: on ops where Chroma's own time dominates it is mostly noise.
     tot_h = tot_s = 0.0
-    for op in ADDED_LATENCY_OPS:
+    for op in VS_HTTP_OPS:
         s, h = mode(op, "safechroma"), mode(op, "http")
-        if not (s and h and "added_ms" in s and "added_ms" in h):
+        if not (s and h and "transport_us" in s and "added_ms" in h):
             continue
+        s_added = s["transport_us"]["median"] / 1e3
         tot_h += h["added_ms"]
-        tot_s += s["added_ms"]
-        if op in ("count", "get_ids10", "query1"):
-            ratio = h["added_ms"] / s["added_ms"] if s["added_ms"] > 0 else float("inf")
-            out.append(_target(f"vs_http_{op}", f"HttpClient added latency / safechroma's, {ops[op]['label']}",
-                               ratio, 5.0, "x", False,
-                               f"http +{h['added_ms'] * 1e3:.0f} us, safechroma +{s['added_ms'] * 1e3:.0f} us"))
-    if tot_s or tot_h:
-        ratio = tot_h / tot_s if tot_s > 0 else float("inf")
-        out.append(_target("vs_http_reads", "HttpClient added latency / safechroma's, sum of the 5 read ops",
-                           ratio, 5.0, "x", False,
+        tot_s += s_added
+        out.append(_target(f"vs_http_{op}", f"HttpClient added latency / safechroma's, {ops[op]['label']}",
+                           h["added_ms"] / s_added, 5.0, "x", False,
+                           f"http +{h['added_ms'] * 1e3:.0f} us; safechroma transport {s_added * 1e3:.0f} us "
+                           f"(median difference to direct {s.get('added_ms', 0) * 1e3:+.0f} us)"))
+    if tot_s:
+        out.append(_target("vs_http_small", "HttpClient added latency / safechroma's, sum of the "
+                           f"{len(VS_HTTP_OPS)} small calls", tot_h / tot_s, 5.0, "x", False,
                            f"http +{tot_h * 1e3:.0f} us, safechroma +{tot_s * 1e3:.0f} us"))
     bulk = results.get("bulk", {})
     for op in ("get_bulk_emb", "add1536"):

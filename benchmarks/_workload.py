@@ -39,6 +39,8 @@ class OpSpec:
 
 
 OPS: Final[tuple[OpSpec, ...]] = (
+    # A call into Chroma that does no work: the transport floor (dim 0 = on the client).
+    OpSpec("heartbeat", "client.heartbeat()", 0, False, False),
     OpSpec("count", "count()", 384, False, False),
     OpSpec("get_ids10", "get(ids=10)", 384, False, False),
     OpSpec("get_limit100_emb", "get(limit=100, +emb)", 384, False, False),
@@ -57,7 +59,7 @@ OP_BY_NAME: Final = {op.name: op for op in OPS}
 class Call:
     """A call to make on a collection, and the untimed call that undoes it (for add)."""
 
-    collection: str
+    collection: str | None  # None: a method of the client
     method: str
     kwargs: dict[str, Any]
     payload_bytes: int  # float32 array bytes sent to Chroma
@@ -76,6 +78,8 @@ def make_call(op_name: str, records: int, rnd: int, rep: int, tag: str = "") -> 
     op = OP_BY_NAME[op_name]
     col = collection_name(op.dim)
     rng = _rng(op_name, rnd, rep)
+    if op_name == "heartbeat":
+        return Call(None, "heartbeat", {}, 0)
     if op_name == "count":
         return Call(col, "count", {}, 0)
     if op_name == "get_ids10":

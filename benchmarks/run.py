@@ -41,7 +41,7 @@ from _drivers import available, build_main, driver_main  # noqa: E402
 from _workload import BATCH, BULK_IDS, OP_BY_NAME, OPS  # noqa: E402
 
 ALL_MODES = ("direct", "safechroma", "http", "process-per-call")
-PPC_FAST_REPS = 2  # process-per-call: calls per fast op per round (each costs ~1 s)
+PPC_FAST_REPS = 3  # process-per-call: calls per fast op per round (each costs ~1 s)
 SCHEMA_VERSION = 1
 
 
@@ -184,14 +184,14 @@ def dataset(ctx: Any, records: int, cache_dir: Path | None, workdir: Path) -> tu
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=int, default=10_000, help="records per collection (10000)")
-    p.add_argument("--rounds", type=int, help="measured rounds (full 12, quick 3)")
+    p.add_argument("--rounds", type=int, help="measured rounds (full 10, quick 3)")
     p.add_argument("--reps", type=int, help="calls per mode per round for fast ops (full 15, quick 8)")
     p.add_argument("--quick", action="store_true", help="fewer rounds and trials: ~2 minutes")
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help=f"comma-separated subset of {','.join(ALL_MODES)}")
     p.add_argument("--slow-rounds", type=int,
-                   help="rounds that include the slow ops: bulk get, add, upsert (full 6, quick 1)")
-    p.add_argument("--ppc-rounds", type=int, help="rounds that include process-per-call (full 2, quick 1)")
+                   help="rounds that include the slow ops: bulk get, add, upsert (full 4, quick 1)")
+    p.add_argument("--ppc-rounds", type=int, help="rounds that include process-per-call (full 1, quick 1: fast ops only)")
     p.add_argument("--crash-trials", type=int, help="worker SIGKILL trials (full 5, quick 2)")
     p.add_argument("--startup-trials", type=int, help="SafeClient open-to-first-count trials (full 5, quick 2)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the results go")
@@ -202,10 +202,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true", help="skip results.png")
     a = p.parse_args(argv)
     quick = a.quick
-    a.rounds = a.rounds if a.rounds is not None else (3 if quick else 12)
+    a.rounds = a.rounds if a.rounds is not None else (3 if quick else 10)
     a.reps = a.reps if a.reps is not None else (8 if quick else 15)
-    a.slow_rounds = a.slow_rounds if a.slow_rounds is not None else (1 if quick else 6)
-    a.ppc_rounds = a.ppc_rounds if a.ppc_rounds is not None else (1 if quick else 2)
+    a.slow_rounds = a.slow_rounds if a.slow_rounds is not None else (1 if quick else 4)
+    a.ppc_rounds = a.ppc_rounds if a.ppc_rounds is not None else 1
     a.crash_trials = a.crash_trials if a.crash_trials is not None else (2 if quick else 5)
     a.startup_trials = a.startup_trials if a.startup_trials is not None else (2 if quick else 5)
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *(argv or sys.argv[1:])]),
         },
         "skipped_modes": skipped,
+        "wall_seconds": {},
         "errors": [],
     }
     raw: dict[str, dict[str, dict[str, Any]]] = {op.name: {} for op in OPS}
@@ -289,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             results["open"]["http"]["server_listen_ns"] = server.listen_ns
         log("warming up")
-        # Every read op a few times, and one add per collection: the write path and each
-        # collection's HNSW loaded. (Not every slow op: at 10k records they cost seconds each.)
-        warm = [op.name for op in OPS if not op.slow] + ["get_bulk_emb", "add384", "add1536"]
+        # Every read op a few times and one add: the write path warm. (open() loaded both
+        # collections; not every slow op: at 10k records a 1536-dim add costs seconds.)
+        warm = [op.name for op in OPS if not op.slow] + ["get_bulk_emb", "add384"]
         for name in warm:
             for mode, drv in drivers.items():
                 if mode == "process-per-call" and name != "count":
@@ -309,17 +310,20 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for mode in order:
                     if mode == "process-per-call":
-                        if rnd >= args.ppc_rounds:
+                        if rnd >= args.ppc_rounds or (op.slow and args.quick):
                             continue
                         reps = 1 if op.slow else PPC_FAST_REPS
                     else:
                         reps = 1 if op.slow else args.reps
+                    t_call = time.perf_counter()
                     try:
                         got = drivers[mode].call("run", op=op.name, rnd=rnd, reps=reps)
                     except DriverError as exc:
                         results["errors"].append(f"round {rnd} {op.name} {mode}: {exc}")
                         log(str(exc).splitlines()[0])
                         continue
+                    wall = results["wall_seconds"].setdefault(op.name, {})
+                    wall[mode] = wall.get(mode, 0.0) + time.perf_counter() - t_call  # incl. cleanup
                     slot = raw[op.name].setdefault(mode, {"rounds": {}})
                     slot["rounds"].setdefault(rnd, [])
                     slot["rounds"][rnd] += got["ns"]

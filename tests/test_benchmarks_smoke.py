@@ -11,7 +11,7 @@ from pathlib import Path
 
 RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 OPS = {
-    "count", "get_ids10", "get_limit100_emb", "query1", "query16", "get_bulk_emb",
+    "heartbeat", "count", "get_ids10", "get_limit100_emb", "query1", "query16", "get_bulk_emb",
     "add384", "add1536", "upsert384", "upsert1536",
 }
 
