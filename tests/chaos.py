@@ -132,7 +132,8 @@ class SoakReport:
              f"absent {self.unknown_absent}, unresolved {self.unknown_unresolved}, partial 0 "
              "required)"),
             ("records checked", f"{self.records_checked} ids ({self.records_present} present at the end)"),
-            ("records lost", str(self.records_lost)),
+            ("records lost", str(self.records_lost) if self.records_lost >= 0 else
+             "unknown: chromadb could not read the directory at the end"),
             ("caller RSS", f"{self.rss_before_kib // 1024} MiB -> {self.rss_after_kib // 1024} MiB"),
             ("caller threads", f"{self.threads_before} -> {self.threads_after}"),
             ("problems", "none" if not self.problems else f"{len(self.problems)}"),

