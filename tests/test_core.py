@@ -435,3 +435,21 @@ def test_client_used_after_fork_refuses_instead_of_sharing_the_socket(db: str) -
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert client.heartbeat() > 0  # the parent's channel is untouched
+
+
+def test_reset_when_settings_allow_it_keeps_the_directory_locked(db: str) -> None:
+    from chromadb.config import Settings
+
+    with SafeClient(db, Settings(allow_reset=True), validator=None) as client:
+        client.create_collection("gone", embedding_function=None).add(
+            ids=["1"], embeddings=[[1.0]]
+        )
+        assert client.reset() is True
+        assert client.list_collections() == []
+        assert (Path(db) / ".safechroma.lock").exists()
+        other = subprocess.run(  # a second program is still refused after the reset
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); "
+             f"from safechroma import SafeClient; SafeClient({db!r}, validator=None)"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert other.returncode == 1 and "DirectoryLockedError" in other.stderr

@@ -729,7 +729,9 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
 # -- one supervisor per directory per process ----------------------------------------------
 
 _registry: dict[str, Supervisor] = {}
-_registry_lock = threading.Lock()
+# Reentrant: a client finalizer (garbage collection can run it inside acquire()) releases
+# through this lock too.
+_registry_lock = threading.RLock()
 
 
 def acquire(path: str, options: Options, primary: tuple[Any, str, str]) -> Supervisor:
