@@ -41,6 +41,7 @@ def test_public_surface_is_exactly_all() -> None:
     public = {n for n in dir(safechroma) if not n.startswith("_")}
     assert public == set(safechroma.__all__) - {"__version__"}
     assert safechroma.__all__ == sorted(safechroma.__all__)
+    assert set(safechroma._EXPORTS) | {"__version__"} == set(safechroma.__all__)
     for name in safechroma.__all__:
         assert getattr(safechroma, name) is not None
 

@@ -55,7 +55,39 @@ _EXPORTS = {
     "repair_directory": "._recovery",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "AsyncSafeClient",
+    "AsyncSafeCollection",
+    "BreakerPolicy",
+    "ChromaPanicError",
+    "ClientClosedError",
+    "CollectionReport",
+    "CrashLoopError",
+    "DirectoryLockedError",
+    "DirectoryReport",
+    "Event",
+    "Finding",
+    "HookContext",
+    "Options",
+    "ProtocolError",
+    "RecoveryError",
+    "RemoteError",
+    "RepairReport",
+    "SafeChromaError",
+    "SafeClient",
+    "SafeCollection",
+    "Stats",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerStartError",
+    "WorkerTimeoutError",
+    "__version__",
+    "apply_salvage",
+    "call_timeout",
+    "check_directory",
+    "keep_full_wal",
+    "repair_directory",
+]
 
 
 def __getattr__(name: str) -> _typing.Any:

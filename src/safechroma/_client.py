@@ -14,7 +14,7 @@ from chromadb.api.client import Client
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
 from . import _supervisor
-from ._collection import SafeCollection, _UNSET
+from ._collection import _UNSET, SafeCollection
 from ._errors import ClientClosedError
 from ._policy import Options, Stats, effective_timeout
 from ._protocol import Op

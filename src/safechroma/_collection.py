@@ -109,6 +109,9 @@ class SafeCollection(Collection, _Remote):
 
     _sup: Supervisor
     _client: SafeClient  # type: ignore[assignment]
+    _slot: list[int]  # [worker serial, handle], shared with the finalizer
+    _open_kwargs: dict[str, Any]  # how to reopen it in a fresh worker
+    _owns_client: bool
 
     def __init__(
         self,
@@ -179,7 +182,7 @@ class SafeCollection(Collection, _Remote):
         return self
 
     # The handle in the worker lives in a shared slot so the finalizer sees the latest one.
-    @property  # type: ignore[override]
+    @property
     def _handle(self) -> int:
         return int(self._slot[1])
 
@@ -187,7 +190,7 @@ class SafeCollection(Collection, _Remote):
     def _handle(self, value: int) -> None:
         self._slot[1] = value
 
-    @property  # type: ignore[override]
+    @property
     def _handle_serial(self) -> int:
         return int(self._slot[0])
 
@@ -203,7 +206,7 @@ class SafeCollection(Collection, _Remote):
         locals()[_name] = _proxy(_name)
     del _name
 
-    def modify(  # type: ignore[override]
+    def modify(
         self,
         name: str | None = None,
         metadata: CollectionMetadata | None = None,

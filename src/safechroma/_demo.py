@@ -23,7 +23,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -151,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                              "documents"])
             order = [int(i[1:]) for i in stored["ids"]]
             intact = bool(
-                np.allclose(stored["embeddings"], written[order], atol=1e-5)
+                np.allclose(np.asarray(stored["embeddings"]), written[order], atol=1e-5)
                 and stored["documents"] == [docs[i] for i in order]
             )
             exact = np.argsort(((written - _embed([question])[0]) ** 2).sum(axis=1))[:3]

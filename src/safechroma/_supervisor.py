@@ -466,7 +466,7 @@ class Supervisor:
             self._emit("breaker_reset", None, why="cooldown")
         if self.consecutive > 1:
             # Back off between consecutive respawns (the first one is immediate).
-            state = tenacity.RetryCallState(None, None, (), {})
+            state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
             state.attempt_number = self.consecutive - 1
             self.options.sleep(float(self.options.respawn_wait(state)))
         self._check_and_recover()
