@@ -396,6 +396,8 @@ def _inject(client: Any, cfg: SoakConfig, stop: threading.Event, report: SoakRep
     import faults
     import safechroma
 
+    if not cfg.faults:
+        return  # the control run
     rng = random.Random(cfg.seed * 7919)
     signals = {"SIGKILL": signal.SIGKILL, "SIGSEGV": signal.SIGSEGV, "SIGBUS": signal.SIGBUS,
                "SIGSTOP": signal.SIGSTOP}
