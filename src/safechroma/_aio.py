@@ -56,10 +56,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import inspect
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 from chromadb.api import AsyncClientAPI
@@ -68,35 +67,19 @@ from chromadb.api.models.AsyncCollection import AsyncCollection
 from chromadb.api.models.Collection import Collection
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
-from ._client import _EF_BY_ID, _EF_CREATE, _EF_GET, _EF_GET_OR_CREATE, SafeClient
+from ._client import (
+    _EF_BY_ID,
+    _EF_CREATE,
+    _EF_GET,
+    _EF_GET_OR_CREATE,
+    RECORD_LEVEL,
+    SafeClient,
+    _default,
+    _mirror,
+)
 from ._collection import PROXIED, SafeCollection
 from ._errors import ClientClosedError
 from ._policy import Options, Stats
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _mirror(original: Callable[..., Any]) -> Callable[[F], F]:
-    """Give ``fn`` chromadb's async signature and docs, after checking its parameters match."""
-
-    def decorate(fn: F) -> F:
-        ours = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
-        theirs = [(p.name, p.kind) for p in inspect.signature(original).parameters.values()]
-        if ours != theirs:  # pragma: no cover - caught at import, i.e. by every test run
-            raise TypeError(f"{fn.__qualname__} does not mirror {original.__qualname__}")
-        fn.__wrapped__ = original  # type: ignore[attr-defined]
-        fn.__doc__ = (
-            f"Behaves like ``chromadb`` ``AsyncClient.{original.__name__}``; runs in the worker "
-            "(see the module docs for cancellation).\n\n" + (original.__doc__ or "")
-        )
-        return fn
-
-    return decorate
-
-
-def _default(method: Callable[..., Any], name: str) -> Any:
-    return inspect.signature(method).parameters[name].default
-
 
 # chromadb's AsyncClient has its own default embedding-function objects. Omitting the argument
 # must mean what it means to the sync client, so each async default maps to the sync one.
@@ -106,6 +89,10 @@ _ASYNC_EF_DEFAULTS = {
     id(_default(AsyncClient.get_or_create_collection, "embedding_function")): _EF_GET_OR_CREATE,
     id(_default(AsyncClient.get_collection_by_id, "embedding_function")): _EF_BY_ID,
 }
+def _amirror(original: Callable[..., Any]) -> Callable[[Any], Any]:
+    return _mirror(original, " (see the module docs for cancellation)")
+
+
 _AEF_CREATE = _default(AsyncClient.create_collection, "embedding_function")
 _AEF_GET = _default(AsyncClient.get_collection, "embedding_function")
 _AEF_GET_OR_CREATE = _default(AsyncClient.get_or_create_collection, "embedding_function")
@@ -114,6 +101,15 @@ _AEF_BY_ID = _default(AsyncClient.get_collection_by_id, "embedding_function")
 
 def _sync_ef(embedding_function: Any) -> Any:
     return _ASYNC_EF_DEFAULTS.get(id(embedding_function), embedding_function)
+
+
+def _aforward(name: str) -> Callable[..., Any]:
+    async def method(self: AsyncSafeClient, *args: Any, **kwargs: Any) -> Any:
+        return await self._call(name, *args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"AsyncSafeClient.{name}"
+    return method
 
 
 class AsyncSafeClient(AsyncClientAPI):
@@ -238,37 +234,37 @@ class AsyncSafeClient(AsyncClientAPI):
         """The current database."""
         return self._sync.database if self._sync is not None else self._database
 
-    @_mirror(AsyncClient.heartbeat)
+    @_amirror(AsyncClient.heartbeat)
     async def heartbeat(self) -> int:
         return int(await self._call("heartbeat"))
 
-    @_mirror(AsyncClient.get_version)
+    @_amirror(AsyncClient.get_version)
     async def get_version(self) -> str:
         return str(await self._call("get_version"))
 
-    @_mirror(AsyncClient.get_settings)
+    @_amirror(AsyncClient.get_settings)
     def get_settings(self) -> Settings:
         return self._settings
 
-    @_mirror(AsyncClient.get_max_batch_size)
+    @_amirror(AsyncClient.get_max_batch_size)
     async def get_max_batch_size(self) -> int:
         return int(await self._call("get_max_batch_size"))
 
-    @_mirror(AsyncClient.get_user_identity)
+    @_amirror(AsyncClient.get_user_identity)
     async def get_user_identity(self) -> Any:
         return await self._call("get_user_identity")
 
-    @_mirror(AsyncClient.list_collections)
+    @_amirror(AsyncClient.list_collections)
     async def list_collections(
         self, limit: int | None = None, offset: int | None = None
     ) -> Sequence[AsyncSafeCollection]:
         return [self._wrap(c) for c in await self._call("list_collections", limit, offset)]
 
-    @_mirror(AsyncClient.count_collections)
+    @_amirror(AsyncClient.count_collections)
     async def count_collections(self) -> int:
         return int(await self._call("count_collections"))
 
-    @_mirror(AsyncClient.create_collection)
+    @_amirror(AsyncClient.create_collection)
     async def create_collection(
         self,
         name: str,
@@ -284,7 +280,7 @@ class AsyncSafeClient(AsyncClientAPI):
             _sync_ef(embedding_function), data_loader, get_or_create,
         ))
 
-    @_mirror(AsyncClient.get_collection)
+    @_amirror(AsyncClient.get_collection)
     async def get_collection(
         self, name: str, embedding_function: Any = _AEF_GET, data_loader: Any = None
     ) -> AsyncSafeCollection:
@@ -292,7 +288,7 @@ class AsyncSafeClient(AsyncClientAPI):
             await self._call("get_collection", name, _sync_ef(embedding_function), data_loader)
         )
 
-    @_mirror(AsyncClient.get_or_create_collection)
+    @_amirror(AsyncClient.get_or_create_collection)
     async def get_or_create_collection(
         self,
         name: str,
@@ -307,7 +303,7 @@ class AsyncSafeClient(AsyncClientAPI):
             _sync_ef(embedding_function), data_loader,
         ))
 
-    @_mirror(AsyncClient.get_collection_by_id)
+    @_amirror(AsyncClient.get_collection_by_id)
     async def get_collection_by_id(
         self, id: UUID, embedding_function: Any = _AEF_BY_ID, data_loader: Any = None
     ) -> AsyncSafeCollection:
@@ -315,19 +311,19 @@ class AsyncSafeClient(AsyncClientAPI):
             "get_collection_by_id", id, _sync_ef(embedding_function), data_loader
         ))
 
-    @_mirror(AsyncClient.delete_collection)
+    @_amirror(AsyncClient.delete_collection)
     async def delete_collection(self, name: str) -> None:
         await self._call("delete_collection", name)
 
-    @_mirror(AsyncClient.reset)
+    @_amirror(AsyncClient.reset)
     async def reset(self) -> bool:
         return bool(await self._call("reset"))
 
-    @_mirror(AsyncClient.set_tenant)
+    @_amirror(AsyncClient.set_tenant)
     async def set_tenant(self, tenant: str, database: str = DEFAULT_DATABASE) -> None:
         await self._call("set_tenant", tenant, database)
 
-    @_mirror(AsyncClient.set_database)
+    @_amirror(AsyncClient.set_database)
     async def set_database(self, database: str) -> None:
         await self._call("set_database", database)
 
@@ -341,34 +337,9 @@ class AsyncSafeClient(AsyncClientAPI):
     )
 
     # AsyncBaseAPI's record-level methods, for code written against ServerAPI-style calls.
-    async def _add(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_add", *args, **kwargs)
-
-    async def _update(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_update", *args, **kwargs)
-
-    async def _upsert(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_upsert", *args, **kwargs)
-
-    async def _delete(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_delete", *args, **kwargs)
-
-    async def _count(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_count", *args, **kwargs)
-
-    async def _get(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_get", *args, **kwargs)
-
-    async def _peek(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_peek", *args, **kwargs)
-
-    async def _query(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("_query", *args, **kwargs)
-
-    async def _modify(self, *args: Any, **kwargs: Any) -> Any:
-        # SafeClient has no _modify of its own (it inherits chromadb's abstract stub), so this
-        # goes straight to the worker through the sync client's call path.
-        return await self._submit(lambda: self._opened()._call("_modify", *args, **kwargs))
+    for _name in RECORD_LEVEL:
+        locals()[_name] = _aforward(_name)
+    del _name
 
     # -- what safechroma adds ----------------------------------------------------------------
 

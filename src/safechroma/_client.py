@@ -23,8 +23,13 @@ from ._supervisor import Supervisor, _Remote
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _mirror(original: Callable[..., Any]) -> Callable[[F], F]:
-    """Give ``fn`` chromadb's signature and docs, after checking its parameters match."""
+def _mirror(original: Callable[..., Any], note: str = "") -> Callable[[F], F]:
+    """Give ``fn`` chromadb's signature and docs, after checking its parameters match.
+
+    Args:
+        original: the chromadb method mirrored (sync ``Client`` or ``AsyncClient``).
+        note: a sentence the docs add about what safechroma does differently.
+    """
 
     def decorate(fn: F) -> F:
         ours = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
@@ -32,9 +37,10 @@ def _mirror(original: Callable[..., Any]) -> Callable[[F], F]:
         if ours != theirs:  # pragma: no cover - caught at import, i.e. by every test run
             raise TypeError(f"{fn.__qualname__} does not mirror {original.__qualname__}")
         fn.__wrapped__ = original  # type: ignore[attr-defined]
+        owner = original.__qualname__.rsplit(".", 1)[0]
         fn.__doc__ = (
-            f"Behaves like ``chromadb`` ``Client.{original.__name__}``; runs in the worker.\n\n"
-            + (original.__doc__ or "")
+            f"Behaves like ``chromadb`` ``{owner}.{original.__name__}``; runs in the worker"
+            f"{note}.\n\n" + (original.__doc__ or "")
         )
         return fn
 
@@ -51,6 +57,20 @@ _EF_CREATE = _default(Client.create_collection, "embedding_function")
 _EF_GET = _default(Client.get_collection, "embedding_function")
 _EF_GET_OR_CREATE = _default(Client.get_or_create_collection, "embedding_function")
 _EF_BY_ID = _default(Client.get_collection_by_id, "embedding_function")
+
+# BaseAPI's record-level methods; chromadb's Client implements them, so the worker's does.
+RECORD_LEVEL = ("_add", "_count", "_delete", "_get", "_modify", "_peek", "_query", "_update",
+                "_upsert")
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    def method(self: SafeClient, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, *args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"SafeClient.{name}"
+    return method
+
 
 _READS = frozenset(
     {"heartbeat", "get_version", "count_collections", "get_max_batch_size", "get_user_identity",
@@ -238,32 +258,9 @@ class SafeClient(ClientAPI, _Remote):
         """Does nothing: the worker owns Chroma's system cache; a respawn starts it afresh."""
 
     # BaseAPI's record-level methods, for code written against ServerAPI-style calls.
-    def _modify(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_modify", *args, **kwargs)
-
-    def _add(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_add", *args, **kwargs)
-
-    def _update(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_update", *args, **kwargs)
-
-    def _upsert(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_upsert", *args, **kwargs)
-
-    def _delete(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_delete", *args, **kwargs)
-
-    def _count(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_count", *args, **kwargs)
-
-    def _get(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_get", *args, **kwargs)
-
-    def _peek(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_peek", *args, **kwargs)
-
-    def _query(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("_query", *args, **kwargs)
+    for _name in RECORD_LEVEL:
+        locals()[_name] = _forward(_name)
+    del _name
 
     # -- what safechroma adds ----------------------------------------------------------------
 
