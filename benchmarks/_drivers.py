@@ -45,8 +45,14 @@ def _rss_tree(root: int, worker_pid: int | None = None) -> dict[str, Any]:
         st = proc_status(pid)
         if not st:
             continue
-        role = "worker" if pid == worker_pid else "child"
-        procs.append({"pid": pid, "role": role, "cmd": cmdline(pid)[:120], **st})
+        cmd = cmdline(pid)
+        if pid == worker_pid:
+            role = "worker"
+        elif "safechroma._worker" in cmd:
+            role = "standby worker"
+        else:
+            role = "child"
+        procs.append({"pid": pid, "role": role, "cmd": cmd[:120], **st})
     return {"caller": {"pid": root, **proc_status(root)}, "children": procs}
 
 

@@ -184,13 +184,13 @@ def dataset(ctx: Any, records: int, cache_dir: Path | None, workdir: Path) -> tu
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=int, default=10_000, help="records per collection (10000)")
-    p.add_argument("--rounds", type=int, help="measured rounds (full 10, quick 3)")
+    p.add_argument("--rounds", type=int, help="measured rounds (full 20, quick 3)")
     p.add_argument("--reps", type=int, help="calls per mode per round for fast ops (full 15, quick 8)")
     p.add_argument("--quick", action="store_true", help="fewer rounds and trials: ~2 minutes")
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help=f"comma-separated subset of {','.join(ALL_MODES)}")
     p.add_argument("--slow-rounds", type=int,
-                   help="rounds that include the slow ops: bulk get, add, upsert (full 4, quick 1)")
+                   help="rounds that include the slow ops: bulk get, add, upsert (full 5, quick 1)")
     p.add_argument("--ppc-rounds", type=int, help="rounds that include process-per-call (full 1, quick 1: fast ops only)")
     p.add_argument("--crash-trials", type=int, help="worker SIGKILL trials (full 5, quick 2)")
     p.add_argument("--startup-trials", type=int, help="SafeClient open-to-first-count trials (full 5, quick 2)")
@@ -202,9 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true", help="skip results.png")
     a = p.parse_args(argv)
     quick = a.quick
-    a.rounds = a.rounds if a.rounds is not None else (3 if quick else 10)
+    a.rounds = a.rounds if a.rounds is not None else (3 if quick else 20)
     a.reps = a.reps if a.reps is not None else (8 if quick else 15)
-    a.slow_rounds = a.slow_rounds if a.slow_rounds is not None else (1 if quick else 4)
+    a.slow_rounds = a.slow_rounds if a.slow_rounds is not None else (1 if quick else 5)
     a.ppc_rounds = a.ppc_rounds if a.ppc_rounds is not None else 1
     a.crash_trials = a.crash_trials if a.crash_trials is not None else (2 if quick else 5)
     a.startup_trials = a.startup_trials if a.startup_trials is not None else (2 if quick else 5)
