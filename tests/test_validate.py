@@ -189,3 +189,22 @@ def test_report_json_and_pickle(copy_of: Any) -> None:
     js = json.loads(json.dumps(rep.to_dict()))
     assert js["status"] == "damaged"
     assert js["collections"][0]["findings"][0]["code"] == "level0_neighbor_out_of_range"
+
+
+def test_flushed_id_missing_from_pickle_detected(copy_of: Any) -> None:
+    """A record flushed to the index whose id the pickle does not know (and the purged WAL
+    cannot replay) is reported. Pins the deep id comparison of check_directory, which now
+    reuses the pickle check_segment parsed instead of parsing it a second time."""
+    d = copy_of("many_flushes")
+    p = Path(cd.segment_dir(d), "index_metadata.pickle")
+    meta = pickle.loads(p.read_bytes())
+    label = meta["id_to_label"].pop("coll-5")
+    meta["id_to_label"]["renamed-5"] = label
+    meta["label_to_id"][label] = "renamed-5"
+    p.write_bytes(pickle.dumps(meta, protocol=3))
+    rep = check_directory(d)
+    assert rep.status == "damaged", rep.to_dict()
+    (c,) = rep.collections
+    assert c.hnsw is not None and not c.hnsw.findings  # the segment itself is sound
+    (f,) = [f for f in c.findings if f.code == "index_missing_ids"]
+    assert f.message.startswith("1 records") and "'coll-5'" in f.message
