@@ -72,7 +72,6 @@ from ._client import (
     _EF_CREATE,
     _EF_GET,
     _EF_GET_OR_CREATE,
-    RECORD_LEVEL,
     SafeClient,
     _default,
     _mirror,
@@ -219,18 +218,18 @@ class AsyncSafeClient(AsyncClientAPI):
         """Await ``SafeClient.<name>(*args, **kwargs)``."""
         return await self._submit(lambda: getattr(self._opened(), name)(*args, **kwargs))
 
-    def _wrap(self, col: Any) -> Any:
+    def _wrap(self, col: Any) -> AsyncSafeCollection:
         return AsyncSafeCollection._adopt(self, col) if isinstance(col, SafeCollection) else col
 
     # -- AsyncClientAPI --------------------------------------------------------------------
 
     @property
-    def tenant(self) -> str:
+    def tenant(self) -> str:  # type: ignore[override]  # chromadb: plain attributes
         """The current tenant."""
         return self._sync.tenant if self._sync is not None else self._tenant
 
     @property
-    def database(self) -> str:
+    def database(self) -> str:  # type: ignore[override]  # chromadb: plain attributes
         """The current database."""
         return self._sync.database if self._sync is not None else self._database
 
@@ -337,9 +336,15 @@ class AsyncSafeClient(AsyncClientAPI):
     )
 
     # AsyncBaseAPI's record-level methods, for code written against ServerAPI-style calls.
-    for _name in RECORD_LEVEL:
-        locals()[_name] = _aforward(_name)
-    del _name
+    _add = _aforward("_add")
+    _count = _aforward("_count")
+    _delete = _aforward("_delete")
+    _get = _aforward("_get")
+    _modify = _aforward("_modify")
+    _peek = _aforward("_peek")
+    _query = _aforward("_query")
+    _update = _aforward("_update")
+    _upsert = _aforward("_upsert")
 
     # -- what safechroma adds ----------------------------------------------------------------
 
@@ -412,7 +417,8 @@ class AsyncSafeClient(AsyncClientAPI):
 
 def _signature_source(name: str) -> Callable[..., Any]:
     """chromadb's AsyncCollection method when it has one, else the sync Collection's."""
-    return getattr(AsyncCollection, name, None) or getattr(Collection, name)
+    method: Callable[..., Any] = getattr(AsyncCollection, name, None) or getattr(Collection, name)
+    return method
 
 
 def _proxy(name: str) -> Callable[..., Any]:
@@ -444,6 +450,7 @@ class AsyncSafeCollection(AsyncCollection):
 
     _client: AsyncSafeClient  # type: ignore[assignment]
     _sync: SafeCollection
+    _owns_client: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
@@ -486,6 +493,7 @@ class AsyncSafeCollection(AsyncCollection):
             chromadb.errors.NotFoundError: ``create=False`` and the collection does not exist.
         """
         client = await AsyncSafeClient.create(path, settings, tenant, database, **options)
+        col: AsyncSafeCollection
         try:
             if create:
                 col = await client.get_or_create_collection(
@@ -503,16 +511,16 @@ class AsyncSafeCollection(AsyncCollection):
         return col
 
     # chromadb's properties read these; they follow the sync collection (modify updates it).
-    @property  # type: ignore[override]
-    def _model(self) -> Any:
+    @property
+    def _model(self) -> Any:  # type: ignore[override]  # chromadb: plain attributes
         return self._sync._model
 
-    @property  # type: ignore[override]
-    def _embedding_function(self) -> Any:
+    @property
+    def _embedding_function(self) -> Any:  # type: ignore[override]  # chromadb: plain attributes
         return self._sync._embedding_function
 
-    @property  # type: ignore[override]
-    def _data_loader(self) -> Any:
+    @property
+    def _data_loader(self) -> Any:  # type: ignore[override]  # chromadb: plain attributes
         return self._sync._data_loader
 
     for _name in sorted(PROXIED):

@@ -58,11 +58,6 @@ _EF_GET = _default(Client.get_collection, "embedding_function")
 _EF_GET_OR_CREATE = _default(Client.get_or_create_collection, "embedding_function")
 _EF_BY_ID = _default(Client.get_collection_by_id, "embedding_function")
 
-# BaseAPI's record-level methods; chromadb's Client implements them, so the worker's does.
-RECORD_LEVEL = ("_add", "_count", "_delete", "_get", "_modify", "_peek", "_query", "_update",
-                "_upsert")
-
-
 def _forward(name: str) -> Callable[..., Any]:
     def method(self: SafeClient, *args: Any, **kwargs: Any) -> Any:
         return self._call(name, *args, **kwargs)
@@ -258,9 +253,15 @@ class SafeClient(ClientAPI, _Remote):
         """Does nothing: the worker owns Chroma's system cache; a respawn starts it afresh."""
 
     # BaseAPI's record-level methods, for code written against ServerAPI-style calls.
-    for _name in RECORD_LEVEL:
-        locals()[_name] = _forward(_name)
-    del _name
+    _add = _forward("_add")
+    _count = _forward("_count")
+    _delete = _forward("_delete")
+    _get = _forward("_get")
+    _modify = _forward("_modify")
+    _peek = _forward("_peek")
+    _query = _forward("_query")
+    _update = _forward("_update")
+    _upsert = _forward("_upsert")
 
     # -- what safechroma adds ----------------------------------------------------------------
 
