@@ -162,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok &= intact and len(order) == RECORDS and any(e.kind == "recovered" for e in events)
 
             _say("\n5. A genuine SIGBUS inside the worker, in the middle of a call:")
+            # A long-running program has its warm standby worker by now; give this one the
+            # second it needs to import chromadb, so the replacement below is the steady state.
+            time.sleep(2.0)
             first = col._client.stats().worker_pid
             try:
                 col._client.run_in_worker(_sigbus)
