@@ -15,7 +15,13 @@ through the write; a write that raised with ``outcome_unknown`` adds the "applie
 whole batch applied or the whole batch absent (never part of it). A read narrows the set to what
 it saw. At the end the client is closed and the directory is read by chromadb in a child process
 (this process never opens a Chroma directory): every id must be in one of its possible states,
-present exactly once, and findable by its own vector.
+present exactly once with its own document, metadata and vector.
+
+Recall misses are not problems. HNSW is approximate: a query by a record's own vector may not
+return it first even when nothing went wrong (plain chromadb, no faults, no safechroma, the same
+workload serialized: 1-2 such misses per 20 s). So a query miss is followed by a ``get`` of the
+record: if its stored vector, document and metadata are those of a version the ledger allows, the
+miss is counted in ``recall_misses`` and is not a problem; anything else still is.
 
 Run it as a script only as the verification child: ``python chaos.py dump DB OUT``.
 """
@@ -83,6 +89,11 @@ class SoakConfig:
     seed: int = 7
     warmup: float = 3.0
 
+    def __post_init__(self) -> None:
+        unknown = set(self.faults) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; choose from {FAULT_KINDS}")
+
 
 @dataclasses.dataclass
 class SoakReport:
@@ -105,6 +116,8 @@ class SoakReport:
     records_checked: int = 0
     records_present: int = 0
     records_lost: int = 0
+    recall_misses: int = 0
+    final_recall_misses: int = 0
     served_after_last_fault: bool = False
     rss_before_kib: int = 0
     rss_after_kib: int = 0
@@ -132,6 +145,9 @@ class SoakReport:
              f"absent {self.unknown_absent}, unresolved {self.unknown_unresolved}, partial 0 "
              "required)"),
             ("records checked", f"{self.records_checked} ids ({self.records_present} present at the end)"),
+            ("query recall misses (HNSW is approximate)",
+             f"{self.recall_misses} during the run, {self.final_recall_misses} in the final check "
+             "(record stored intact, not returned first by its own vector; not a problem)"),
             ("records lost", str(self.records_lost) if self.records_lost >= 0 else
              "unknown: chromadb could not read the directory at the end"),
             ("caller RSS", f"{self.rss_before_kib // 1024} MiB -> {self.rss_after_kib // 1024} MiB"),
@@ -366,9 +382,23 @@ class _Thread:
         res = self.col.query(query_embeddings=vector_of(rid, v, self.cfg.dim)[None, :],
                              n_results=3, include=["distances"])
         self._tally("ops_ok", "query")
-        if not res["ids"][0] or res["ids"][0][0] != rid or res["distances"][0][0] > 1e-4:
-            self._problem(f"query by {rid}'s own vector found {res['ids'][0]} "
-                          f"{res['distances'][0]}")
+        if res["ids"][0] and res["ids"][0][0] == rid and res["distances"][0][0] <= 1e-4:
+            return
+        # Not returned first: a recall miss if the record is stored intact (HNSW is approximate,
+        # see the module docstring), damage otherwise. The get decides.
+        got = self.col.get(ids=[rid], include=["documents", "metadatas", "embeddings"])
+        seen: State | str = None
+        if got["ids"]:
+            seen = observed_state(rid, got["documents"][0], got["metadatas"][0],
+                                  got["embeddings"][0], self.cfg.dim)
+        if not isinstance(seen, str) and seen in self.ledger[rid] and seen is not None:
+            with self.lock:
+                self.report.recall_misses += 1
+            self.ledger[rid] = {seen}
+            return
+        self._problem(f"query by {rid}'s own vector found {res['ids'][0]} {res['distances'][0]}, "
+                      f"and get shows it {seen!r}")
+        self._observe(rid, seen, "get after a query miss")
 
     def _count(self) -> None:
         n = self.col.count()
@@ -396,13 +426,14 @@ def _inject(client: Any, cfg: SoakConfig, stop: threading.Event, report: SoakRep
     import faults
     import safechroma
 
-    if not cfg.faults:
-        return  # the control run
+    kinds = tuple(k for k in cfg.faults if k)
+    if not kinds:
+        return  # the control run: rng.choice(()) would raise IndexError in this thread
     rng = random.Random(cfg.seed * 7919)
     signals = {"SIGKILL": signal.SIGKILL, "SIGSEGV": signal.SIGSEGV, "SIGBUS": signal.SIGBUS,
                "SIGSTOP": signal.SIGSTOP}
     while not stop.wait(rng.uniform(*cfg.fault_gap)):
-        kind = rng.choice(cfg.faults)
+        kind = rng.choice(kinds)
         if kind == "hang":
             try:
                 with safechroma.call_timeout(cfg.hang_timeout):
@@ -538,8 +569,8 @@ def _final_check(path: str, cfg: SoakConfig, workers: list[_Thread], report: Soa
         if seen is not None and not isinstance(seen, str):
             report.records_present += 1
             if rid not in dump["self_hits"]:
-                report.problems.append(f"final: {rid} is not found by its own vector")
-                lost += 1
+                # Stored intact (checked above), only not returned first: a recall miss.
+                report.final_recall_misses += 1
     report.records_lost = lost
 
 
