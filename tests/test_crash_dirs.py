@@ -136,3 +136,31 @@ def test_poison_wal_crash_loop_is_stopped_then_repaired_without_loss(
         if col.count() == N + 50:
             res = col.query(query_embeddings=extra, n_results=1)
             assert [h[0] for h in res["ids"]] == [f"extra-{i}" for i in range(50)]
+
+
+def test_records_whose_vectors_are_gone_are_reembedded_when_allowed(
+    healthy_template: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Vectors that exist nowhere (index zeroed, WAL purged) are re-embedded from their
+    documents by the caller's embedding function, in the worker, when ``reembed=`` is given."""
+    from conftest import HashEmbedding
+
+    path = _copy(healthy_template, tmp_path / "db")
+    chroma_dirs.corrupt(path, "data_zeroed")
+    ef = HashEmbedding(DIM)
+    events: list[Event] = []
+    with SafeClient(path, reembed=ef, on_event=events.append) as client:
+        col = client.get_collection("coll", embedding_function=None)
+        ids = chroma_dirs.record_ids("coll", N)
+        got = col.get(ids=ids, include=["embeddings", "documents"])
+        assert sorted(got["ids"]) == sorted(ids)
+        applied = [e.detail["summary"] for e in events if e.kind == "salvage_applied"]
+        assert applied and applied[0]["reembedded"] > 0 and applied[0]["not_recovered"] == []
+        original = dict(zip(ids, chroma_dirs.vectors("coll", N, DIM)))
+        reembedded = 0
+        for rid, doc, vec in zip(got["ids"], got["documents"], got["embeddings"]):
+            if np.allclose(vec, original[rid], atol=1e-5):
+                continue
+            np.testing.assert_allclose(vec, ef([doc])[0], atol=1e-5)
+            reembedded += 1
+        assert reembedded == applied[0]["reembedded"]

@@ -135,6 +135,9 @@ class Options:
         standby: keep one warm spare worker (chromadb imported, directory not opened) so that
             a crashed worker is replaced in milliseconds instead of an interpreter start. Costs
             one idle process (~80 MB RSS).
+        reembed: an embedding function (``documents -> embeddings``) that recovery uses, in the
+            worker, to re-embed the records whose vectors could not be salvaged. None: such
+            records are only reported (``not_recovered`` in the ``salvage_applied`` event).
         worker_init: a callable run in each new worker before it opens the directory (logging,
             environment); carried by cloudpickle.
         on_event: called with each :class:`Event` (in the thread that observed it).
@@ -156,6 +159,7 @@ class Options:
     memory_limit: int | None = dataclasses.field(default_factory=_default_memory_limit)
     max_reply_bytes: int = 16 << 30
     standby: bool = True
+    reembed: Callable[[list[str]], Any] | None = None
     worker_init: Callable[[], None] | None = None
     on_event: Callable[[Event], None] | None = None
     sleep: Callable[[float], None] = time.sleep

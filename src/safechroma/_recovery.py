@@ -444,7 +444,7 @@ def apply_salvage(
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
             embs = reembed([r["document"] for r in chunk])
-            col.upsert(ids=[r["id"] for r in chunk], embeddings=[list(e) for e in embs])
+            col.upsert(ids=[r["id"] for r in chunk], embeddings=np.asarray(embs, dtype=np.float32))
             reembedded += len(chunk)
         done = {r["id"] for r in todo}
         not_recovered = [r for r in not_recovered if r["id"] not in done]

@@ -27,6 +27,7 @@ import collections
 import enum
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -569,14 +570,22 @@ class Supervisor:
             self.standby = self._spawn()
 
     def _write_back_salvage(self, worker: WorkerProcess) -> None:
+        reembed = self.options.reembed
         while self.pending_salvage:
             path = self.pending_salvage[0]
+            fn: Any = "safechroma._recovery:apply_salvage"
+            if reembed is not None:
+                # Records whose vector exists nowhere are re-embedded from their documents by
+                # the caller's embedding function, inside the worker.
+                from ._recovery import apply_salvage
+
+                fn = functools.partial(apply_salvage, reembed=reembed)
             summary = self._exchange(
                 worker,
-                (Op.RUN, (self.primary_handle, "safechroma._recovery:apply_salvage", (path,))),
+                (Op.RUN, (self.primary_handle, fn, (path,))),
                 "apply_salvage",
                 None,
-                False,
+                reembed is not None,
             )
             self.pending_salvage.pop(0)
             self._emit("salvage_applied", worker.pid, file=path, summary=summary)
