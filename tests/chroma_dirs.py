@@ -449,7 +449,15 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
             if exp["ids"]:
                 r = col.query(query_embeddings=exp["vectors"], n_results=1)
                 not_first = [i for i, hit in zip(exp["ids"], r["ids"]) if not hit or hit[0] != i]
-            out[name] = {"count": col.count(), "missing": missing, "bad_document": bad_doc, "not_first": not_first}
+            # A live id with no vector makes every get that includes embeddings fail ("Error
+            # finding id"); a repair must not leave one behind (issue 7).
+            try:
+                col.get(include=["embeddings"])
+                emb_error = None
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                emb_error = f"{type(e).__name__}: {e}"
+            out[name] = {"count": col.count(), "missing": missing, "bad_document": bad_doc,
+                         "not_first": not_first, "get_embeddings_error": emb_error}
         except Exception as e:  # noqa: BLE001 - reported to the test, which decides
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out

@@ -65,11 +65,21 @@ def test_repair_recovers_or_names_the_lost(base: dict[str, str], tmp_path: Path,
     out = json.loads(p.stdout)
     lost = {r["id"] for s in out["applied"] for r in s["not_recovered"]}
     assert lost == set(out["repair"]["collections"][0]["not_recovered"])
-    assert (p.returncode == 0) == (not lost)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert out["after"]["status"] == "healthy"
     res = cd.verify_dir(d, SPECS[spec])["coll"]
-    # Every record is present with its document; only the named ids fail their own query.
-    assert res["missing"] == [] and res["bad_document"] == []
+    # Every record is present with its document and vector, except the named ids: their vector
+    # exists nowhere, so they were saved (document and metadata) and removed, leaving a
+    # collection Chroma can serve in full (issue 7: left in place they failed every get).
+    assert set(res["missing"]) == lost and res["bad_document"] == []
     assert set(res["not_first"]) == lost
+    assert res["get_embeddings_error"] is None
+    for s in out["applied"]:
+        assert set(s["removed"]) == {r["id"] for r in s["not_recovered"]}
+        if s["removed"]:
+            saved = json.loads(Path(s["salvage_file"] + ".removed.json").read_text())
+            assert {r["id"] for r in saved} == set(s["removed"])
+            assert all(r["document"] and r["metadata"] for r in saved)
     if spec == "full_wal":
         assert lost == set()  # FACTS §2: the complete WAL rebuilds everything
     if kind in ("level0_neighbor_oob", "header_zeroed", "level0_count_huge", "entry_point_oob"):
@@ -151,3 +161,30 @@ def test_repair_nothing_to_do_on_healthy(base: dict[str, str]) -> None:
     rep = repair_directory(base["cosine"])
     assert rep.status == "nothing_to_do" and rep.backup_dir is None
     assert not os.path.exists(os.path.join(base["cosine"], ".safechroma"))
+
+
+def test_repair_leaves_no_id_chroma_cannot_find(base: dict[str, str], tmp_path: Path) -> None:
+    """Pins issue 7 (soak: "Error finding id" through 22 validate+repair cycles, then a
+    directory chromadb could not read). With the WAL purged and the index gone, the ids flushed
+    earlier have a document in SQLite and a vector nowhere. Repair used to report them and leave
+    them in place: every ``get`` with embeddings raised "Error finding id", the next check said
+    ``index_missing_ids`` again, and each new repair found nothing to salvage. Now they are saved
+    (document and metadata, in ``.removed.json``) and deleted through Chroma: the directory is
+    healthy after one repair, a second repair has nothing to do, and Chroma serves every id."""
+    d = _copy(base, "l2", tmp_path)
+    cd.corrupt(d, "segment_deleted")
+    assert check_directory(d).status == "damaged"
+    p = _cli("repair", d, "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    (applied,) = out["applied"]
+    lost = set(applied["removed"])
+    # The WAL holds only the tail after the last flush; everything flushed before is lost.
+    assert 0 < len(lost) < 600 and lost == set(out["repair"]["collections"][0]["not_recovered"])
+    assert out["after"]["status"] == "healthy"
+    res = cd.verify_dir(d, SPECS["l2"])["coll"]
+    assert res["get_embeddings_error"] is None
+    assert set(res["missing"]) == lost and res["count"] == 600 - len(lost)
+    assert set(res["not_first"]) == lost
+    again = repair_directory(d)
+    assert again.status == "nothing_to_do", again.message

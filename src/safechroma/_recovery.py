@@ -19,7 +19,14 @@ a directory, and a fresh process is the clean reset):
    file, which :func:`pending_salvage_files` finds again.
 
 2. :func:`apply_salvage` (inside a process that owns the directory, after a fresh open): upsert
-   the salvaged embeddings, embeddings only, so documents and metadata stay as they are.
+   the salvaged embeddings, embeddings only, so documents and metadata stay as they are; then
+   make the collection consistent: every live id whose vector exists nowhere (Chroma raises
+   "Error finding id" for it on every ``get`` that includes embeddings) is re-embedded when an
+   embedding function is given, otherwise its document and metadata are saved beside the
+   salvage file and it is deleted through Chroma. Left in place, such ids made every later
+   check report ``index_missing_ids`` while each repair found nothing to salvage: the soak saw
+   22 validate+repair cycles in a row, ending with a directory chromadb could not read
+   (issue 7).
 """
 
 from __future__ import annotations
@@ -410,12 +417,15 @@ def apply_salvage(
         salvage_file: A ``salvage-<collection>.npz`` from :func:`repair_directory`.
         reembed: Optional ``documents -> embeddings`` (the collection's embedding function);
             when given, records whose vector could not be salvaged are re-embedded from their
-            documents. Without it they are only reported.
+            documents. Without it they are saved and removed (see Returns).
         batch_size: Records per upsert.
 
     Returns:
         JSON-able summary: ``collection``, ``recovered``, ``reembedded``, ``not_recovered``
-        (list of ``{"id", "document"}``), ``gone`` (ids deleted meanwhile).
+        (list of ``{"id", "document", "metadata"}``: records whose vector exists nowhere, also
+        saved in ``<salvage_file>.removed.json``), ``removed`` (their ids, deleted from the
+        collection so that Chroma can serve every remaining id), ``gone`` (ids deleted
+        meanwhile).
     """
     with open(salvage_file[: -len(".npz")] + ".json", "rb") as f:
         side = json.loads(f.read())
@@ -429,6 +439,7 @@ def apply_salvage(
         pass
     recovered = 0
     gone: list[str] = []
+    removed: list[str] = []
     for s in range(0, len(ids), batch_size):
         chunk = ids[s : s + batch_size]
         alive = set(col.get(ids=chunk, include=[])["ids"])
@@ -437,27 +448,78 @@ def apply_salvage(
         if rows:
             col.upsert(ids=[chunk[i] for i in rows], embeddings=vecs[s:s + batch_size][rows])
             recovered += len(rows)
-    not_recovered: list[dict[str, Any]] = list(side["not_recovered"])
+    # Consistency: the ids Chroma still cannot find a vector for, whatever the cause (named in
+    # the salvage file, or left behind by an earlier repair), found by asking Chroma itself.
+    not_recovered = _records(col, _unfindable_ids(col, batch_size), batch_size)
     reembedded = 0
     if reembed is not None and not_recovered:
         todo = [r for r in not_recovered if r.get("document") is not None]
         for s in range(0, len(todo), batch_size):
-            chunk = todo[s : s + batch_size]
-            embs = reembed([r["document"] for r in chunk])
-            col.upsert(ids=[r["id"] for r in chunk], embeddings=np.asarray(embs, dtype=np.float32))
-            reembedded += len(chunk)
+            batch = todo[s : s + batch_size]
+            embs = reembed([r["document"] for r in batch])
+            col.upsert(ids=[r["id"] for r in batch], embeddings=np.asarray(embs, dtype=np.float32))
+            reembedded += len(batch)
         done = {r["id"] for r in todo}
         not_recovered = [r for r in not_recovered if r["id"] not in done]
+    if not_recovered:
+        # No vector anywhere: save document and metadata beside the salvage file first, then
+        # delete through Chroma so that the collection is consistent (a get no longer fails on
+        # them and the next check is clean). These are exactly the records to re-add.
+        _write_atomic(salvage_file + ".removed.json", json.dumps(not_recovered).encode())
+        removed = [r["id"] for r in not_recovered]
+        for s in range(0, len(removed), batch_size):
+            col.delete(ids=removed[s : s + batch_size])
     summary = {
         "collection": side["name"],
         "salvage_file": salvage_file,
         "recovered": recovered,
         "reembedded": reembedded,
         "not_recovered": not_recovered,
+        "removed": removed,
         "gone": gone,
     }
     _write_atomic(salvage_file + ".applied", json.dumps(summary).encode())
     return summary
+
+
+def _unfindable(col: Any, ids: list[str]) -> list[str]:
+    """The ids of ``ids`` whose vector Chroma cannot find (bisects a failing batch)."""
+    if not ids:
+        return []
+    try:
+        col.get(ids=ids, include=["embeddings"])
+        return []
+    except Exception as exc:
+        # chromadb 1.5.9: LocalHnswSegmentReaderError::IdNotFound, raised as InternalError.
+        if "Error finding id" not in str(exc):
+            raise
+    if len(ids) == 1:
+        return list(ids)
+    mid = len(ids) // 2
+    return _unfindable(col, ids[:mid]) + _unfindable(col, ids[mid:])
+
+
+def _unfindable_ids(col: Any, batch_size: int) -> list[str]:
+    """Every live id of ``col`` on which a ``get`` with embeddings fails."""
+    out: list[str] = []
+    offset = 0
+    while True:
+        page = list(col.get(include=[], limit=batch_size, offset=offset)["ids"])
+        if not page:
+            return out
+        out.extend(_unfindable(col, page))
+        offset += len(page)
+
+
+def _records(col: Any, ids: list[str], batch_size: int) -> list[dict[str, Any]]:
+    """Documents and metadata of ``ids`` (Chroma reads them from SQLite: no vector needed)."""
+    out: list[dict[str, Any]] = []
+    for s in range(0, len(ids), batch_size):
+        got = col.get(ids=ids[s : s + batch_size], include=["documents", "metadatas"])
+        docs = got["documents"] or [None] * len(got["ids"])
+        metas = got["metadatas"] or [None] * len(got["ids"])
+        out += [{"id": r, "document": d, "metadata": m} for r, d, m in zip(got["ids"], docs, metas, strict=True)]
+    return out
 
 
 def wal_purge_enabled(path: str | os.PathLike[str]) -> bool | None:
