@@ -426,6 +426,21 @@ def _child_extend(p: dict[str, Any]) -> None:
             metadatas=[{"i": i, "name": name} for i in range(start, stop)])
 
 
+def _child_readd(p: dict[str, Any]) -> None:
+    """``add`` ids that exist already, with other vectors and documents: Chroma ignores it."""
+    col = _child_client(p["path"]).get_collection(p["name"], embedding_function=None)
+    name, start, stop = p["name"], p["start"], p["stop"]
+    vec = vectors(name, stop, p["dim"], generation=7)
+    ids = record_ids(name, stop)
+    col.add(ids=ids[start:stop], embeddings=vec[start:stop],
+            documents=[f"ignored {name} {i}" for i in range(start, stop)])
+
+
+def readd_existing(dest: str, start: int, stop: int, *, dim: int = 8) -> None:
+    """Re-``add`` existing ids ``[start, stop)`` (ignored by Chroma; the WAL keeps the rows)."""
+    _run_child("readd", {"path": dest, "name": "coll", "start": start, "stop": stop, "dim": dim})
+
+
 def _child_slow_writer(p: dict[str, Any]) -> None:
     col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
     col.count()  # loads the index into this process (FACTS §2 backfill)
@@ -466,6 +481,7 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
 if __name__ == "__main__":
     cmd, arg = sys.argv[1], json.loads(sys.argv[2])
     fn = {"build": _child_build, "extend": _child_extend, "slow_writer": _child_slow_writer,
+          "readd": _child_readd,
           "verify": _child_verify}[cmd]
     res = fn(arg)
     print("RESULT " + json.dumps(res), flush=True)

@@ -188,3 +188,22 @@ def test_repair_leaves_no_id_chroma_cannot_find(base: dict[str, str], tmp_path: 
     assert set(res["not_first"]) == lost
     again = repair_directory(d)
     assert again.status == "nothing_to_do", again.message
+
+
+def test_repair_ignores_the_vector_of_an_ignored_add(base: dict[str, str], tmp_path: Path) -> None:
+    """Pins issue 7's "get returns an acknowledged record with the wrong vector (document and
+    metadata right)". Chroma ignores an ``add`` of an existing id, but the row stays in the WAL.
+    Repair counted any ADD row as "the WAL rebuilds this id", so it did not write back the
+    flushed vector; the rebuilt index then applied the ignored ADD (the id was not in it yet)
+    and the record came back with the ignored write's vector. Now only the write the metadata
+    segment applied (``embeddings.seq_id``) counts: every record gets its own vector back."""
+    d = _copy(base, "l2", tmp_path)
+    cd.readd_existing(d, 0, 20)  # 20 < sync_threshold: the rows stay in the WAL, unflushed
+    cd.corrupt(d, "level0_neighbor_oob")  # data_level0.bin intact: every vector salvageable
+    p = _cli("repair", d, "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert out["repair"]["collections"][0]["not_recovered"] == []
+    res = cd.verify_dir(d, SPECS["l2"])["coll"]
+    assert res["missing"] == [] and res["bad_document"] == [] and res["get_embeddings_error"] is None
+    assert res["not_first"] == []  # before the fix: coll-0 .. coll-19 (the ignored vectors)

@@ -47,6 +47,7 @@ from safechroma._validate import (
     SQLITE_FILE,
     CollectionReport,
     DirectoryReport,
+    _seq,
     check_directory,
 )
 
@@ -161,27 +162,47 @@ def _ro(db: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{os.path.abspath(db)}?mode=ro", uri=True, timeout=5.0)
 
 
-def _wal_vectors(con: sqlite3.Connection, cid: str) -> tuple[set[str], dict[str, np.ndarray]]:
-    """Ids the WAL rebuilds (an ADD/UPSERT with a vector), and newer UPDATE vectors of the rest.
+def _wal_vectors(
+    con: sqlite3.Connection, cid: str, live: dict[str, int]
+) -> tuple[set[str], dict[str, np.ndarray]]:
+    """Ids the WAL replay rebuilds exactly, and the WAL's vector of the current version of others.
 
-    Replaying an UPDATE onto a rebuilt index that lacks the id does nothing, so such ids need a
-    write-back; their latest vector is the UPDATE's, newer than anything in the damaged index.
+    The metadata segment records, per live id, the sequence id of the last write it applied
+    (``embeddings.seq_id``). Only that row says which version is current. An ADD row is no proof:
+    Chroma ignores an ADD of an existing id (FACTS §3) in the metadata segment, but replayed into
+    a rebuilt index that lacks the id it is applied, and the record comes back with the ignored
+    write's vector under the current document and metadata (issue 7: the soak's "wrong vector";
+    reproduced by hand with a flushed, purged id, an ignored ADD and any index damage). So:
+
+    * covered: the current write is an ADD/UPSERT with a vector still in the WAL: the replay
+      ends with exactly that vector (an earlier ignored ADD is overwritten or deleted before it);
+    * the rest must be written back after the replay; when the current write is an UPDATE with
+      a vector still in the WAL, that vector is the current one (newer than the index's copy).
+
     Topics end in the collection id (see _validate._read_catalog); operation codes are
     chromadb's (ADD 0, UPDATE 1, UPSERT 2, DELETE 3).
     """
-    adds: set[str] = set()
-    updates: dict[str, np.ndarray] = {}
-    for ident, op, blob, enc in con.execute(
-        "SELECT id, operation, vector, encoding FROM embeddings_queue "
+    covered: set[str] = set()
+    current: dict[str, np.ndarray] = {}
+    for seq, ident, op, blob, enc in con.execute(
+        "SELECT seq_id, id, operation, vector, encoding FROM embeddings_queue "
         "WHERE topic LIKE ? AND vector IS NOT NULL ORDER BY seq_id",
         ("%/" + cid,),
     ):
+        if live.get(ident) != _seq(seq):
+            continue
         if op in (0, 2):
-            adds.add(ident)
-            updates.pop(ident, None)
-        elif op == 1 and ident not in adds and (enc or "FLOAT32").upper() == "FLOAT32":
-            updates[ident] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-    return adds, updates
+            covered.add(ident)
+        elif op == 1 and (enc or "FLOAT32").upper() == "FLOAT32":
+            current[ident] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    return covered, current
+
+
+def _live_seq(con: sqlite3.Connection, metadata_segment: str) -> dict[str, int]:
+    """Live id -> sequence id of the last write the metadata segment applied to it."""
+    return {r[0]: _seq(r[1]) for r in con.execute(
+        "SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ?", (metadata_segment,)
+    )}
 
 
 def _live_ids(con: sqlite3.Connection, metadata_segment: str) -> list[str]:
@@ -329,7 +350,8 @@ def _plan(con: sqlite3.Connection, c: CollectionReport) -> tuple[CollectionRepor
     )
     need: list[str] | None = None
     if c.metadata_segment_id:
-        in_wal, _ = _wal_vectors(con, c.id)
+        live = _live_seq(con, c.metadata_segment_id)
+        in_wal, _ = _wal_vectors(con, c.id, live)
         need = [i for i in _live_ids(con, c.metadata_segment_id) if i not in in_wal]
     cr.wal_covers_all = not need
     return c, (need or None), cr
@@ -350,12 +372,12 @@ def _salvage_one(
         ids = [s.ids[i] for i in keep]
         vecs = s.vectors[keep] if keep else np.zeros((0, s.vectors.shape[1] if s.vectors.ndim == 2 else 0), np.float32)
     # A newer vector from a WAL UPDATE beats the index's copy of the same id.
-    _, updated = _wal_vectors(con, c.id)
+    _, updated = _wal_vectors(con, c.id, _live_seq(con, c.metadata_segment_id or ""))
     fresh = [i for i in need if i in updated and (c.dimension is None or updated[i].size == c.dimension)]
     if fresh:
         fset = set(fresh)
         keep_rows = [k for k, x in enumerate(ids) if x not in fset]
-        dim = fresh and updated[fresh[0]].size
+        dim = int(updated[fresh[0]].size)
         base_vecs = vecs[keep_rows] if len(keep_rows) else np.zeros((0, dim), np.float32)
         ids = [ids[k] for k in keep_rows] + fresh
         vecs = np.concatenate([base_vecs.reshape(-1, dim), np.stack([updated[i] for i in fresh])]).astype(np.float32)

@@ -528,11 +528,16 @@ def _check_collection(
 def _wal_uncovered(con: sqlite3.Connection, metadata_segment: str, topic: str) -> int:
     """Live records the WAL cannot rebuild (the WAL is a suffix: FACTS §2).
 
-    Only ADD (0) and UPSERT (2) rows count: replaying an UPDATE (1) onto an index that lacks
-    the id is a no-op (measured: updated ids whose ADD was purged were not rebuilt).
+    A record is covered only when the write that made its current version (the row whose
+    sequence id the metadata segment stored, ``embeddings.seq_id``) is an ADD (0) or UPSERT (2)
+    with a vector still in the WAL. Replaying an UPDATE (1) onto an index that lacks the id is a
+    no-op (measured: updated ids whose ADD was purged were not rebuilt), and an ADD row of an id
+    that already existed was ignored by the metadata segment but is applied by a rebuild: the
+    record would come back with that ignored write's vector (issue 7).
     """
     return int(con.execute(
-        "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND e.embedding_id NOT IN "
-        "(SELECT id FROM embeddings_queue WHERE topic = ? AND operation IN (0, 2) AND vector IS NOT NULL)",
+        "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND NOT EXISTS "
+        "(SELECT 1 FROM embeddings_queue q WHERE q.seq_id = e.seq_id AND q.topic = ? "
+        "AND q.id = e.embedding_id AND q.operation IN (0, 2) AND q.vector IS NOT NULL)",
         (metadata_segment, topic),
     ).fetchone()[0])
