@@ -749,6 +749,7 @@ def salvage_vectors(
     space: str,
     dim: int | None = None,
     m: int = 16,
+    label_map_file: str | os.PathLike[str] | None = None,
 ) -> Salvage:
     """Read every structurally intact, live vector from a segment and map it to its id.
 
@@ -762,6 +763,13 @@ def salvage_vectors(
         space: ``"l2"``, ``"cosine"`` or ``"ip"``.
         dim: Collection dimension (fallback when the header is unusable).
         m: HNSW ``M`` (fallback when the header is unusable).
+        label_map_file: An older copy of this segment's ``index_metadata.pickle``, used when
+            the segment's own pickle is unreadable. chromadb 1.5.9 rewrites the pickle in place
+            (truncate, then write, no fsync), so a kill in between leaves it empty and every
+            label unmappable (issue 7 soak: 664 records). An older map is safe for the labels
+            it has: labels are never reassigned (updates keep their label, a re-add gets a new
+            one, measured), and a deleted element's slot is skipped by its flag; labels newer
+            than the copy stay unmapped (``Salvage.unmapped_labels``).
 
     Returns:
         A :class:`Salvage`; empty when the pickle is unreadable (labels cannot be mapped).
@@ -769,12 +777,22 @@ def salvage_vectors(
     seg = os.fspath(path)
     skipped: dict[str, int] = {}
     empty = Salvage(ids=[], vectors=np.zeros((0, dim or 0), np.float32), skipped=skipped)
-    try:
-        meta = read_index_metadata(os.path.join(seg, PICKLE_FILE))
-        label_to_id = meta["label_to_id"]
-        if not isinstance(label_to_id, dict):
-            raise ValueError("label_to_id is not a dict")
-    except Exception:  # noqa: BLE001 - untrusted file: any failure means "no mapping"
+    label_to_id: dict[Any, Any] | None = None
+    for n, source in enumerate([os.path.join(seg, PICKLE_FILE), label_map_file]):
+        if source is None:
+            continue
+        try:
+            meta = read_index_metadata(source)
+            label_to_id = meta["label_to_id"]
+            if not isinstance(label_to_id, dict):
+                raise ValueError("label_to_id is not a dict")
+        except Exception:  # noqa: BLE001 - untrusted file: any failure means "no mapping"
+            label_to_id = None
+            continue
+        if n:
+            skipped["snapshot_label_map"] = 1
+        break
+    if label_to_id is None:
         skipped["no_label_map"] = -1
         return empty
 

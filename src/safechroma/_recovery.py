@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from safechroma._hnsw import salvage_vectors
+from safechroma._hnsw import PICKLE_FILE, read_index_metadata, salvage_vectors
 from safechroma._validate import (
     SQLITE_FILE,
     CollectionReport,
@@ -58,6 +58,7 @@ __all__ = [
     "keep_full_wal",
     "pending_salvage_files",
     "repair_directory",
+    "snapshot_label_maps",
     "wal_purge_enabled",
 ]
 
@@ -365,7 +366,9 @@ def _salvage_one(
     vecs = np.zeros((0, c.dimension or 0), np.float32)
     skipped: dict[str, int] = {}
     if os.path.isdir(seg):
-        s = salvage_vectors(seg, space=c.space, dim=c.dimension, m=c.max_neighbors)
+        snap = _label_map_path(root, c.segment_id or "")
+        s = salvage_vectors(seg, space=c.space, dim=c.dimension, m=c.max_neighbors,
+                            label_map_file=snap if os.path.isfile(snap) else None)
         skipped = s.skipped
         wanted = set(need)
         keep = [i for i, x in enumerate(s.ids) if x in wanted]
@@ -401,6 +404,52 @@ def _salvage_one(
     }
     _write_atomic(base + ".json", json.dumps(side).encode())
     cr.salvage_file = base + ".npz"
+
+
+def _label_map_path(root: str, segment_id: str) -> str:
+    return os.path.join(root, STATE_DIR, "labelmaps", f"{segment_id}.pickle")
+
+
+def snapshot_label_maps(
+    path: str | os.PathLike[str], report: DirectoryReport | None = None
+) -> list[str]:
+    """Keep a copy of each healthy index's label map (``index_metadata.pickle``).
+
+    chromadb 1.5.9 rewrites the pickle in place (truncate, write, no fsync): a kill in between
+    leaves it empty, and with the WAL purged every flushed record then has a vector on disk that
+    nothing maps to its id (issue 7 soak: one torn pickle, 664 of 1000 records lost). Repair
+    falls back to this copy (:func:`safechroma._hnsw.salvage_vectors`): labels are never
+    reassigned, so an older map is right for every label it has. Call it after a healthy check
+    with the directory owned (the supervisor does, before a worker starts). Writes only under
+    ``<path>/.safechroma/labelmaps``; a copy is refreshed only when the pickle changed.
+
+    Returns:
+        The copies written.
+    """
+    root = os.fspath(path)
+    if report is None:
+        report = check_directory(root, deep=False)
+    written: list[str] = []
+    for c in report.collections:
+        if c.status != "healthy" or not c.segment_path or not c.segment_id:
+            continue
+        src = os.path.join(c.segment_path, PICKLE_FILE)
+        dest = _label_map_path(root, c.segment_id)
+        try:
+            st = os.stat(src)
+            old = os.stat(dest) if os.path.exists(dest) else None
+            if old is not None and (old.st_size, old.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                continue
+            with open(src, "rb") as f:
+                data = f.read()
+            read_index_metadata(src)  # never keep a copy that does not parse
+        except Exception:  # noqa: BLE001 - no pickle yet, or unreadable: keep the last good copy
+            continue
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _write_atomic(dest, data)
+        os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
+        written.append(dest)
+    return written
 
 
 def pending_salvage_files(path: str | os.PathLike[str]) -> list[str]:
