@@ -532,11 +532,19 @@ def apply_salvage(
             reembedded += len(batch)
         done = {r["id"] for r in todo}
         not_recovered = [r for r in not_recovered if r["id"] not in done]
+    saved = salvage_file + ".removed.json"
+    if os.path.exists(saved):
+        # A previous attempt was cut short after deleting some: they are no longer live, so
+        # keep its list (its records were saved before they were deleted).
+        with open(saved, "rb") as f:
+            earlier = [r for r in json.loads(f.read()) if isinstance(r, dict) and "id" in r]
+        now = {r["id"] for r in not_recovered}
+        not_recovered = [r for r in earlier if r["id"] not in now] + not_recovered
     if not_recovered:
         # No vector anywhere: save document and metadata beside the salvage file first, then
         # delete through Chroma so that the collection is consistent (a get no longer fails on
         # them and the next check is clean). These are exactly the records to re-add.
-        _write_atomic(salvage_file + ".removed.json", json.dumps(not_recovered).encode())
+        _write_atomic(saved, json.dumps(not_recovered).encode())
         removed = [r["id"] for r in not_recovered]
         for s in range(0, len(removed), batch_size):
             col.delete(ids=removed[s : s + batch_size])
