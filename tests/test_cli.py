@@ -93,3 +93,21 @@ def test_repair_then_check_healthy(damaged_dir: str) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert "REPAIRED" in p.stdout and "after repair: healthy" in p.stdout
     assert main(["check", damaged_dir]) == 0
+
+
+def test_repair_that_had_to_remove_records_says_so_and_exits_1(
+    healthy_dir: str, tmp_path: Path
+) -> None:
+    """Records whose vectors exist nowhere (index zeroed, WAL purged) are removed and saved;
+    the repair reports them and exits 1 although the directory is healthy again."""
+    d = str(tmp_path / "z")
+    shutil.copytree(healthy_dir, d)
+    cd.corrupt(d, "data_zeroed")
+    p = subprocess.run([sys.executable, "-m", "safechroma", "repair", d],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "removed" in p.stdout and ".removed.json" in p.stdout
+    assert "after repair: healthy" in p.stdout
+    saved = [f for f in Path(d, ".safechroma", "backups").rglob("*.removed.json")]
+    assert saved and saved[0].stat().st_size > 0
+    assert main(["check", d]) == 0

@@ -74,7 +74,8 @@ def test_repair_recovers_or_names_the_lost(base: dict[str, str], tmp_path: Path,
     out = json.loads(p.stdout)
     lost = {r["id"] for s in out["applied"] for r in s["not_recovered"]}
     assert lost == set(out["repair"]["collections"][0]["not_recovered"])
-    assert p.returncode == 0, p.stdout + p.stderr
+    # Exit 1 exactly when records had to be removed (saved for re-adding), else 0.
+    assert p.returncode == (1 if lost else 0), p.stdout + p.stderr
     assert out["after"]["status"] == "healthy"
     res = cd.verify_dir(d, SPECS[spec])["coll"]
     # Every record is present with its document and vector, except the named ids: their vector
@@ -184,7 +185,7 @@ def test_repair_leaves_no_id_chroma_cannot_find(base: dict[str, str], tmp_path: 
     cd.corrupt(d, "segment_deleted")
     assert check_directory(d).status == "damaged"
     p = _cli("repair", d, "--json")
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 1, p.stdout + p.stderr  # records had to be removed: exit 1
     out = json.loads(p.stdout)
     (applied,) = out["applied"]
     lost = set(applied["removed"])
@@ -233,7 +234,7 @@ def test_torn_pickle_salvaged_through_the_label_map_snapshot(base: dict[str, str
     Path(seg, "index_metadata.pickle").write_bytes(b"")  # truncated, never rewritten
     assert check_directory(d).status == "damaged"
     p = _cli("repair", d, "--json")
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 1, p.stdout + p.stderr  # records had to be removed: exit 1
     out = json.loads(p.stdout)
     lost = set(out["applied"][0]["removed"])
     # The flush at 700 purged the WAL below it; labels 601..700 are newer than the snapshot.

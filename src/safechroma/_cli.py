@@ -1,6 +1,7 @@
 """``safechroma`` command line: check, repair, info, demo. The only module that prints.
 
-Exit codes: 0 healthy / done, 1 damaged (``check``) or repair incomplete, 2 cannot check
+Exit codes: 0 healthy / done, 1 damaged (``check``), repair incomplete, or records removed by
+the repair (their vectors existed nowhere; saved for re-adding), 2 cannot check
 (not a Chroma directory, SQLite busy, directory locked by another process).
 """
 
@@ -123,7 +124,11 @@ def _cmd_repair(a: argparse.Namespace) -> int:
             for c in rep.collections:
                 print(f"  {c.name}: {', '.join(c.reasons)} -> {c.action}; WAL covers all: {c.wal_covers_all}; salvaged {c.salvaged}; not recoverable {len(c.not_recovered)}")
             for s in applied:
-                print(f"  wrote back {s['recovered']} vectors to {s['collection']}; {len(s['not_recovered'])} need re-embedding")
+                removed = s.get("removed") or []
+                print(f"  wrote back {s['recovered']} vectors to {s['collection']}; "
+                      f"{s.get('reembedded', 0)} re-embedded; {len(removed)} removed "
+                      f"(their vectors exist nowhere; documents and metadata saved in "
+                      f"{s['salvage_file']}.removed.json: re-add them with embeddings)")
                 for r in s["not_recovered"][:10]:
                     print(f"      {r['id']}: {str(r['document'])[:60]!r}")
             if after is not None:
@@ -132,6 +137,8 @@ def _cmd_repair(a: argparse.Namespace) -> int:
             return 1
         if after is not None and after.status != "healthy":
             return 1
+        if any(s.get("removed") for s in applied):
+            return 1  # healthy again, but records are gone until the caller re-adds them
         return 0
     finally:
         os.close(fd)

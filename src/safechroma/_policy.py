@@ -71,7 +71,15 @@ def default_validator(ctx: HookContext) -> Any:
     """The built-in validator: :func:`safechroma.check_directory` on ``ctx.path``."""
     from ._validate import check_directory
 
-    return check_directory(ctx.path)
+    report = check_directory(ctx.path)
+    if report.healthy:
+        # chromadb 1.5.9 rewrites index_metadata.pickle in place (truncate, then write): a kill
+        # mid-flush can leave it empty, and with the WAL purged nothing else maps labels to
+        # ids. Repair then maps labels through this copy of the last healthy map.
+        from ._recovery import snapshot_label_maps
+
+        snapshot_label_maps(ctx.path, report)
+    return report
 
 
 def default_recovery(ctx: HookContext) -> Any:
@@ -137,7 +145,9 @@ class Options:
             one idle process (~80 MB RSS).
         reembed: an embedding function (``documents -> embeddings``) that recovery uses, in the
             worker, to re-embed the records whose vectors could not be salvaged. None: such
-            records are only reported (``not_recovered`` in the ``salvage_applied`` event).
+            records are saved (document and metadata) to ``<salvage>.removed.json`` in the
+            backup and deleted, so Chroma keeps serving the rest (``not_recovered`` and
+            ``removed`` in the ``salvage_applied`` event name them).
         worker_init: a callable run in each new worker before it opens the directory (logging,
             environment); carried by cloudpickle.
         on_event: called with each :class:`Event` (in the thread that observed it).
