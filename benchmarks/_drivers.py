@@ -31,7 +31,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _sysinfo import NetAudit, alive, cmdline, descendants, inet_endpoints, non_loopback, proc_status
+from _sysinfo import (
+    NetAudit,
+    alive,
+    cmdline,
+    descendants,
+    inet_endpoints,
+    non_loopback,
+    proc_status,
+)
 from _workload import DIMS, OP_BY_NAME, Call, collection_name, make_call, result_bytes
 
 ONESHOT = str(Path(__file__).resolve().parent / "_oneshot.py")
@@ -274,15 +282,17 @@ class SafechromaMode(Mode):
                         errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}"[:300])
                 t1 = time.perf_counter_ns()
                 st = client.stats()
-                trials.append({
-                    "ns": t1 - t0,
-                    "answered": answered,
-                    "errors_before_answer": errors,
-                    "old_pid": old,
-                    "new_pid": st.worker_pid,
-                    "respawns": st.respawns,
-                    "deaths": dict(st.deaths),
-                })
+                trials.append(
+                    {
+                        "ns": t1 - t0,
+                        "answered": answered,
+                        "errors_before_answer": errors,
+                        "old_pid": old,
+                        "new_pid": st.worker_pid,
+                        "respawns": st.respawns,
+                        "deaths": dict(st.deaths),
+                    }
+                )
             finally:
                 client.close()
         return {"trials": trials}
@@ -301,7 +311,9 @@ class ProcessPerCallMode(Mode):
         t0 = time.perf_counter_ns()
         blob = pickle.dumps((self.path, call.collection, method, kwargs), protocol=5)
         proc = subprocess.Popen(
-            [sys.executable, ONESHOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, ONESHOT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         try:
@@ -328,7 +340,11 @@ class ProcessPerCallMode(Mode):
 
     def run(self, op: str, rnd: int, reps: int, tag: str = "") -> dict[str, Any]:
         out: dict[str, list[Any]] = {
-            "ns": [], "transport_ns": [], "bytes_out": [], "payload": [], "exit_ns": [],
+            "ns": [],
+            "transport_ns": [],
+            "bytes_out": [],
+            "payload": [],
+            "exit_ns": [],
             "breakdown": [],
         }
         for rep in range(reps):
@@ -389,12 +405,16 @@ def available(mode: str) -> str | None:
         try:
             out = subprocess.run(
                 [sys.executable, "-c", "from safechroma import SafeClient, SafeCollection"],
-                capture_output=True, text=True, timeout=120,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
         except subprocess.TimeoutExpired:
             return "importing safechroma timed out"
         if out.returncode != 0:
-            return "cannot import SafeClient from safechroma: " + out.stderr.strip().splitlines()[-1]
+            return (
+                "cannot import SafeClient from safechroma: " + out.stderr.strip().splitlines()[-1]
+            )
     return None
 
 
@@ -402,9 +422,8 @@ def build_main(path: str, records: int) -> None:
     """Build the master data set: one collection per dimension, ``records`` each (spawned child)."""
     os.environ["ANONYMIZED_TELEMETRY"] = "False"
     import chromadb
-    from chromadb.config import Settings
-
     from _workload import dataset_batches
+    from chromadb.config import Settings
 
     client = chromadb.PersistentClient(path=path, settings=Settings(anonymized_telemetry=False))
     for dim in DIMS:

@@ -30,7 +30,9 @@ def main() -> None:
 
     t1 = time.perf_counter_ns()
     client = chromadb.PersistentClient(path=path, settings=Settings(anonymized_telemetry=False))
-    target = client if collection is None else client.get_collection(collection, embedding_function=None)
+    target = (
+        client if collection is None else client.get_collection(collection, embedding_function=None)
+    )
     t2 = time.perf_counter_ns()
     result = getattr(target, method)(**kwargs)
     t3 = time.perf_counter_ns()

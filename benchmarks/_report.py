@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from _workload import OPS
 
 MODE_ORDER = ("direct", "safechroma", "http", "process-per-call")
@@ -31,7 +30,9 @@ def _summ(ns: list[int]) -> dict[str, Any]:
     }
 
 
-def _round_ratios(mode_rounds: dict[int, list[int]], direct_rounds: dict[int, list[int]]) -> list[float]:
+def _round_ratios(
+    mode_rounds: dict[int, list[int]], direct_rounds: dict[int, list[int]]
+) -> list[float]:
     """Per round: this mode's median in the round / direct's median in that round."""
     return [
         float(np.median(v) / np.median(direct_rounds[r]))
@@ -101,7 +102,9 @@ def _bulk(raw: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         if not slot or not slot.get("transport_ns"):
             continue
         moved = slot["bytes_out"] if direction == "worker->caller" else slot["payload"]
-        rates = [b / t for b, t in zip(moved, slot["transport_ns"]) if t > 0 and b > 0]  # B/ns = GB/s
+        rates = [
+            b / t for b, t in zip(moved, slot["transport_ns"], strict=False) if t > 0 and b > 0
+        ]  # B/ns = GB/s
         if not rates:
             continue
         out[op_name] = {
@@ -124,7 +127,9 @@ def _summaries(results: dict[str, Any]) -> dict[str, Any]:
         }
     opened = results.get("open", {})
     out.setdefault("startup", {})["first_open_in_run_ms"] = {
-        m: v["open_to_first_count_ns"] / 1e6 for m, v in opened.items() if "open_to_first_count_ns" in v
+        m: v["open_to_first_count_ns"] / 1e6
+        for m, v in opened.items()
+        if "open_to_first_count_ns" in v
     }
     if "http" in opened and "server_listen_ns" in opened["http"]:
         out["startup"]["http_server_listen_ms"] = opened["http"]["server_listen_ns"] / 1e6
@@ -134,20 +139,28 @@ def _summaries(results: dict[str, Any]) -> dict[str, Any]:
         out["crash"] = {
             **_summ(ns),
             "all_answered": all(t["answered"] is not None for t in crash["trials"]),
-            "new_worker_each_time": all(t["new_pid"] not in (None, t["old_pid"]) for t in crash["trials"]),
+            "new_worker_each_time": all(
+                t["new_pid"] not in (None, t["old_pid"]) for t in crash["trials"]
+            ),
             "calls_that_raised": sum(len(t["errors_before_answer"]) for t in crash["trials"]),
         }
     rss = results.get("rss", {})
     mem: dict[str, Any] = {}
     for mode, r in rss.items():
-        row: dict[str, Any] = {"caller_mib": r["caller"].get("VmRSS", 0) / MiB,
-                               "caller_peak_mib": r["caller"].get("VmHWM", 0) / MiB,
-                               "caller_at_start_mib": r.get("start", {}).get("VmRSS", 0) / MiB}
+        row: dict[str, Any] = {
+            "caller_mib": r["caller"].get("VmRSS", 0) / MiB,
+            "caller_peak_mib": r["caller"].get("VmHWM", 0) / MiB,
+            "caller_at_start_mib": r.get("start", {}).get("VmRSS", 0) / MiB,
+        }
         kids = r.get("children", [])
         if kids:
             row["children"] = [
-                {"role": k["role"], "mib": k.get("VmRSS", 0) / MiB, "peak_mib": k.get("VmHWM", 0) / MiB,
-                 "cmd": k["cmd"]}
+                {
+                    "role": k["role"],
+                    "mib": k.get("VmRSS", 0) / MiB,
+                    "peak_mib": k.get("VmHWM", 0) / MiB,
+                    "cmd": k["cmd"],
+                }
                 for k in kids
             ]
             row["children_total_mib"] = sum(k.get("VmRSS", 0) for k in kids) / MiB
@@ -162,11 +175,19 @@ def _summaries(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _target(tid: str, what: str, measured: float | None, goal: float, unit: str, upper: bool,
-            note: str = "") -> dict[str, Any]:
+def _target(
+    tid: str, what: str, measured: float | None, goal: float, unit: str, upper: bool, note: str = ""
+) -> dict[str, Any]:
     """A target verdict; ``upper`` means measured must be <= goal, else >= goal."""
-    t: dict[str, Any] = {"id": tid, "what": what, "goal": goal, "unit": unit,
-                         "rule": "<=" if upper else ">=", "measured": measured, "note": note}
+    t: dict[str, Any] = {
+        "id": tid,
+        "what": what,
+        "goal": goal,
+        "unit": unit,
+        "rule": "<=" if upper else ">=",
+        "measured": measured,
+        "note": note,
+    }
     if measured is None:
         t["verdict"] = "N/A"
         t["margin"] = "not measured"
@@ -201,8 +222,16 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for op in SMALL_OPS:
         s = mode(op, "safechroma")
         tr = s["transport_us"]["median"] if s and "transport_us" in s else None
-        out.append(_target(f"transport_{op}", f"transport cost of {ops[op]['label']} (median)",
-                           tr, 100.0, "us", True))
+        out.append(
+            _target(
+                f"transport_{op}",
+                f"transport cost of {ops[op]['label']} (median)",
+                tr,
+                100.0,
+                "us",
+                True,
+            )
+        )
     for op, goal in (("query1", 10.0), ("add384", 3.0), ("add1536", 3.0)):
         s = mode(op, "safechroma")
         slower = (s["ratio_to_direct"] - 1) * 100 if s and "ratio_to_direct" in s else None
@@ -210,10 +239,21 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         note = ""
         if paired:
             rr = s["round_ratios"]
-            note = (f"paired per-round ratio {(paired - 1) * 100:+.1f}%, rounds range "
-                    f"{(min(rr) - 1) * 100:+.1f}% .. {(max(rr) - 1) * 100:+.1f}% (n={len(rr)})")
-        out.append(_target(f"slowdown_{op}", f"{ops[op]['label']} slower than direct (median)",
-                           slower, goal, "%", True, note))
+            note = (
+                f"paired per-round ratio {(paired - 1) * 100:+.1f}%, rounds range "
+                f"{(min(rr) - 1) * 100:+.1f}% .. {(max(rr) - 1) * 100:+.1f}% (n={len(rr)})"
+            )
+        out.append(
+            _target(
+                f"slowdown_{op}",
+                f"{ops[op]['label']} slower than direct (median)",
+                slower,
+                goal,
+                "%",
+                True,
+                note,
+            )
+        )
     # HttpClient's added latency over direct, divided by safechroma's. safechroma's is its
     # transport cost, measured call by call (what it adds: the Chroma work is the same); http's
     # can only be read as median(http) - median(direct). The median difference for safechroma is
@@ -226,28 +266,62 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         s_added = s["transport_us"]["median"] / 1e3
         tot_h += h["added_ms"]
         tot_s += s_added
-        out.append(_target(f"vs_http_{op}", f"HttpClient added latency / safechroma's, {ops[op]['label']}",
-                           h["added_ms"] / s_added, 5.0, "x", False,
-                           f"http +{h['added_ms'] * 1e3:.0f} us; safechroma transport {s_added * 1e3:.0f} us "
-                           f"(median difference to direct {s.get('added_ms', 0) * 1e3:+.0f} us)"))
+        out.append(
+            _target(
+                f"vs_http_{op}",
+                f"HttpClient added latency / safechroma's, {ops[op]['label']}",
+                h["added_ms"] / s_added,
+                5.0,
+                "x",
+                False,
+                f"http +{h['added_ms'] * 1e3:.0f} us; safechroma transport {s_added * 1e3:.0f} us "
+                f"(median difference to direct {s.get('added_ms', 0) * 1e3:+.0f} us)",
+            )
+        )
     if tot_s:
-        out.append(_target("vs_http_small", "HttpClient added latency / safechroma's, sum of the "
-                           f"{len(VS_HTTP_OPS)} small calls", tot_h / tot_s, 5.0, "x", False,
-                           f"http +{tot_h * 1e3:.0f} us, safechroma +{tot_s * 1e3:.0f} us"))
+        out.append(
+            _target(
+                "vs_http_small",
+                "HttpClient added latency / safechroma's, sum of the "
+                f"{len(VS_HTTP_OPS)} small calls",
+                tot_h / tot_s,
+                5.0,
+                "x",
+                False,
+                f"http +{tot_h * 1e3:.0f} us, safechroma +{tot_s * 1e3:.0f} us",
+            )
+        )
     bulk = results.get("bulk", {})
     for op in ("get_bulk_emb", "add1536"):
         b = bulk.get(op)
-        out.append(_target(f"bulk_{op}", f"bulk arrays, {b['direction'] if b else op}: {ops.get(op, {}).get('label', op)}",
-                           b["gb_per_s_median"] if b else None, 2.0, "GB/s", False,
-                           f"{b['mib_per_call']:.1f} MiB per call" if b else ""))
+        out.append(
+            _target(
+                f"bulk_{op}",
+                f"bulk arrays, {b['direction'] if b else op}: {ops.get(op, {}).get('label', op)}",
+                b["gb_per_s_median"] if b else None,
+                2.0,
+                "GB/s",
+                False,
+                f"{b['mib_per_call']:.1f} MiB per call" if b else "",
+            )
+        )
     crash = results.get("summary", {}).get("crash")
-    out.append(_target("crash_to_served", "SIGKILLed worker replaced, next count() answered (max of trials)",
-                       crash["max_ms"] / 1e3 if crash else None, 0.3, "s", True,
-                       f"median {crash['median_ms']:.0f} ms over {crash['n']} trials" if crash else ""))
+    out.append(
+        _target(
+            "crash_to_served",
+            "SIGKILLed worker replaced, next count() answered (max of trials)",
+            crash["max_ms"] / 1e3 if crash else None,
+            0.3,
+            "s",
+            True,
+            f"median {crash['median_ms']:.0f} ms over {crash['n']} trials" if crash else "",
+        )
+    )
     return out
 
 
 # --- output ------------------------------------------------------------------------------------
+
 
 def _ms(v: float) -> str:
     if v >= 100:
@@ -266,37 +340,63 @@ def markdown(results: dict[str, Any]) -> str:
     L: list[str] = []
     L.append("# safechroma benchmark results\n")
     L.append(f"Command: `{cfg['command']}`  ")
-    L.append(f"Run: {results.get('finished', '')}, {results['duration_seconds']:.0f} s; "
-             f"{cfg['records']} records per collection, {cfg['rounds']} rounds, "
-             f"{cfg['reps_fast_ops']} calls per mode per round for fast ops; slow ops (bulk get, add, "
-             f"upsert) once per mode in {cfg['slow_rounds']} round(s); process-per-call in "
-             f"{cfg['ppc_rounds']} round(s) ({cfg['ppc_reps_fast_ops']} calls per fast op).\n")
+    L.append(
+        f"Run: {results.get('finished', '')}, {results['duration_seconds']:.0f} s; "
+        f"{cfg['records']} records per collection, {cfg['rounds']} rounds, "
+        f"{cfg['reps_fast_ops']} calls per mode per round for fast ops; slow ops (bulk get, add, "
+        f"upsert) once per mode in {cfg['slow_rounds']} round(s); process-per-call in "
+        f"{cfg['ppc_rounds']} round(s) ({cfg['ppc_reps_fast_ops']} calls per fast op).\n"
+    )
     L.append("## Machine\n")
     L.append("| | |\n|---|---|")
-    for k in ("cpu_model", "logical_cpus", "usable_cpus", "ram_gib", "kernel", "python", "chromadb",
-              "numpy", "safechroma", "git_commit", "src_dirty", "loadavg_start", "loadavg_end"):
+    for k in (
+        "cpu_model",
+        "logical_cpus",
+        "usable_cpus",
+        "ram_gib",
+        "kernel",
+        "python",
+        "chromadb",
+        "numpy",
+        "safechroma",
+        "git_commit",
+        "src_dirty",
+        "loadavg_start",
+        "loadavg_end",
+    ):
         v = m.get(k)
         if isinstance(v, (list, tuple)):
             v = " / ".join(f"{x:.2f}" for x in v)
         L.append(f"| {k} | {v} |")
     L.append("")
     if results.get("skipped_modes"):
-        L.append("Skipped modes: " + "; ".join(f"{k}: {v}" for k, v in results["skipped_modes"].items()) + "\n")
+        L.append(
+            "Skipped modes: "
+            + "; ".join(f"{k}: {v}" for k, v in results["skipped_modes"].items())
+            + "\n"
+        )
 
     L.append("## Targets (issue 5)\n")
     L.append("| target | measured | goal | verdict | margin | note |\n|---|---|---|---|---|---|")
     for t in results["targets"]:
-        meas = "—" if t["measured"] is None else (
-            "inf" if t["measured"] == float("inf") else _fmt(t["measured"], t["unit"]))
+        meas = (
+            "—"
+            if t["measured"] is None
+            else ("inf" if t["measured"] == float("inf") else _fmt(t["measured"], t["unit"]))
+        )
         if t["unit"] == "%" and t["measured"] is not None:
             meas = f"{t['measured']:+.1f}%"
         goal = f"{t['rule']} {t['goal']:g}{'%' if t['unit'] == '%' else ' ' + t['unit']}"
-        L.append(f"| {t['what']} | {meas} | {goal} | **{t['verdict']}** | {t['margin']} | {t['note']} |")
+        L.append(
+            f"| {t['what']} | {meas} | {goal} | **{t['verdict']}** | {t['margin']} | {t['note']} |"
+        )
     L.append("")
 
     L.append("## Latency per operation\n")
-    L.append("Milliseconds, median / p95, measured by the caller around the bare call. "
-             "`x` = median / direct median (none for heartbeat: in-process it is a local call).\n")
+    L.append(
+        "Milliseconds, median / p95, measured by the caller around the bare call. "
+        "`x` = median / direct median (none for heartbeat: in-process it is a local call).\n"
+    )
     head = "| operation | " + " | ".join(modes) + " |"
     L.append(head)
     L.append("|---|" + "---|" * len(modes))
@@ -316,16 +416,27 @@ def markdown(results: dict[str, Any]) -> str:
             cells.append(c)
         L.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     L.append("")
-    ns = {op.name: results["ops"][op.name]["modes"].get("direct", {}).get("n") for op in OPS
-          if op.name in results["ops"]}
+    ns = {
+        op.name: results["ops"][op.name]["modes"].get("direct", {}).get("n")
+        for op in OPS
+        if op.name in results["ops"]
+    }
     L.append("Samples per mode: " + ", ".join(f"{k} {v}" for k, v in ns.items() if v) + ".\n")
 
-    sc = {op.name: results["ops"][op.name]["modes"].get("safechroma") for op in OPS if op.name in results["ops"]}
+    sc = {
+        op.name: results["ops"][op.name]["modes"].get("safechroma")
+        for op in OPS
+        if op.name in results["ops"]
+    }
     if any(s and "transport_us" in s for s in sc.values()):
         L.append("## safechroma: transport cost alone\n")
-        L.append("Round trip measured by the caller minus `stats().last_call_worker_seconds` "
-                 "(time inside the worker), per call.\n")
-        L.append("| operation | median us | p95 us | share of round trip | added vs direct (median) |")
+        L.append(
+            "Round trip measured by the caller minus `stats().last_call_worker_seconds` "
+            "(time inside the worker), per call.\n"
+        )
+        L.append(
+            "| operation | median us | p95 us | share of round trip | added vs direct (median) |"
+        )
         L.append("|---|---|---|---|---|")
         for op in OPS:
             s = sc.get(op.name)
@@ -333,17 +444,25 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             t = s["transport_us"]
             added = f"{s['added_ms'] * 1e3:+.0f} us" if "added_ms" in s else "—"
-            L.append(f"| {op.label} | {t['median']:.0f} | {t['p95']:.0f} | "
-                     f"{t['share_of_round_trip'] * 100:.1f}% | {added} |")
+            L.append(
+                f"| {op.label} | {t['median']:.0f} | {t['p95']:.0f} | "
+                f"{t['share_of_round_trip'] * 100:.1f}% | {added} |"
+            )
         L.append("")
     if results.get("bulk"):
         L.append("## safechroma: bulk arrays\n")
-        L.append("Bytes of embeddings moved / transport time (round trip − worker time), per call. "
-                 "`get` returns float64 arrays in chromadb 1.5.9; `add` sends float32.\n")
-        L.append("| operation | direction | MiB per call | GB/s median | GB/s p5 |\n|---|---|---|---|---|")
+        L.append(
+            "Bytes of embeddings moved / transport time (round trip − worker time), per call. "
+            "`get` returns float64 arrays in chromadb 1.5.9; `add` sends float32.\n"
+        )
+        L.append(
+            "| operation | direction | MiB per call | GB/s median | GB/s p5 |\n|---|---|---|---|---|"
+        )
         for op_name, b in results["bulk"].items():
-            L.append(f"| {results['ops'][op_name]['label']} | {b['direction']} | {b['mib_per_call']:.2f} | "
-                     f"{b['gb_per_s_median']:.2f} | {b['gb_per_s_p5']:.2f} |")
+            L.append(
+                f"| {results['ops'][op_name]['label']} | {b['direction']} | {b['mib_per_call']:.2f} | "
+                f"{b['gb_per_s_median']:.2f} | {b['gb_per_s_p5']:.2f} |"
+            )
         L.append("")
 
     summ = results.get("summary", {})
@@ -352,32 +471,48 @@ def markdown(results: dict[str, Any]) -> str:
     L.append("| what | median | max | n |\n|---|---|---|---|")
     if "safechroma_open_to_first_count" in su:
         s = su["safechroma_open_to_first_count"]
-        L.append(f"| safechroma: `SafeClient(path)` to first answered `count()` | {_ms(s['median_ms'])} ms | "
-                 f"{_ms(s['max_ms'])} ms | {s['n']} |")
+        L.append(
+            f"| safechroma: `SafeClient(path)` to first answered `count()` | {_ms(s['median_ms'])} ms | "
+            f"{_ms(s['max_ms'])} ms | {s['n']} |"
+        )
         s = su["safechroma_close"]
-        L.append(f"| safechroma: `close()` | {_ms(s['median_ms'])} ms | {_ms(s['max_ms'])} ms | {s['n']} |")
+        L.append(
+            f"| safechroma: `close()` | {_ms(s['median_ms'])} ms | {_ms(s['max_ms'])} ms | {s['n']} |"
+        )
     for mode, v in su.get("first_open_in_run_ms", {}).items():
-        L.append(f"| {mode}: first client open to first `count()` in this run (cold) | {_ms(v)} ms | | 1 |")
+        L.append(
+            f"| {mode}: first client open to first `count()` in this run (cold) | {_ms(v)} ms | | 1 |"
+        )
     if "http_server_listen_ms" in su:
-        L.append(f"| http: `chroma run` spawned to listening | {_ms(su['http_server_listen_ms'])} ms | | 1 |")
+        L.append(
+            f"| http: `chroma run` spawned to listening | {_ms(su['http_server_listen_ms'])} ms | | 1 |"
+        )
     ppc = results["ops"].get("count", {}).get("modes", {}).get("process-per-call")
     if ppc:
-        L.append(f"| process-per-call: spawn to answered `count()` | {_ms(ppc['median_ms'])} ms | "
-                 f"{_ms(ppc['max_ms'])} ms | {ppc['n']} |")
+        L.append(
+            f"| process-per-call: spawn to answered `count()` | {_ms(ppc['median_ms'])} ms | "
+            f"{_ms(ppc['max_ms'])} ms | {ppc['n']} |"
+        )
     cr = summ.get("crash")
     if cr:
-        L.append(f"| safechroma: worker SIGKILLed to next `count()` answered | {_ms(cr['median_ms'])} ms | "
-                 f"{_ms(cr['max_ms'])} ms | {cr['n']} |")
+        L.append(
+            f"| safechroma: worker SIGKILLed to next `count()` answered | {_ms(cr['median_ms'])} ms | "
+            f"{_ms(cr['max_ms'])} ms | {cr['n']} |"
+        )
     L.append("")
     if cr:
-        L.append(f"Crash trials: all answered: {cr['all_answered']}; a new worker each time: "
-                 f"{cr['new_worker_each_time']}; calls that raised before the answer: "
-                 f"{cr['calls_that_raised']}.\n")
+        L.append(
+            f"Crash trials: all answered: {cr['all_answered']}; a new worker each time: "
+            f"{cr['new_worker_each_time']}; calls that raised before the answer: "
+            f"{cr['calls_that_raised']}.\n"
+        )
 
     mem = summ.get("memory", {})
     if mem:
         L.append("## Resident memory (steady state, after the rounds)\n")
-        L.append("| mode | caller RSS MiB (at start) | caller peak | other processes, RSS MiB |\n|---|---|---|---|")
+        L.append(
+            "| mode | caller RSS MiB (at start) | caller peak | other processes, RSS MiB |\n|---|---|---|---|"
+        )
         for mode in MODE_ORDER:
             r = mem.get(mode)
             if not r or "caller_mib" not in r:
@@ -388,20 +523,28 @@ def markdown(results: dict[str, Any]) -> str:
             if "server_mib" in r:
                 others.append(f"chroma run {r['server_mib']:.0f} (peak {r['server_peak_mib']:.0f})")
             if "per_call_process_peak_mib" in r:
-                others.append(f"each per-call process peaks at {r['per_call_process_peak_mib']:.0f}")
-            L.append(f"| {mode} | {r['caller_mib']:.0f} ({r['caller_at_start_mib']:.0f}) | "
-                     f"{r['caller_peak_mib']:.0f} | {'; '.join(others) or '—'} |")
+                others.append(
+                    f"each per-call process peaks at {r['per_call_process_peak_mib']:.0f}"
+                )
+            L.append(
+                f"| {mode} | {r['caller_mib']:.0f} ({r['caller_at_start_mib']:.0f}) | "
+                f"{r['caller_peak_mib']:.0f} | {'; '.join(others) or '—'} |"
+            )
         L.append("")
-        L.append("Every caller holds the same generated arrays; 'at start' is the driver before it "
-                 "imported its client library.\n")
+        L.append(
+            "Every caller holds the same generated arrays; 'at start' is the driver before it "
+            "imported its client library.\n"
+        )
 
     if ppc and "inside_ms" in ppc:
         L.append("## Process-per-call: where the time goes (count)\n")
         ins = ppc["inside_ms"]
-        L.append(f"Interpreter start {_ms(ins['start_to_request'])} ms, `import chromadb` "
-                 f"{_ms(ins['import_chromadb'])} ms, open client + collection {_ms(ins['open'])} ms, "
-                 f"the call {_ms(ins['call'])} ms; answer at {_ms(ppc['median_ms'])} ms, process exit at "
-                 f"{_ms(ppc['until_exit']['median_ms'])} ms (medians).\n")
+        L.append(
+            f"Interpreter start {_ms(ins['start_to_request'])} ms, `import chromadb` "
+            f"{_ms(ins['import_chromadb'])} ms, open client + collection {_ms(ins['open'])} ms, "
+            f"the call {_ms(ins['call'])} ms; answer at {_ms(ppc['median_ms'])} ms, process exit at "
+            f"{_ms(ppc['until_exit']['median_ms'])} ms (medians).\n"
+        )
 
     net = results.get("network", {})
     if net:
@@ -413,18 +556,30 @@ def markdown(results: dict[str, Any]) -> str:
             if att is not None:
                 line += f"; non-loopback connect/resolve attempts by the client (audit hook): {len(att)}"
             L.append(line)
-        attempts = {a for o in results["ops"].values() for a in o["modes"].get("process-per-call", {}).get("net_attempts", [])}
+        attempts = {
+            a
+            for o in results["ops"].values()
+            for a in o["modes"].get("process-per-call", {}).get("net_attempts", [])
+        }
         if "process-per-call" in modes:
-            L.append(f"- process-per-call children: non-loopback attempts (audit hook): {len(attempts)}")
+            L.append(
+                f"- process-per-call children: non-loopback attempts (audit hook): {len(attempts)}"
+            )
         sd = results.get("shutdown", {}).get("http-server")
         if sd:
-            L.append(f"- `chroma run` stopped: exit code {sd.get('returncode')}, port closed: "
-                     f"{sd.get('port_closed')}, process gone: {sd.get('process_gone')}")
-        L.append(f"- processes left behind by the suite: {len(results.get('leftover_children', []))}")
+            L.append(
+                f"- `chroma run` stopped: exit code {sd.get('returncode')}, port closed: "
+                f"{sd.get('port_closed')}, process gone: {sd.get('process_gone')}"
+            )
+        L.append(
+            f"- processes left behind by the suite: {len(results.get('leftover_children', []))}"
+        )
         sc_close = results.get("safechroma_close")
         if sc_close:
-            L.append(f"- safechroma `close()`: children left 5 s after it returned: "
-                     f"{len(sc_close.get('children_left_after_close', []))}")
+            L.append(
+                f"- safechroma `close()`: children left 5 s after it returned: "
+                f"{len(sc_close.get('children_left_after_close', []))}"
+            )
         L.append("")
 
     L.append("## Method\n")
@@ -464,27 +619,53 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     modes = [x for x in MODE_ORDER if any(x in o["modes"] for o in results["ops"].values())]
     ops = [op for op in OPS if op.name in results["ops"]]
-    colors = {"direct": "#4c72b0", "safechroma": "#55a868", "http": "#c44e52", "process-per-call": "#8172b2"}
+    colors = {
+        "direct": "#4c72b0",
+        "safechroma": "#55a868",
+        "http": "#c44e52",
+        "process-per-call": "#8172b2",
+    }
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(13, 9), gridspec_kw={"height_ratios": [3, 2]})
     width = 0.8 / len(modes)
     x = np.arange(len(ops))
     for i, mode in enumerate(modes):
-        med = [results["ops"][op.name]["modes"].get(mode, {}).get("median_ms", np.nan) for op in ops]
+        med = [
+            results["ops"][op.name]["modes"].get(mode, {}).get("median_ms", np.nan) for op in ops
+        ]
         p95 = [results["ops"][op.name]["modes"].get(mode, {}).get("p95_ms", np.nan) for op in ops]
-        err = [np.nan_to_num(np.asarray(p95) - np.asarray(med)) * 0, np.nan_to_num(np.asarray(p95) - np.asarray(med))]
-        ax1.bar(x + (i - (len(modes) - 1) / 2) * width, med, width, yerr=err, capsize=2,
-                label=mode, color=colors[mode])
+        err = [
+            np.nan_to_num(np.asarray(p95) - np.asarray(med)) * 0,
+            np.nan_to_num(np.asarray(p95) - np.asarray(med)),
+        ]
+        ax1.bar(
+            x + (i - (len(modes) - 1) / 2) * width,
+            med,
+            width,
+            yerr=err,
+            capsize=2,
+            label=mode,
+            color=colors[mode],
+        )
         if mode != "direct":
-            ratio = [np.nan if op.name in NO_RATIO else
-                     results["ops"][op.name]["modes"].get(mode, {}).get("ratio_to_direct", np.nan) for op in ops]
-            ax2.bar(x + (i - (len(modes) - 1) / 2) * width, ratio, width, color=colors[mode], label=mode)
+            ratio = [
+                np.nan
+                if op.name in NO_RATIO
+                else results["ops"][op.name]["modes"].get(mode, {}).get("ratio_to_direct", np.nan)
+                for op in ops
+            ]
+            ax2.bar(
+                x + (i - (len(modes) - 1) / 2) * width, ratio, width, color=colors[mode], label=mode
+            )
     ax1.set_yscale("log")
     ax1.set_ylabel("latency, ms (median; whisker: p95)")
     ax1.set_xticks(x, [op.label for op in ops], rotation=20, ha="right", fontsize=8)
     ax1.legend(fontsize=8)
     m = results["machine"]
-    ax1.set_title(f"safechroma vs alternatives, {results['config']['records']} records — "
-                  f"{m['cpu_model']}, {m['usable_cpus']} CPUs, chromadb {m['chromadb']}", fontsize=10)
+    ax1.set_title(
+        f"safechroma vs alternatives, {results['config']['records']} records — "
+        f"{m['cpu_model']}, {m['usable_cpus']} CPUs, chromadb {m['chromadb']}",
+        fontsize=10,
+    )
     ax1.grid(axis="y", which="both", alpha=0.3)
     ax2.axhline(1.0, color="black", lw=0.8)
     ax2.set_yscale("log")
@@ -512,7 +693,9 @@ def write_outputs(results: dict[str, Any], out: Path, chart_too: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     paths = {"md": out / "results.md", "json": out / "results.json"}
-    paths["json"].write_text(json.dumps(_finite(results), indent=1, default=str, allow_nan=False) + "\n")
+    paths["json"].write_text(
+        json.dumps(_finite(results), indent=1, default=str, allow_nan=False) + "\n"
+    )
     paths["md"].write_text(markdown(results))
     if chart_too:
         paths["png"] = out / "results.png"

@@ -43,7 +43,10 @@ def _meminfo_kib(key: str) -> int | None:
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", *args], capture_output=True, text=True, timeout=10,
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.SubprocessError):
@@ -144,6 +147,7 @@ def alive(pid: int) -> bool:
 
 # --- network: which TCP/UDP endpoints a process holds -------------------------------------------
 
+
 def _socket_inodes(pid: int) -> set[int]:
     inodes: set[int] = set()
     try:
@@ -164,7 +168,7 @@ def _decode_addr(hexaddr: str, v6: bool) -> str:
     raw = bytes.fromhex(host)
     if v6:
         # /proc/net/tcp6 prints four little-endian 32-bit words
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
         ip = str(ipaddress.IPv6Address(raw))
     else:
         ip = str(ipaddress.IPv4Address(raw[::-1]))
@@ -195,11 +199,13 @@ def inet_endpoints(pid: int) -> list[dict[str, str]]:
             if len(parts) < 10 or int(parts[9]) not in inodes:
                 continue
             v6 = proto.endswith("6")
-            found.append({
-                "proto": proto,
-                "local": _decode_addr(parts[1], v6),
-                "remote": _decode_addr(parts[2], v6),
-            })
+            found.append(
+                {
+                    "proto": proto,
+                    "local": _decode_addr(parts[1], v6),
+                    "remote": _decode_addr(parts[2], v6),
+                }
+            )
     return found
 
 

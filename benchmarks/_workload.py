@@ -93,18 +93,24 @@ def make_call(op_name: str, records: int, rnd: int, rep: int, tag: str = "") -> 
         return Call(col, "query", {"query_embeddings": q, "n_results": 10}, q.nbytes)
     if op_name == "get_bulk_emb":
         n = min(BULK_IDS, records)
-        return Call(col, "get", {"ids": [record_id(i) for i in range(n)], "include": ["embeddings"]}, 0)
+        return Call(
+            col, "get", {"ids": [record_id(i) for i in range(n)], "include": ["embeddings"]}, 0
+        )
     if op_name.startswith("add"):
         ids = [f"add{tag}-{rnd}-{rep}-{i}" for i in range(BATCH)]
         emb = rng.standard_normal((BATCH, op.dim), dtype=np.float32)
-        return Call(col, "add", {"ids": ids, "embeddings": emb}, emb.nbytes, ("delete", {"ids": ids}))
+        return Call(
+            col, "add", {"ids": ids, "embeddings": emb}, emb.nbytes, ("delete", {"ids": ids})
+        )
     if op_name.startswith("upsert"):
         # Fresh ids, deleted afterwards, like add. Upserting 1000 *existing* ids takes HNSW's
         # update path, measured at 5-7 s (384 dims) and 18-24 s (1536) per call on 10k records
         # on this machine: it would eat the time budget and says nothing more about transport.
         ids = [f"ups{tag}-{rnd}-{rep}-{i}" for i in range(BATCH)]
         emb = rng.standard_normal((BATCH, op.dim), dtype=np.float32)
-        return Call(col, "upsert", {"ids": ids, "embeddings": emb}, emb.nbytes, ("delete", {"ids": ids}))
+        return Call(
+            col, "upsert", {"ids": ids, "embeddings": emb}, emb.nbytes, ("delete", {"ids": ids})
+        )
     raise ValueError(f"unknown op {op_name!r}")
 
 

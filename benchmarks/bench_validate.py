@@ -33,7 +33,23 @@ def write_index(d: str, n: int, dim: int, seed: int = 0) -> None:
     sdpe = lab + 8
     levels = np.minimum((-np.log(rng.random(n)) / math.log(M)).astype(np.int64), 6)
     ep = int(np.argmax(levels))
-    hdr = struct.pack(HEADER_FORMAT, 1, 0, n, n, sdpe, lab, off, int(levels.max()), ep, M, max_m0, M, 1 / math.log(M), 100)
+    hdr = struct.pack(
+        HEADER_FORMAT,
+        1,
+        0,
+        n,
+        n,
+        sdpe,
+        lab,
+        off,
+        int(levels.max()),
+        ep,
+        M,
+        max_m0,
+        M,
+        1 / math.log(M),
+        100,
+    )
     with open(os.path.join(d, "header.bin"), "wb") as f:
         f.write(hdr)
     with open(os.path.join(d, "data_level0.bin"), "wb") as f:
@@ -85,11 +101,23 @@ def chroma_pickle(n: int, ids: list[str], labels: list[int]) -> bytes:
             out.append(b"".join(pairs[k : k + 1000]) + b"u(")
         return b"".join(out) + b"u"
 
-    i2l = items([s(x) + i(v) for x, v in zip(ids, labels)])
-    l2i = items([i(v) + s(x) for x, v in zip(ids, labels)])
-    return (b"\x80\x03}(" + s("dimensionality") + b"N" + s("total_elements_added") + i(n)
-            + s("max_seq_id") + b"N" + s("id_to_label") + i2l + s("label_to_id") + l2i
-            + s("id_to_seq_id") + b"}u.")
+    i2l = items([s(x) + i(v) for x, v in zip(ids, labels, strict=False)])
+    l2i = items([i(v) + s(x) for x, v in zip(ids, labels, strict=False)])
+    return (
+        b"\x80\x03}("
+        + s("dimensionality")
+        + b"N"
+        + s("total_elements_added")
+        + i(n)
+        + s("max_seq_id")
+        + b"N"
+        + s("id_to_label")
+        + i2l
+        + s("label_to_id")
+        + l2i
+        + s("id_to_seq_id")
+        + b"}u."
+    )
 
 
 def bench(n: int, dim: int, repeats: int) -> dict[str, float]:
@@ -127,19 +155,31 @@ def main() -> None:
     for n, dim, reps in ((10_000, 384, 30), (1_000_000, 128, 9), (1_000_000, 384, 5)):
         r = bench(n, dim, reps)
         rows.append((n, dim, reps, r))
-        print(f"n={n:>9,} dim={dim:>3} files={r['size_mb']:8.1f} MB  shallow median {r['shallow_median_ms']:.2f} ms p95 {r['shallow_p95_ms']:.2f} ms  "
-              f"deep median {r['deep_median_ms']:.1f} ms p95 {r['deep_p95_ms']:.1f} ms cpu {r['deep_cpu_median_ms']:.1f} ms", flush=True)
+        print(
+            f"n={n:>9,} dim={dim:>3} files={r['size_mb']:8.1f} MB  shallow median {r['shallow_median_ms']:.2f} ms p95 {r['shallow_p95_ms']:.2f} ms  "
+            f"deep median {r['deep_median_ms']:.1f} ms p95 {r['deep_p95_ms']:.1f} ms cpu {r['deep_cpu_median_ms']:.1f} ms",
+            flush=True,
+        )
     load = os.getloadavg()
-    lines = ["# check_segment timings", "", env, "",
-             f"Command: `{sys.executable} benchmarks/bench_validate.py` (synthetic hnswlib files, "
-             "page cache warm, 1 warm-up run; the pickle is laid out byte for byte as chromadb 1.5.9 writes it).", "",
-             f"Load average at the end of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (wall times include time "
-             "other processes held the CPU; the CPU column is this process's CPU time).", "",
-             "| elements | dim | files MB | runs | shallow median ms | shallow p95 ms | deep median ms | deep p95 ms | deep CPU median ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# check_segment timings",
+        "",
+        env,
+        "",
+        f"Command: `{sys.executable} benchmarks/bench_validate.py` (synthetic hnswlib files, "
+        "page cache warm, 1 warm-up run; the pickle is laid out byte for byte as chromadb 1.5.9 writes it).",
+        "",
+        f"Load average at the end of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (wall times include time "
+        "other processes held the CPU; the CPU column is this process's CPU time).",
+        "",
+        "| elements | dim | files MB | runs | shallow median ms | shallow p95 ms | deep median ms | deep p95 ms | deep CPU median ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n, dim, reps, r in rows:
-        lines.append(f"| {n:,} | {dim} | {r['size_mb']:.1f} | {reps} | {r['shallow_median_ms']:.2f} | {r['shallow_p95_ms']:.2f} "
-                     f"| {r['deep_median_ms']:.1f} | {r['deep_p95_ms']:.1f} | {r['deep_cpu_median_ms']:.1f} |")
+        lines.append(
+            f"| {n:,} | {dim} | {r['size_mb']:.1f} | {reps} | {r['shallow_median_ms']:.2f} | {r['shallow_p95_ms']:.2f} "
+            f"| {r['deep_median_ms']:.1f} | {r['deep_p95_ms']:.1f} | {r['deep_cpu_median_ms']:.1f} |"
+        )
     with open(os.path.join(os.path.dirname(__file__), "results", "validate.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

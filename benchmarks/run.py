@@ -19,7 +19,6 @@ Median and p95 after a warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shutil
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +108,21 @@ class ChromaServer:
         t0 = time.perf_counter_ns()
         # Own session: Ctrl-C in the terminal must not kill it before the drivers are closed.
         self.proc = subprocess.Popen(
-            [str(chroma), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+            [
+                str(chroma),
+                "run",
+                "--path",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
         )
         deadline = time.monotonic() + 120
         while not _sysinfo.port_open(self.port):
@@ -151,6 +161,7 @@ class ChromaServer:
 
 # --- data --------------------------------------------------------------------------------------
 
+
 def dataset(ctx: Any, records: int, cache_dir: Path | None, workdir: Path) -> tuple[Path, float]:
     """The master copy of the data (built once per records/chromadb version when cached)."""
     version = _sysinfo.machine()["chromadb"]
@@ -181,24 +192,47 @@ def dataset(ctx: Any, records: int, cache_dir: Path | None, workdir: Path) -> tu
 
 # --- the run -----------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=int, default=10_000, help="records per collection (10000)")
     p.add_argument("--rounds", type=int, help="measured rounds (full 20, quick 3)")
-    p.add_argument("--reps", type=int, help="calls per mode per round for fast ops (full 15, quick 8)")
+    p.add_argument(
+        "--reps", type=int, help="calls per mode per round for fast ops (full 15, quick 8)"
+    )
     p.add_argument("--quick", action="store_true", help="fewer rounds and trials: ~2 minutes")
-    p.add_argument("--modes", default=",".join(ALL_MODES),
-                   help=f"comma-separated subset of {','.join(ALL_MODES)}")
-    p.add_argument("--slow-rounds", type=int,
-                   help="rounds that include the slow ops: bulk get, add, upsert (full 5, quick 1)")
-    p.add_argument("--ppc-rounds", type=int, help="rounds that include process-per-call (full 1, quick 1: fast ops only)")
+    p.add_argument(
+        "--modes",
+        default=",".join(ALL_MODES),
+        help=f"comma-separated subset of {','.join(ALL_MODES)}",
+    )
+    p.add_argument(
+        "--slow-rounds",
+        type=int,
+        help="rounds that include the slow ops: bulk get, add, upsert (full 5, quick 1)",
+    )
+    p.add_argument(
+        "--ppc-rounds",
+        type=int,
+        help="rounds that include process-per-call (full 1, quick 1: fast ops only)",
+    )
     p.add_argument("--crash-trials", type=int, help="worker SIGKILL trials (full 5, quick 2)")
-    p.add_argument("--startup-trials", type=int, help="SafeClient open-to-first-count trials (full 5, quick 2)")
+    p.add_argument(
+        "--startup-trials", type=int, help="SafeClient open-to-first-count trials (full 5, quick 2)"
+    )
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the results go")
-    p.add_argument("--workdir", type=Path, help="where the per-mode copies go (default: a temp dir)")
-    p.add_argument("--cache-dir", type=Path, default=HERE / "results" / "tmp",
-                   help="keep the built master data set here between runs")
-    p.add_argument("--no-cache", action="store_true", help="build the data set afresh in the workdir")
+    p.add_argument(
+        "--workdir", type=Path, help="where the per-mode copies go (default: a temp dir)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=HERE / "results" / "tmp",
+        help="keep the built master data set here between runs",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="build the data set afresh in the workdir"
+    )
     p.add_argument("--no-chart", action="store_true", help="skip results.png")
     a = p.parse_args(argv)
     quick = a.quick
@@ -247,12 +281,21 @@ def main(argv: list[str] | None = None) -> int:
         "schema": SCHEMA_VERSION,
         "machine": _sysinfo.machine(),
         "config": {
-            "records": args.records, "rounds": args.rounds, "reps_fast_ops": args.reps,
-            "slow_rounds": min(args.slow_rounds, args.rounds), "ppc_rounds": min(args.ppc_rounds, args.rounds),
-            "ppc_reps_fast_ops": PPC_FAST_REPS, "crash_trials": args.crash_trials,
-            "startup_trials": args.startup_trials, "quick": args.quick, "modes": args.modes,
-            "batch": BATCH, "bulk_ids": BULK_IDS,
-            "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *(argv or sys.argv[1:])]),
+            "records": args.records,
+            "rounds": args.rounds,
+            "reps_fast_ops": args.reps,
+            "slow_rounds": min(args.slow_rounds, args.rounds),
+            "ppc_rounds": min(args.ppc_rounds, args.rounds),
+            "ppc_reps_fast_ops": PPC_FAST_REPS,
+            "crash_trials": args.crash_trials,
+            "startup_trials": args.startup_trials,
+            "quick": args.quick,
+            "modes": args.modes,
+            "batch": BATCH,
+            "bulk_ids": BULK_IDS,
+            "command": " ".join(
+                [Path(sys.executable).name, "benchmarks/run.py", *(argv or sys.argv[1:])]
+            ),
         },
         "skipped_modes": skipped,
         "wall_seconds": {},
@@ -265,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        master, build_s = dataset(ctx, args.records, None if args.no_cache else args.cache_dir, workdir)
+        master, build_s = dataset(
+            ctx, args.records, None if args.no_cache else args.cache_dir, workdir
+        )
         results["build_seconds"] = build_s
         copies: dict[str, Path] = {}
         for mode in args.modes:
@@ -274,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if "http" in args.modes:
             server = ChromaServer(copies["http"], workdir / "chroma-server.log")
-            log(f"chroma run listening on 127.0.0.1:{server.port} after {server.listen_ns / 1e9:.2f} s")
+            log(
+                f"chroma run listening on 127.0.0.1:{server.port} after {server.listen_ns / 1e9:.2f} s"
+            )
 
         for mode in args.modes:
             cfg = {"path": str(copies[mode]), "records": args.records}
@@ -327,7 +374,14 @@ def main(argv: list[str] | None = None) -> int:
                     slot = raw[op.name].setdefault(mode, {"rounds": {}})
                     slot["rounds"].setdefault(rnd, [])
                     slot["rounds"][rnd] += got["ns"]
-                    for key in ("ns", "transport_ns", "bytes_out", "payload", "exit_ns", "breakdown"):
+                    for key in (
+                        "ns",
+                        "transport_ns",
+                        "bytes_out",
+                        "payload",
+                        "exit_ns",
+                        "breakdown",
+                    ):
                         slot.setdefault(key, []).extend(got.get(key, []))
             log(f"round {rnd + 1}/{args.rounds} done in {time.perf_counter() - t_round:.1f} s")
 

@@ -28,13 +28,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--ids-per-thread", type=int, default=250)
     ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--faults", default=",".join(FAULT_KINDS),
-                    help=f"comma-separated subset of {','.join(FAULT_KINDS)}")
+    ap.add_argument(
+        "--faults",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated subset of {','.join(FAULT_KINDS)}",
+    )
     ap.add_argument("--out", type=Path, help="also write the report to this Markdown file")
     args = ap.parse_args()
-    cfg = SoakConfig(seconds=args.seconds, threads=args.threads,
-                     ids_per_thread=args.ids_per_thread, seed=args.seed,
-                     faults=tuple(f for f in args.faults.split(",") if f))
+    cfg = SoakConfig(
+        seconds=args.seconds,
+        threads=args.threads,
+        ids_per_thread=args.ids_per_thread,
+        seed=args.seed,
+        faults=tuple(f for f in args.faults.split(",") if f),
+    )
     with tempfile.TemporaryDirectory(prefix="safechroma-soak-") as tmp:
         report = run_soak(os.path.join(tmp, "db"), cfg)
     import chromadb

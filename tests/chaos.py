@@ -134,23 +134,47 @@ class SoakReport:
         c = self.config
         rows = [
             ("duration", f"{self.duration:.1f} s ({c.threads} workload threads + 1 injector)"),
-            ("operations", f"{self.operations} ({self.operations / max(self.duration, 1e-9):.0f}/s)"),
+            (
+                "operations",
+                f"{self.operations} ({self.operations / max(self.duration, 1e-9):.0f}/s)",
+            ),
             ("  succeeded", _counts(self.ops_ok)),
             ("  failed by a fault", _counts(self.ops_failed)),
-            ("faults injected", f"{sum(self.faults_injected.values())} ({_counts(self.faults_injected)})"),
-            ("worker deaths seen", f"{sum(self.deaths.values())} ({_counts(Counter(self.deaths))})"),
+            (
+                "faults injected",
+                f"{sum(self.faults_injected.values())} ({_counts(self.faults_injected)})",
+            ),
+            (
+                "worker deaths seen",
+                f"{sum(self.deaths.values())} ({_counts(Counter(self.deaths))})",
+            ),
             ("faults survived", str(self.faults_survived)),
             ("respawns / recoveries", f"{self.respawns} / {self.recoveries}"),
-            ("writes with outcome unknown", f"{self.unknown_writes} (applied {self.unknown_applied}, "
-             f"absent {self.unknown_absent}, unresolved {self.unknown_unresolved}, partial 0 "
-             "required)"),
-            ("records checked", f"{self.records_checked} ids ({self.records_present} present at the end)"),
-            ("query recall misses (HNSW is approximate)",
-             f"{self.recall_misses} during the run, {self.final_recall_misses} in the final check "
-             "(record stored intact, not returned first by its own vector; not a problem)"),
-            ("records lost", str(self.records_lost) if self.records_lost >= 0 else
-             "unknown: chromadb could not read the directory at the end"),
-            ("caller RSS", f"{self.rss_before_kib // 1024} MiB -> {self.rss_after_kib // 1024} MiB"),
+            (
+                "writes with outcome unknown",
+                f"{self.unknown_writes} (applied {self.unknown_applied}, "
+                f"absent {self.unknown_absent}, unresolved {self.unknown_unresolved}, partial 0 "
+                "required)",
+            ),
+            (
+                "records checked",
+                f"{self.records_checked} ids ({self.records_present} present at the end)",
+            ),
+            (
+                "query recall misses (HNSW is approximate)",
+                f"{self.recall_misses} during the run, {self.final_recall_misses} in the final check "
+                "(record stored intact, not returned first by its own vector; not a problem)",
+            ),
+            (
+                "records lost",
+                str(self.records_lost)
+                if self.records_lost >= 0
+                else "unknown: chromadb could not read the directory at the end",
+            ),
+            (
+                "caller RSS",
+                f"{self.rss_before_kib // 1024} MiB -> {self.rss_after_kib // 1024} MiB",
+            ),
             ("caller threads", f"{self.threads_before} -> {self.threads_after}"),
             ("problems", "none" if not self.problems else f"{len(self.problems)}"),
         ]
@@ -190,8 +214,9 @@ def observed_state(rid: str, doc: Any, meta: Any, vec: Any, dim: int) -> State |
         return f"{rid}: metadata {meta!r} is not version {v}'s"
     if doc != document_of(rid, v):
         return f"{rid}: document {doc!r} does not belong to version {v}"
-    if vec is None or not np.allclose(np.asarray(vec, dtype=np.float32), vector_of(rid, v, dim),
-                                      atol=1e-6):
+    if vec is None or not np.allclose(
+        np.asarray(vec, dtype=np.float32), vector_of(rid, v, dim), atol=1e-6
+    ):
         return f"{rid}: vector does not belong to version {v}"
     return v
 
@@ -210,8 +235,15 @@ def rss_kib() -> int:
 class _Thread:
     """One workload thread and its ledger."""
 
-    def __init__(self, tid: int, col: Any, cfg: SoakConfig, stop: threading.Event,
-                 report: SoakReport, lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        tid: int,
+        col: Any,
+        cfg: SoakConfig,
+        stop: threading.Event,
+        report: SoakReport,
+        lock: threading.Lock,
+    ) -> None:
         self.tid = tid
         self.col = col
         self.cfg = cfg
@@ -241,7 +273,9 @@ class _Thread:
             self._problem(f"{why}: damaged record {seen}; history {self.history[rid][-6:]}")
             return
         if seen not in self.ledger[rid]:
-            self._problem(f"{why}: {rid} is {seen!r}, ledger allows {sorted(map(str, self.ledger[rid]))}")
+            self._problem(
+                f"{why}: {rid} is {seen!r}, ledger allows {sorted(map(str, self.ledger[rid]))}"
+            )
         self.ledger[rid] = {seen}
 
     # the loop ----------------------------------------------------------------------------
@@ -249,7 +283,7 @@ class _Thread:
     def run(self) -> None:
         import safechroma
 
-        ops, weights = zip(*MIX.items())
+        ops, weights = zip(*MIX.items(), strict=False)
         while not self.stop.is_set():
             op = self.rng.choices(ops, weights)[0]
             try:
@@ -312,8 +346,9 @@ class _Thread:
             self.ledger[r] = new[r]
             self.history[r].append((op, v, outcome))
 
-    def _resolve(self, op: str, rids: list[str], old: dict[str, set[State]],
-                 new: dict[str, set[State]]) -> None:
+    def _resolve(
+        self, op: str, rids: list[str], old: dict[str, set[State]], new: dict[str, set[State]]
+    ) -> None:
         """Read back a write whose outcome is unknown: all of it applied, or none of it."""
         import safechroma
 
@@ -329,8 +364,9 @@ class _Thread:
             return  # the final check still holds the id to old | new
         seen: dict[str, State | str] = {r: None for r in rids}
         for i, rid in enumerate(got["ids"]):
-            seen[rid] = observed_state(rid, got["documents"][i], got["metadatas"][i],
-                                       got["embeddings"][i], self.cfg.dim)
+            seen[rid] = observed_state(
+                rid, got["documents"][i], got["metadatas"][i], got["embeddings"][i], self.cfg.dim
+            )
         applied = all(seen[r] in new[r] for r in rids)
         absent = all(seen[r] in old[r] for r in rids)
         if not (applied or absent):
@@ -365,8 +401,9 @@ class _Thread:
             self._problem(f"get returned duplicate ids {got['ids']}")
         seen: dict[str, State | str] = {r: None for r in rids}
         for i, rid in enumerate(got["ids"]):
-            seen[rid] = observed_state(rid, got["documents"][i], got["metadatas"][i],
-                                       got["embeddings"][i], self.cfg.dim)
+            seen[rid] = observed_state(
+                rid, got["documents"][i], got["metadatas"][i], got["embeddings"][i], self.cfg.dim
+            )
         for r in rids:
             self._observe(r, seen[r], "get")
 
@@ -379,8 +416,11 @@ class _Thread:
         rid = self.rng.choice(known)
         (v,) = self.ledger[rid]
         assert v is not None
-        res = self.col.query(query_embeddings=vector_of(rid, v, self.cfg.dim)[None, :],
-                             n_results=3, include=["distances"])
+        res = self.col.query(
+            query_embeddings=vector_of(rid, v, self.cfg.dim)[None, :],
+            n_results=3,
+            include=["distances"],
+        )
         self._tally("ops_ok", "query")
         if res["ids"][0] and res["ids"][0][0] == rid and res["distances"][0][0] <= 1e-4:
             return
@@ -389,15 +429,18 @@ class _Thread:
         got = self.col.get(ids=[rid], include=["documents", "metadatas", "embeddings"])
         seen: State | str = None
         if got["ids"]:
-            seen = observed_state(rid, got["documents"][0], got["metadatas"][0],
-                                  got["embeddings"][0], self.cfg.dim)
+            seen = observed_state(
+                rid, got["documents"][0], got["metadatas"][0], got["embeddings"][0], self.cfg.dim
+            )
         if not isinstance(seen, str) and seen in self.ledger[rid] and seen is not None:
             with self.lock:
                 self.report.recall_misses += 1
             self.ledger[rid] = {seen}
             return
-        self._problem(f"query by {rid}'s own vector found {res['ids'][0]} {res['distances'][0]}, "
-                      f"and get shows it {seen!r}")
+        self._problem(
+            f"query by {rid}'s own vector found {res['ids'][0]} {res['distances'][0]}, "
+            f"and get shows it {seen!r}"
+        )
         self._observe(rid, seen, "get after a query miss")
 
     def _count(self) -> None:
@@ -421,17 +464,28 @@ def _our_child(pid: int | None) -> bool:
         return False
 
 
-def _inject(client: Any, cfg: SoakConfig, stop: threading.Event, report: SoakReport,
-            lock: threading.Lock, last_fault: list[float]) -> None:
+def _inject(
+    client: Any,
+    cfg: SoakConfig,
+    stop: threading.Event,
+    report: SoakReport,
+    lock: threading.Lock,
+    last_fault: list[float],
+) -> None:
     import faults
+
     import safechroma
 
     kinds = tuple(k for k in cfg.faults if k)
     if not kinds:
         return  # the control run: rng.choice(()) would raise IndexError in this thread
     rng = random.Random(cfg.seed * 7919)
-    signals = {"SIGKILL": signal.SIGKILL, "SIGSEGV": signal.SIGSEGV, "SIGBUS": signal.SIGBUS,
-               "SIGSTOP": signal.SIGSTOP}
+    signals = {
+        "SIGKILL": signal.SIGKILL,
+        "SIGSEGV": signal.SIGSEGV,
+        "SIGBUS": signal.SIGBUS,
+        "SIGSTOP": signal.SIGSTOP,
+    }
     while not stop.wait(rng.uniform(*cfg.fault_gap)):
         kind = rng.choice(kinds)
         if kind == "hang":
@@ -481,15 +535,21 @@ def run_soak(path: str, cfg: SoakConfig) -> SoakReport:
     start = time.monotonic()
     try:
         col = client.create_collection(
-            COLLECTION, embedding_function=None,
-            configuration={"hnsw": {"sync_threshold": cfg.sync_threshold,
-                                    "batch_size": min(100, cfg.sync_threshold),
-                                    "ef_search": 200}},
+            COLLECTION,
+            embedding_function=None,
+            configuration={
+                "hnsw": {
+                    "sync_threshold": cfg.sync_threshold,
+                    "batch_size": min(100, cfg.sync_threshold),
+                    "ef_search": 200,
+                }
+            },
         )
         workers = [_Thread(t, col, cfg, stop, report, lock) for t in range(cfg.threads)]
         threads = [threading.Thread(target=w.run, name=f"soak-{w.tid}") for w in workers]
-        injector = threading.Thread(target=_inject, name="soak-injector",
-                                    args=(client, cfg, stop, report, lock, last_fault))
+        injector = threading.Thread(
+            target=_inject, name="soak-injector", args=(client, cfg, stop, report, lock, last_fault)
+        )
         for t in threads:
             t.start()
         injector.start()
@@ -526,7 +586,9 @@ def _final_check(path: str, cfg: SoakConfig, workers: list[_Thread], report: Soa
         out = os.path.join(tmp, "dump.pkl")
         proc = subprocess.run(
             [sys.executable, str(HERE / "chaos.py"), "dump", path, out],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if proc.returncode != 0:
             report.problems.append(f"chromadb could not read the directory: {proc.stderr[-2000:]}")
@@ -541,8 +603,9 @@ def _final_check(path: str, cfg: SoakConfig, workers: list[_Thread], report: Soa
         report.problems.append(f"count() says {dump['count']}, get() returned {len(ids)}")
     final: dict[str, State | str] = {}
     for i, rid in enumerate(ids):
-        final[rid] = observed_state(rid, dump["documents"][i], dump["metadatas"][i],
-                                    dump["embeddings"][i], cfg.dim)
+        final[rid] = observed_state(
+            rid, dump["documents"][i], dump["metadatas"][i], dump["embeddings"][i], cfg.dim
+        )
     ledger: dict[str, set[State]] = {}
     for w in workers:
         ledger.update(w.ledger)
@@ -557,11 +620,16 @@ def _final_check(path: str, cfg: SoakConfig, workers: list[_Thread], report: Soa
         report.records_checked += 1
         if isinstance(seen, str):
             vec = np.asarray(dump["embeddings"][ids.index(rid)], dtype=np.float32)
-            match = [v for _, v, _ in history[rid] if np.allclose(vec, vector_of(rid, v, cfg.dim),
-                                                                  atol=1e-6)]
-            report.problems.append(f"final: damaged record {seen}; its vector is that of "
-                                   f"version(s) {match or 'none written'}; "
-                                   f"history {history[rid][-6:]}")
+            match = [
+                v
+                for _, v, _ in history[rid]
+                if np.allclose(vec, vector_of(rid, v, cfg.dim), atol=1e-6)
+            ]
+            report.problems.append(
+                f"final: damaged record {seen}; its vector is that of "
+                f"version(s) {match or 'none written'}; "
+                f"history {history[rid][-6:]}"
+            )
             lost += 1
         elif seen not in possible:
             report.problems.append(f"final: {rid} is {seen!r}, ledger allows {possible}")
@@ -583,15 +651,28 @@ def dump_directory(db: str, out: str) -> None:
     got = col.get(include=["documents", "metadatas", "embeddings"])
     hits: list[str] = []
     if got["ids"]:
-        res = col.query(query_embeddings=np.asarray(got["embeddings"], dtype=np.float32),
-                        n_results=1, include=["distances"])
-        hits = [rid for rid, found, dist in zip(got["ids"], res["ids"], res["distances"])
-                if found and found[0] == rid and dist[0] <= 1e-4]
+        res = col.query(
+            query_embeddings=np.asarray(got["embeddings"], dtype=np.float32),
+            n_results=1,
+            include=["distances"],
+        )
+        hits = [
+            rid
+            for rid, found, dist in zip(got["ids"], res["ids"], res["distances"], strict=False)
+            if found and found[0] == rid and dist[0] <= 1e-4
+        ]
     with open(out, "wb") as f:
-        pickle.dump({"ids": list(got["ids"]), "documents": list(got["documents"]),
-                     "metadatas": list(got["metadatas"]),
-                     "embeddings": [np.asarray(e).tolist() for e in got["embeddings"]],
-                     "count": col.count(), "self_hits": set(hits)}, f)
+        pickle.dump(
+            {
+                "ids": list(got["ids"]),
+                "documents": list(got["documents"]),
+                "metadatas": list(got["metadatas"]),
+                "embeddings": [np.asarray(e).tolist() for e in got["embeddings"]],
+                "count": col.count(),
+                "self_hits": set(hits),
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

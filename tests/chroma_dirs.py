@@ -23,14 +23,14 @@ import json
 import os
 import pickle
 import random
-import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +86,10 @@ def _run_child(cmd: str, payload: Any, timeout: float = 600) -> Any:
     env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
     p = subprocess.run(
         [sys.executable, HERE, cmd, json.dumps(payload)],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     if p.returncode != 0:
         raise RuntimeError(f"child {cmd} failed rc={p.returncode}\n{p.stderr[-3000:]}")
@@ -122,8 +125,17 @@ def make_collection_dir(
     """Build a directory with one collection; returns its info (see :func:`build_dirs`)."""
     spec = {
         "purge_wal": purge_wal,
-        "collections": [dict(name=name, n=n, dim=dim, space=space, sync_threshold=sync_threshold,
-                             deletes=deletes, updates=updates)],
+        "collections": [
+            dict(
+                name=name,
+                n=n,
+                dim=dim,
+                space=space,
+                sync_threshold=sync_threshold,
+                deletes=deletes,
+                updates=updates,
+            )
+        ],
     }
     info: dict[str, Any] = build_dirs({dest: spec})[dest]
     info["spec"] = spec
@@ -150,7 +162,8 @@ def segment_dir(path: str, collection: str = "coll") -> str:
     try:
         row = con.execute(
             "SELECT s.id FROM segments s JOIN collections c ON s.collection = c.id "
-            "WHERE c.name = ? AND s.scope = 'VECTOR'", (collection,),
+            "WHERE c.name = ? AND s.scope = 'VECTOR'",
+            (collection,),
         ).fetchone()
     finally:
         con.close()
@@ -182,6 +195,7 @@ def _set_header_field(idx: int, fn: Callable[[list[Any]], Any]) -> Callable[[str
         h = _header(seg)
         h[idx] = fn(h)
         _write_header(seg, h)
+
     return apply
 
 
@@ -189,6 +203,7 @@ def _truncate(name: str, frac: float) -> Callable[[str, str], None]:
     def apply(root: str, seg: str) -> None:
         p = os.path.join(seg, name)
         os.truncate(p, int(os.path.getsize(p) * frac))
+
     return apply
 
 
@@ -203,6 +218,7 @@ def _overwrite(name: str, how: str) -> Callable[[str, str], None]:
             size = min(size, h[3] * h[4])
         data = bytes(size) if how == "zero" else bytes(rnd.getrandbits(8) for _ in range(size))
         _patch(p, 0, data)
+
     return apply
 
 
@@ -217,6 +233,7 @@ def _level0(field: str) -> Callable[[str, str], None]:
         else:
             _patch(p, el * sdpe, struct.pack("<H", 1))
             _patch(p, el * sdpe + 4, struct.pack("<I", cur + 1000))
+
     return apply
 
 
@@ -243,6 +260,7 @@ def _pickle(how: str) -> Callable[[str, str], None]:
             marker = os.path.join(root, "PWNED")
             with open(p, "wb") as f:
                 f.write(malicious_pickle(marker))
+
     return apply
 
 
@@ -269,7 +287,9 @@ def _sqlite_pages(root: str, seg: str) -> None:
     db = os.path.join(root, "chroma.sqlite3")
     con = sqlite3.connect(db)
     page = con.execute("PRAGMA page_size").fetchone()[0]
-    root_page = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'embeddings'").fetchone()[0]
+    root_page = con.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'embeddings'"
+    ).fetchone()[0]
     con.close()
     rnd = random.Random(7)
     _patch(db, (root_page - 1) * page, bytes(rnd.getrandbits(8) for _ in range(page)))
@@ -290,26 +310,68 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "header_truncated": Kind("header.bin cut to 50 bytes", _truncate("header.bin", 0.5), codes=("header_size",)),
-    "header_zeroed": Kind("header.bin all zero", _overwrite("header.bin", "zero"), codes=("header_version",)),
+    "header_truncated": Kind(
+        "header.bin cut to 50 bytes", _truncate("header.bin", 0.5), codes=("header_size",)
+    ),
+    "header_zeroed": Kind(
+        "header.bin all zero", _overwrite("header.bin", "zero"), codes=("header_version",)
+    ),
     "header_random": Kind("header.bin random bytes", _overwrite("header.bin", "random")),
-    "data_truncated": Kind("data_level0.bin cut in half", _truncate("data_level0.bin", 0.5), codes=("data_truncated",)),
+    "data_truncated": Kind(
+        "data_level0.bin cut in half", _truncate("data_level0.bin", 0.5), codes=("data_truncated",)
+    ),
     "data_zeroed": Kind("data_level0.bin all zero", _overwrite("data_level0.bin", "zero")),
-    "data_random": Kind("random bytes over the live elements", _overwrite("data_level0.bin", "random")),
-    "level0_neighbor_oob": Kind("a level-0 neighbour id past the end", _level0("nbr"), codes=("level0_neighbor_out_of_range",)),
-    "level0_count_huge": Kind("a level-0 link count of 65535", _level0("count"), codes=("level0_link_count",)),
-    "upper_neighbor_oob": Kind("an upper-level neighbour id past the end", _upper_oob, codes=("upper_neighbor_out_of_range",)),
+    "data_random": Kind(
+        "random bytes over the live elements", _overwrite("data_level0.bin", "random")
+    ),
+    "level0_neighbor_oob": Kind(
+        "a level-0 neighbour id past the end",
+        _level0("nbr"),
+        codes=("level0_neighbor_out_of_range",),
+    ),
+    "level0_count_huge": Kind(
+        "a level-0 link count of 65535", _level0("count"), codes=("level0_link_count",)
+    ),
+    "upper_neighbor_oob": Kind(
+        "an upper-level neighbour id past the end",
+        _upper_oob,
+        codes=("upper_neighbor_out_of_range",),
+    ),
     "links_truncated": Kind("link_lists.bin cut in half", _truncate("link_lists.bin", 0.5)),
-    "entry_point_oob": Kind("entry point past the end", _set_header_field(8, lambda h: h[3] + 5), codes=("header_entry_point",)),
-    "max_elements_lt_count": Kind("max_elements < cur_element_count", _set_header_field(2, lambda h: h[3] - 1), codes=("header_capacity",)),
-    "sdpe_too_small": Kind("size_data_per_element too small", _set_header_field(4, lambda h: h[4] - 4), codes=("header_size_data_per_element",)),
-    "pickle_deleted": Kind("index_metadata.pickle removed", _pickle("delete"), codes=("pickle_missing",)),
+    "entry_point_oob": Kind(
+        "entry point past the end",
+        _set_header_field(8, lambda h: h[3] + 5),
+        codes=("header_entry_point",),
+    ),
+    "max_elements_lt_count": Kind(
+        "max_elements < cur_element_count",
+        _set_header_field(2, lambda h: h[3] - 1),
+        codes=("header_capacity",),
+    ),
+    "sdpe_too_small": Kind(
+        "size_data_per_element too small",
+        _set_header_field(4, lambda h: h[4] - 4),
+        codes=("header_size_data_per_element",),
+    ),
+    "pickle_deleted": Kind(
+        "index_metadata.pickle removed", _pickle("delete"), codes=("pickle_missing",)
+    ),
     "pickle_garbled": Kind("index_metadata.pickle random bytes", _pickle("garble")),
-    "pickle_truncated": Kind("index_metadata.pickle cut in half", _pickle("truncate"), codes=("pickle_unreadable",)),
-    "pickle_malicious": Kind("index_metadata.pickle runs os.system", _pickle("malicious"), codes=("pickle_unsafe",)),
-    "segment_deleted": Kind("vector segment dir removed (WAL purged)", _delete_segment, codes=("segment_missing",)),
-    "sqlite_pages": Kind("embeddings table root page overwritten", _sqlite_pages, codes=("sqlite_corrupt",)),
-    "sqlite_header": Kind("SQLite file header overwritten", _sqlite_header, codes=("sqlite_corrupt",)),
+    "pickle_truncated": Kind(
+        "index_metadata.pickle cut in half", _pickle("truncate"), codes=("pickle_unreadable",)
+    ),
+    "pickle_malicious": Kind(
+        "index_metadata.pickle runs os.system", _pickle("malicious"), codes=("pickle_unsafe",)
+    ),
+    "segment_deleted": Kind(
+        "vector segment dir removed (WAL purged)", _delete_segment, codes=("segment_missing",)
+    ),
+    "sqlite_pages": Kind(
+        "embeddings table root page overwritten", _sqlite_pages, codes=("sqlite_corrupt",)
+    ),
+    "sqlite_header": Kind(
+        "SQLite file header overwritten", _sqlite_header, codes=("sqlite_corrupt",)
+    ),
 }
 
 
@@ -351,12 +413,22 @@ def make_two_writers_dir(dest: str, *, n: int = 300, dim: int = 8) -> dict[str, 
     info = make_collection_dir(dest, n=n, dim=dim, sync_threshold=100)
     env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
     a = subprocess.Popen(
-        [sys.executable, HERE, "slow_writer", json.dumps({"path": dest, "start": n, "stop": n + 200, "dim": dim})],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            HERE,
+            "slow_writer",
+            json.dumps({"path": dest, "start": n, "stop": n + 200, "dim": dim}),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert a.stdout is not None and a.stdin is not None
     assert a.stdout.readline().strip() == "READY"
-    _run_child("extend", {"path": dest, "name": "coll", "start": n + 200, "stop": n + 400, "dim": dim})
+    _run_child(
+        "extend", {"path": dest, "name": "coll", "start": n + 200, "stop": n + 400, "dim": dim}
+    )
     a.stdin.write("GO\n")
     a.stdin.close()
     a.wait(timeout=120)
@@ -385,7 +457,14 @@ def _child_build(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             con = sqlite3.connect(os.path.join(dest, "chroma.sqlite3"))
             con.execute(
                 "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, ?)",
-                (json.dumps({"automatically_purge": False, "_type": "EmbeddingsQueueConfigurationInternal"}),),
+                (
+                    json.dumps(
+                        {
+                            "automatically_purge": False,
+                            "_type": "EmbeddingsQueueConfigurationInternal",
+                        }
+                    ),
+                ),
             )
             con.commit()
             con.close()
@@ -394,7 +473,9 @@ def _child_build(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             st = c["sync_threshold"]
             col = client.create_collection(
                 c["name"],
-                configuration={"hnsw": {"space": c["space"], "sync_threshold": st, "batch_size": min(100, st)}},
+                configuration={
+                    "hnsw": {"space": c["space"], "sync_threshold": st, "batch_size": min(100, st)}
+                },
                 embedding_function=None,
             )
             vec = vectors(c["name"], c["n"], c["dim"])
@@ -402,7 +483,8 @@ def _child_build(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for s in range(0, c["n"], c["batch"]):
                 e = min(c["n"], s + c["batch"])
                 col.add(
-                    ids=ids[s:e], embeddings=vec[s:e],
+                    ids=ids[s:e],
+                    embeddings=vec[s:e],
                     documents=[f"doc {c['name']} {i}" for i in range(s, e)],
                     metadatas=[{"i": i, "name": c["name"]} for i in range(s, e)],
                 )
@@ -410,7 +492,7 @@ def _child_build(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 u = c["updates"]
                 col.update(ids=ids[:u], embeddings=vectors(c["name"], u, c["dim"], 1))
             if c["deletes"]:
-                col.delete(ids=ids[c["n"] - c["deletes"]:])
+                col.delete(ids=ids[c["n"] - c["deletes"] :])
             info["collections"][c["name"]] = {"id": str(col.id)}
         out[dest] = info
     return out
@@ -421,9 +503,12 @@ def _child_extend(p: dict[str, Any]) -> None:
     name, start, stop = p["name"], p["start"], p["stop"]
     vec = vectors(name, stop, p["dim"])
     ids = record_ids(name, stop)
-    col.add(ids=ids[start:stop], embeddings=vec[start:stop],
-            documents=[f"doc {name} {i}" for i in range(start, stop)],
-            metadatas=[{"i": i, "name": name} for i in range(start, stop)])
+    col.add(
+        ids=ids[start:stop],
+        embeddings=vec[start:stop],
+        documents=[f"doc {name} {i}" for i in range(start, stop)],
+        metadatas=[{"i": i, "name": name} for i in range(start, stop)],
+    )
 
 
 def _child_readd(p: dict[str, Any]) -> None:
@@ -432,8 +517,11 @@ def _child_readd(p: dict[str, Any]) -> None:
     name, start, stop = p["name"], p["start"], p["stop"]
     vec = vectors(name, stop, p["dim"], generation=7)
     ids = record_ids(name, stop)
-    col.add(ids=ids[start:stop], embeddings=vec[start:stop],
-            documents=[f"ignored {name} {i}" for i in range(start, stop)])
+    col.add(
+        ids=ids[start:stop],
+        embeddings=vec[start:stop],
+        documents=[f"ignored {name} {i}" for i in range(start, stop)],
+    )
 
 
 def readd_existing(dest: str, start: int, stop: int, *, dim: int = 8) -> None:
@@ -457,13 +545,15 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
         try:
             col = client.get_collection(name, embedding_function=None)
             got = col.get(include=["documents", "metadatas"])
-            docs = dict(zip(got["ids"], got["documents"] or []))
+            docs = dict(zip(got["ids"], got["documents"] or [], strict=False))
             missing = [i for i in exp["ids"] if i not in docs]
-            bad_doc = [i for i, d in zip(exp["ids"], exp["documents"]) if i in docs and docs[i] != d]
+            bad_doc = [
+                i for i, d in zip(exp["ids"], exp["documents"], strict=False) if i in docs and docs[i] != d
+            ]
             not_first: list[str] = []
             if exp["ids"]:
                 r = col.query(query_embeddings=exp["vectors"], n_results=1)
-                not_first = [i for i, hit in zip(exp["ids"], r["ids"]) if not hit or hit[0] != i]
+                not_first = [i for i, hit in zip(exp["ids"], r["ids"], strict=False) if not hit or hit[0] != i]
             # A live id with no vector makes every get that includes embeddings fail ("Error
             # finding id"); a repair must not leave one behind (issue 7).
             try:
@@ -471,8 +561,13 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
                 emb_error = None
             except Exception as e:  # noqa: BLE001 - reported to the test
                 emb_error = f"{type(e).__name__}: {e}"
-            out[name] = {"count": col.count(), "missing": missing, "bad_document": bad_doc,
-                         "not_first": not_first, "get_embeddings_error": emb_error}
+            out[name] = {
+                "count": col.count(),
+                "missing": missing,
+                "bad_document": bad_doc,
+                "not_first": not_first,
+                "get_embeddings_error": emb_error,
+            }
         except Exception as e:  # noqa: BLE001 - reported to the test, which decides
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out
@@ -480,9 +575,13 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     cmd, arg = sys.argv[1], json.loads(sys.argv[2])
-    fn = {"build": _child_build, "extend": _child_extend, "slow_writer": _child_slow_writer,
-          "readd": _child_readd,
-          "verify": _child_verify}[cmd]
+    fn = {
+        "build": _child_build,
+        "extend": _child_extend,
+        "slow_writer": _child_slow_writer,
+        "readd": _child_readd,
+        "verify": _child_verify,
+    }[cmd]
     res = fn(arg)
     print("RESULT " + json.dumps(res), flush=True)
     sys.stdout.flush()

@@ -98,7 +98,7 @@ class HashEmbedding(EmbeddingFunction[Documents]):
         return {"dim": self.dim}
 
     @staticmethod
-    def build_from_config(config: dict[str, int]) -> "HashEmbedding":
+    def build_from_config(config: dict[str, int]) -> HashEmbedding:
         return HashEmbedding(config["dim"])
 
     def is_legacy(self) -> bool:

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import chromadb.errors
+import faults
 import pytest
 from chromadb.api import AsyncClientAPI
 from chromadb.api.async_client import AsyncClient
 from chromadb.api.models.AsyncCollection import AsyncCollection
 from chromadb.api.models.Collection import Collection
+from conftest import DIM, HashEmbedding
 
-import faults
 import safechroma
 from safechroma import (
     AsyncSafeClient,
@@ -38,8 +39,6 @@ from safechroma import (
     WorkerCrashedError,
     WorkerTimeoutError,
 )
-
-from conftest import DIM, HashEmbedding, embed_text
 
 # The loop must keep running while workers crash and respawn. A heartbeat sleeping 5 ms is
 # woken late by GIL hand-offs and the scheduler; on this noisy 2-core VM tens of ms are normal,
@@ -123,8 +122,11 @@ async def wait_for_file(path: Path, limit: float = 30.0) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    sorted(n for n in dir(AsyncCollection) if not n.startswith("_")
-           and callable(getattr(AsyncCollection, n))),
+    sorted(
+        n
+        for n in dir(AsyncCollection)
+        if not n.startswith("_") and callable(getattr(AsyncCollection, n))
+    ),
 )
 def test_collection_methods_are_chromadbs_async_ones(name: str) -> None:
     """Each AsyncCollection method has chromadb's signature and is awaitable exactly when
@@ -136,8 +138,11 @@ def test_collection_methods_are_chromadbs_async_ones(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    sorted(n for n in dir(AsyncClientAPI) if not n.startswith("_")
-           and callable(getattr(AsyncClientAPI, n))),
+    sorted(
+        n
+        for n in dir(AsyncClientAPI)
+        if not n.startswith("_") and callable(getattr(AsyncClientAPI, n))
+    ),
 )
 def test_client_methods_are_chromadbs_async_ones(name: str) -> None:
     """Each AsyncClientAPI method: chromadb's parameters and defaults, awaitable like theirs."""
@@ -149,8 +154,10 @@ def test_client_methods_are_chromadbs_async_ones(name: str) -> None:
 def test_async_classes_offer_every_sync_method() -> None:
     """Same methods as SafeClient/SafeCollection; everything that may wait is a coroutine."""
     never_wait = {"get_settings", "clear_system_cache", "stats", "get_model"}
-    for sync_cls, async_cls in ((SafeClient, AsyncSafeClient),
-                                (SafeCollection, AsyncSafeCollection)):
+    for sync_cls, async_cls in (
+        (SafeClient, AsyncSafeClient),
+        (SafeCollection, AsyncSafeCollection),
+    ):
         for name in (n for n in dir(sync_cls) if not n.startswith("_")):
             assert hasattr(async_cls, name), (async_cls.__name__, name)
             attr = inspect.getattr_static(async_cls, name)
@@ -160,7 +167,8 @@ def test_async_classes_offer_every_sync_method() -> None:
     # Collection methods chromadb's AsyncCollection lacks keep the sync Collection signature.
     for name in ("attach_function", "detach_function", "get_attached_function"):
         assert inspect.signature(getattr(AsyncSafeCollection, name)) == inspect.signature(
-            getattr(Collection, name))
+            getattr(Collection, name)
+        )
     assert issubclass(AsyncSafeClient, AsyncClientAPI)
     assert issubclass(AsyncSafeCollection, AsyncCollection)
     assert {"AsyncSafeClient", "AsyncSafeCollection"} <= set(safechroma.__all__)
@@ -176,11 +184,15 @@ def test_end_to_end_against_real_chromadb(db: str) -> None:
     async def main() -> None:
         client = await AsyncSafeClient.create(db, validator=None, standby=False)
         assert await client.heartbeat() > 0
-        col = await client.create_collection("docs", embedding_function=HashEmbedding(),
-                                             metadata={"a": 1})
+        col = await client.create_collection(
+            "docs", embedding_function=HashEmbedding(), metadata={"a": 1}
+        )
         assert isinstance(col, AsyncCollection) and col.metadata == {"a": 1}
-        await col.add(ids=["a", "b", "c"], documents=["apple pie", "bicycle", "cherry"],
-                      metadatas=[{"n": 1}, {"n": 2}, {"n": 3}])
+        await col.add(
+            ids=["a", "b", "c"],
+            documents=["apple pie", "bicycle", "cherry"],
+            metadatas=[{"n": 1}, {"n": 2}, {"n": 3}],
+        )
         assert await col.count() == 3
         got = await col.get(ids=["b"], include=["documents", "metadatas"])
         assert (got["ids"], got["documents"], got["metadatas"]) == (["b"], ["bicycle"], [{"n": 2}])
@@ -189,8 +201,11 @@ def test_end_to_end_against_real_chromadb(db: str) -> None:
         await col.upsert(ids=["d"], documents=["date"])
         await col.delete(ids=["c"])
         got = await col.get(include=["documents"])
-        assert dict(zip(got["ids"], got["documents"])) == {
-            "a": "apricot", "b": "bicycle", "d": "date"}
+        assert dict(zip(got["ids"], got["documents"], strict=False)) == {
+            "a": "apricot",
+            "b": "bicycle",
+            "d": "date",
+        }
         assert (await col.peek(limit=1))["ids"][0] in {"a", "b", "d"}
         with pytest.raises(chromadb.errors.InvalidArgumentError, match="dimension") as info:
             await col.add(ids=["bad"], embeddings=[[1.0, 2.0]])
@@ -215,17 +230,17 @@ def test_end_to_end_against_real_chromadb(db: str) -> None:
         # async with, and a standalone collection that owns its client.
         async with AsyncSafeClient(db, validator=None, standby=False) as c2:
             assert await (await c2.get_collection("renamed", embedding_function=None)).count() == 3
-        solo = await AsyncSafeCollection.create(db, "renamed", create=False,
-                                                embedding_function=None, validator=None,
-                                                standby=False)
+        solo = await AsyncSafeCollection.create(
+            db, "renamed", create=False, embedding_function=None, validator=None, standby=False
+        )
         async with solo:
             assert await solo.count() == 3
         with pytest.raises(ClientClosedError):
             await solo.count()
         with pytest.raises(chromadb.errors.NotFoundError):
-            await AsyncSafeCollection.create(db, "absent", create=False,
-                                             embedding_function=None, validator=None,
-                                             standby=False)
+            await AsyncSafeCollection.create(
+                db, "absent", create=False, embedding_function=None, validator=None, standby=False
+            )
         with pytest.raises(TypeError, match="AsyncSafeCollection.create"):
             AsyncSafeCollection(db, "renamed")
 
@@ -258,13 +273,17 @@ def test_same_errors_breaker_and_hooks_as_the_sync_client(db: str) -> None:
 
     async def main() -> None:
         policy = BreakerPolicy(max_deaths=2, window=60, cooldown=300)
-        async with AsyncSafeClient(db, validator=None, breaker=policy, sleep=lambda s: None,
-                                   on_event=events.append) as client:
+        async with AsyncSafeClient(
+            db, validator=None, breaker=policy, sleep=lambda s: None, on_event=events.append
+        ) as client:
             first = client.stats().worker_pid
             with pytest.raises(WorkerCrashedError) as info:
                 await client.run_in_worker(faults.sigsegv)
             assert (info.value.signal, info.value.exitcode, info.value.pid) == (
-                "SIGSEGV", -11, first)
+                "SIGSEGV",
+                -11,
+                first,
+            )
             assert "Segmentation fault" in info.value.crash_log
             with pytest.raises(WorkerCrashedError):
                 await client.run_in_worker(faults.sigbus)
@@ -396,15 +415,24 @@ def test_fifty_tasks_survive_signals_and_the_loop_never_waits(db: str) -> None:
         stats = client.stats()
         got = await col.get(include=["documents"])
         await client.aclose()
-        return {"late": late, "beats": beat.beats, "stats": stats, "outcomes": outcomes,
-                "acked": acked, "unknown": unknown, "got": dict(zip(got["ids"], got["documents"]))}
+        return {
+            "late": late,
+            "beats": beat.beats,
+            "stats": stats,
+            "outcomes": outcomes,
+            "acked": acked,
+            "unknown": unknown,
+            "got": dict(zip(got["ids"], got["documents"], strict=False)),
+        }
 
     r = run(main)
     stats, outcomes = r["stats"], r["outcomes"]
     errors = [o for o in outcomes if o[1] != "ok"]
-    print(f"\n50 tasks: {len(outcomes)} calls, {len(errors)} precise errors {errors}, "
-          f"deaths {stats.deaths}, respawns {stats.respawns}, "
-          f"max loop lateness {r['late'] * 1000:.1f} ms over {r['beats']} beats")
+    print(
+        f"\n50 tasks: {len(outcomes)} calls, {len(errors)} precise errors {errors}, "
+        f"deaths {stats.deaths}, respawns {stats.respawns}, "
+        f"max loop lateness {r['late'] * 1000:.1f} ms over {r['beats']} beats"
+    )
     assert stats.deaths == {"SIGKILL": 2, "SIGSEGV": 1}
     assert stats.respawns == 3
     assert len(outcomes) >= 50 * 6
@@ -434,7 +462,8 @@ def test_cancelled_call_in_flight_completes_queued_one_is_never_sent(
     async def main() -> None:
         async with AsyncSafeClient(db, validator=None, standby=False) as client:
             col = await client.create_collection(
-                "cancel", embedding_function=SlowEmbedding(marker=str(marker), slow_delay=0.6))
+                "cancel", embedding_function=SlowEmbedding(marker=str(marker), slow_delay=0.6)
+            )
             beat = Heartbeat()
             beat.start()
             running = asyncio.create_task(col.add(ids=["slow"], documents=["slow write"]))
@@ -464,7 +493,8 @@ def test_aclose_waits_for_a_cancelled_write_in_flight(db: str, tmp_path: Path) -
     async def main() -> float:
         client = await AsyncSafeClient.create(db, validator=None, standby=False)
         col = await client.create_collection(
-            "closing", embedding_function=SlowEmbedding(marker=str(marker), slow_delay=0.6))
+            "closing", embedding_function=SlowEmbedding(marker=str(marker), slow_delay=0.6)
+        )
         write = asyncio.create_task(col.add(ids=["slow"], documents=["slow but acknowledged"]))
         await wait_for_file(marker)
         write.cancel()
@@ -524,7 +554,7 @@ def test_cancellation_storm_then_every_result_is_exact(db: str) -> None:
             await col.add(ids=list(batch), documents=list(batch.values()))
             acked.add(n)
             got = await col.get(ids=list(batch), include=["documents"])
-            assert dict(zip(got["ids"], got["documents"])) == batch
+            assert dict(zip(got["ids"], got["documents"], strict=False)) == batch
             res = await col.query(query_texts=[batch[f"s{n}-0"]], n_results=1)
             assert res["ids"] == [[f"s{n}-0"]]
             assert await col.count() >= len(batch)
@@ -538,8 +568,7 @@ def test_cancellation_storm_then_every_result_is_exact(db: str) -> None:
                     asyncio.get_running_loop().call_later(rng.uniform(0, 0.25), t.cancel)
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for res in results:
-                if isinstance(res, BaseException) and not isinstance(
-                        res, asyncio.CancelledError):
+                if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):
                     raise res  # a wrong result or an error: the storm broke something
             cancelled += sum(t.cancelled() for t in tasks)
 
@@ -550,9 +579,15 @@ def test_cancellation_storm_then_every_result_is_exact(db: str) -> None:
         got = await col.get(include=["documents"])
         count = await col.count()
         await client.aclose()
-        return {"batches": batches, "acked": acked, "verified": verified, "count": count,
-                "cancelled": cancelled, "late": await beat.stop(),
-                "got": dict(zip(got["ids"], got["documents"]))}
+        return {
+            "batches": batches,
+            "acked": acked,
+            "verified": verified,
+            "count": count,
+            "cancelled": cancelled,
+            "late": await beat.stop(),
+            "got": dict(zip(got["ids"], got["documents"], strict=False)),
+        }
 
     r = run(main)
     got, batches = r["got"], r["batches"]
@@ -569,9 +604,11 @@ def test_cancellation_storm_then_every_result_is_exact(db: str) -> None:
     assert set(got) == {k for n, b in batches.items() for k in b if k in got}
     assert r["count"] == len(got) == 3 * (len(r["acked"]) + applied_unacked)
     assert r["cancelled"] >= 40 and r["verified"]  # the storm really hit, and work got done
-    print(f"\nstorm: {len(batches)} tasks, {r['cancelled']} cancelled, {len(r['acked'])} adds "
-          f"acknowledged, {applied_unacked} cancelled adds applied, {absent} absent, "
-          f"max loop lateness {r['late'] * 1000:.1f} ms")
+    print(
+        f"\nstorm: {len(batches)} tasks, {r['cancelled']} cancelled, {len(r['acked'])} adds "
+        f"acknowledged, {applied_unacked} cancelled adds applied, {absent} absent, "
+        f"max loop lateness {r['late'] * 1000:.1f} ms"
+    )
     assert r["late"] < MAX_LATENESS
 
 
@@ -585,7 +622,11 @@ def test_example_service_keeps_answering_through_crashes(tmp_path: Path) -> None
     start = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "safechroma._examples.async_service"],
-        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert time.monotonic() - start < 30

@@ -11,8 +11,17 @@ from pathlib import Path
 
 RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 OPS = {
-    "heartbeat", "count", "get_ids10", "get_limit100_emb", "query1", "query16", "get_bulk_emb",
-    "add384", "add1536", "upsert384", "upsert1536",
+    "heartbeat",
+    "count",
+    "get_ids10",
+    "get_limit100_emb",
+    "query1",
+    "query16",
+    "get_bulk_emb",
+    "add384",
+    "add1536",
+    "upsert384",
+    "upsert1536",
 }
 
 
@@ -21,12 +30,32 @@ def test_tiniest_run_writes_positive_numbers(tmp_path: Path) -> None:
     chart = importlib.util.find_spec("matplotlib") is not None  # the "bench" extra
     proc = subprocess.run(
         [
-            sys.executable, str(RUN), "--quick", "--records", "500", "--rounds", "1", "--reps", "1",
-            "--startup-trials", "1", "--crash-trials", "1", "--modes", "direct,safechroma",
-            "--out", str(out), "--workdir", str(tmp_path / "work"), "--no-cache",
+            sys.executable,
+            str(RUN),
+            "--quick",
+            "--records",
+            "500",
+            "--rounds",
+            "1",
+            "--reps",
+            "1",
+            "--startup-trials",
+            "1",
+            "--crash-trials",
+            "1",
+            "--modes",
+            "direct,safechroma",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--no-cache",
             *([] if chart else ["--no-chart"]),
         ],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONWARNINGS": ""},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONWARNINGS": ""},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
@@ -34,7 +63,17 @@ def test_tiniest_run_writes_positive_numbers(tmp_path: Path) -> None:
     if chart:
         assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    for key in ("machine", "config", "ops", "targets", "summary", "bulk", "rss", "crash", "startup"):
+    for key in (
+        "machine",
+        "config",
+        "ops",
+        "targets",
+        "summary",
+        "bulk",
+        "rss",
+        "crash",
+        "startup",
+    ):
         assert key in results, key
     for key in ("cpu_model", "logical_cpus", "ram_gib", "python", "chromadb", "numpy", "kernel"):
         assert results["machine"][key], key
@@ -42,7 +81,10 @@ def test_tiniest_run_writes_positive_numbers(tmp_path: Path) -> None:
     for op, entry in results["ops"].items():
         for mode in ("direct", "safechroma"):
             s = entry["modes"][mode]
-            assert s["n"] >= 1 and s["median_ms"] > 0 and s["p95_ms"] >= s["median_ms"] > 0, (op, mode)
+            assert s["n"] >= 1 and s["median_ms"] > 0 and s["p95_ms"] >= s["median_ms"] > 0, (
+                op,
+                mode,
+            )
         assert entry["modes"]["safechroma"]["ratio_to_direct"] > 0
         assert entry["modes"]["safechroma"]["transport_us"]["median"] > 0
     assert results["bulk"]["get_bulk_emb"]["gb_per_s_median"] > 0

@@ -33,7 +33,9 @@ def damaged_dir(healthy_dir: str, tmp_path: Path) -> str:
     return d
 
 
-def test_check_exit_codes(healthy_dir: str, damaged_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_exit_codes(
+    healthy_dir: str, damaged_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["check", healthy_dir]) == 0
     assert "OK" in capsys.readouterr().out
     assert main(["check", damaged_dir]) == 1
@@ -65,11 +67,16 @@ def test_repair_dry_run(damaged_dir: str, capsys: pytest.CaptureFixture[str]) ->
 def test_repair_refuses_when_locked(damaged_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The directory lock (shared with SafeClient) held elsewhere: exit 2, nothing changed."""
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-         os.path.join(damaged_dir, ".safechroma.lock")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            os.path.join(damaged_dir, ".safechroma.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
@@ -89,7 +96,12 @@ def test_repair_refuses_when_locked(damaged_dir: str, capsys: pytest.CaptureFixt
 
 
 def test_repair_then_check_healthy(damaged_dir: str) -> None:
-    p = subprocess.run([sys.executable, "-m", "safechroma", "repair", damaged_dir], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "safechroma", "repair", damaged_dir],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "REPAIRED" in p.stdout and "after repair: healthy" in p.stdout
     assert main(["check", damaged_dir]) == 0
@@ -103,8 +115,12 @@ def test_repair_that_had_to_remove_records_says_so_and_exits_1(
     d = str(tmp_path / "z")
     shutil.copytree(healthy_dir, d)
     cd.corrupt(d, "data_zeroed")
-    p = subprocess.run([sys.executable, "-m", "safechroma", "repair", d],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "safechroma", "repair", d],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1, p.stdout + p.stderr
     assert "removed" in p.stdout and ".removed.json" in p.stdout
     assert "after repair: healthy" in p.stdout

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from chromadb.api.client import Client
 from chromadb.api.models.Collection import Collection
+from conftest import DIM, HashEmbedding, child_pids, vectors
+from twin import run_ops
 
 import safechroma
 from safechroma import (
@@ -29,9 +31,6 @@ from safechroma import (
     SafeClient,
     SafeCollection,
 )
-
-from conftest import DIM, HashEmbedding, child_pids, vectors
-from twin import run_ops
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -49,16 +48,25 @@ def test_public_surface_is_exactly_all() -> None:
 def test_import_is_cheap_and_does_not_load_chromadb() -> None:
     """The worker's parent-death watchdog and ``safechroma check`` rely on this."""
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, safechroma, safechroma._validate, safechroma._worker; "
-         "print('chromadb' in sys.modules)"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SRC)},
+        [
+            sys.executable,
+            "-c",
+            "import sys, safechroma, safechroma._validate, safechroma._worker; "
+            "print('chromadb' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
     )
     assert out.stdout.strip() == "False", out.stderr
 
 
 @pytest.mark.parametrize(
     "name",
-    sorted(n for n in dir(Collection) if not n.startswith("_") and callable(getattr(Collection, n))),
+    sorted(
+        n for n in dir(Collection) if not n.startswith("_") and callable(getattr(Collection, n))
+    ),
 )
 def test_collection_method_signatures_match_chromadb(name: str) -> None:
     assert inspect.signature(getattr(SafeCollection, name)) == inspect.signature(
@@ -67,7 +75,9 @@ def test_collection_method_signatures_match_chromadb(name: str) -> None:
 
 
 def test_collection_properties_are_chromadbs() -> None:
-    props = [n for n in dir(Collection) if isinstance(inspect.getattr_static(Collection, n), property)]
+    props = [
+        n for n in dir(Collection) if isinstance(inspect.getattr_static(Collection, n), property)
+    ]
     assert {"name", "id", "metadata", "configuration"} <= set(props)
     for name in props:
         assert inspect.getattr_static(SafeCollection, name) is inspect.getattr_static(
@@ -87,7 +97,7 @@ def test_client_method_signatures_match_chromadb(name: str) -> None:
     ours = inspect.signature(getattr(SafeClient, name))
     theirs = inspect.signature(getattr(Client, name))
     assert list(ours.parameters) == list(theirs.parameters)
-    for p, q in zip(ours.parameters.values(), theirs.parameters.values()):
+    for p, q in zip(ours.parameters.values(), theirs.parameters.values(), strict=False):
         assert (p.kind, p.default) == (q.kind, q.default), name
 
 
@@ -100,20 +110,37 @@ def _sequence() -> list[tuple[str, str, tuple[Any, ...], dict[str, Any]]]:
         ("client", "create_collection", ("alpha",), {"embedding_function": None}),
         ("client", "create_collection", ("alpha",), {"embedding_function": None}),  # duplicate
         ("client", "create_collection", ("a",), {"embedding_function": None}),  # invalid name
-        ("client", "create_collection", ("beta",), {
-            "embedding_function": None, "metadata": {"hnsw:space": "cosine", "k": 1}}),
+        (
+            "client",
+            "create_collection",
+            ("beta",),
+            {"embedding_function": None, "metadata": {"hnsw:space": "cosine", "k": 1}},
+        ),
         ("client", "get_collection", ("missing",), {"embedding_function": None}),
         ("client", "get_or_create_collection", ("alpha",), {"embedding_function": None}),
         ("client", "list_collections", (), {}),
         ("client", "count_collections", (), {}),
-        ("alpha", "add", (), {"ids": [f"id{i}" for i in range(30)], "embeddings": emb,
-                               "documents": [f"doc {i}" for i in range(30)],
-                               "metadatas": [{"i": i, "even": i % 2 == 0} for i in range(30)]}),
+        (
+            "alpha",
+            "add",
+            (),
+            {
+                "ids": [f"id{i}" for i in range(30)],
+                "embeddings": emb,
+                "documents": [f"doc {i}" for i in range(30)],
+                "metadatas": [{"i": i, "even": i % 2 == 0} for i in range(30)],
+            },
+        ),
         ("alpha", "add", (), {"ids": ["bad"], "embeddings": [[1.0, 2.0]]}),  # wrong dimension
         ("alpha", "add", (), {"ids": ["x", "x"], "embeddings": [[0.0] * 4, [0.0] * 4]}),
         ("alpha", "add", (), {"ids": ["y"]}),  # neither embeddings nor documents
         ("alpha", "count", (), {}),
-        ("alpha", "get", (), {"ids": ["id1", "id2", "nope"], "include": ["documents", "metadatas", "embeddings"]}),
+        (
+            "alpha",
+            "get",
+            (),
+            {"ids": ["id1", "id2", "nope"], "include": ["documents", "metadatas", "embeddings"]},
+        ),
         ("alpha", "get", (), {"where": {"i": {"$gte": 25}}}),
         ("alpha", "get", (), {"where": {"i": {"$bogus": 1}}}),  # bad where operator
         ("alpha", "get", (), {"where": {"$and": [{"even": True}, {"i": {"$lt": 6}}]}}),
@@ -122,15 +149,37 @@ def _sequence() -> list[tuple[str, str, tuple[Any, ...], dict[str, Any]]]:
         ("alpha", "get", (), {"limit": 3, "offset": 2}),
         ("alpha", "peek", (), {"limit": 4}),
         ("alpha", "query", (), {"query_embeddings": q, "n_results": 3}),
-        ("alpha", "query", (), {"query_embeddings": q, "n_results": 3, "where": {"even": False},
-                                 "include": ["distances", "embeddings"]}),
+        (
+            "alpha",
+            "query",
+            (),
+            {
+                "query_embeddings": q,
+                "n_results": 3,
+                "where": {"even": False},
+                "include": ["distances", "embeddings"],
+            },
+        ),
         ("alpha", "query", (), {"query_embeddings": [[1.0, 2.0]], "n_results": 3}),
         ("alpha", "query", (), {"query_embeddings": q, "n_results": 0}),
-        ("alpha", "update", (), {"ids": ["id3"], "embeddings": emb[5:6], "documents": ["changed"],
-                                  "metadatas": [{"i": -3}]}),
+        (
+            "alpha",
+            "update",
+            (),
+            {
+                "ids": ["id3"],
+                "embeddings": emb[5:6],
+                "documents": ["changed"],
+                "metadatas": [{"i": -3}],
+            },
+        ),
         ("alpha", "update", (), {"ids": ["ghost"], "metadatas": [{"i": 0}]}),
-        ("alpha", "upsert", (), {"ids": ["id4", "new"], "embeddings": emb[:2],
-                                  "documents": ["four", "new"]}),
+        (
+            "alpha",
+            "upsert",
+            (),
+            {"ids": ["id4", "new"], "embeddings": emb[:2], "documents": ["four", "new"]},
+        ),
         ("alpha", "get", (), {"ids": ["id3", "id4", "new"]}),
         ("alpha", "delete", (), {"ids": ["id5", "id6"]}),
         ("alpha", "delete", (), {"where": {"i": {"$gt": 27}}}),
@@ -155,9 +204,16 @@ def test_same_outcomes_as_chromadb_on_twin_directories(tmp_path: Path) -> None:
     ops_file, out_file = tmp_path / "ops.pkl", tmp_path / "out.pkl"
     ops_file.write_bytes(pickle.dumps(ops))
     subprocess.run(
-        [sys.executable, str(TESTS / "twin.py"), str(ops_file), str(tmp_path / "direct"),
-         str(out_file)],
-        check=True, timeout=120, env={**os.environ, "PYTHONPATH": str(TESTS)},
+        [
+            sys.executable,
+            str(TESTS / "twin.py"),
+            str(ops_file),
+            str(tmp_path / "direct"),
+            str(out_file),
+        ],
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
         capture_output=True,
     )
     direct = pickle.loads(out_file.read_bytes())
@@ -166,7 +222,7 @@ def test_same_outcomes_as_chromadb_on_twin_directories(tmp_path: Path) -> None:
         safe = run_ops(client, ops)
         assert client.stats().worker_pid == pid, "errors must not cost the worker"
     assert len(safe) == len(direct) == len(ops)
-    for op, s, d in zip(ops, safe, direct):
+    for op, s, d in zip(ops, safe, direct, strict=False):
         assert s == d, op
     errors = [d for d in direct if d[0] == "error"]
     assert len(errors) >= 15  # the sequence really exercises invalid input
@@ -227,7 +283,8 @@ def test_embedding_function_from_test_module_and_lambda_run_in_worker(db: str) -
 def test_embedding_function_defined_in_main_script(tmp_path: Path) -> None:
     """An EF class defined in __main__ (no import guard) is carried by value to the worker."""
     script = tmp_path / "app.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(SRC)!r})
         from safechroma import SafeCollection
@@ -247,13 +304,13 @@ def test_embedding_function_defined_in_main_script(tmp_path: Path) -> None:
             def build_from_config(config):
                 return MyEF()
 
-        with SafeCollection({str(tmp_path / 'db')!r}, "docs", embedding_function=MyEF(),
+        with SafeCollection({str(tmp_path / "db")!r}, "docs", embedding_function=MyEF(),
                             validator=None) as col:
             col.add(ids=["s", "long"], documents=["ab", "abcdefghij"])
             print(col.query(query_texts=["abcdefghi"], n_results=1)["ids"][0][0])
-    """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120)
+    """)
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "long"
 
@@ -321,7 +378,8 @@ time.sleep({hold})
 def test_second_program_is_refused_cleanly(db: str) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER.format(src=str(SRC), db=db, hold=60)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None
@@ -342,7 +400,8 @@ def test_second_program_is_refused_cleanly(db: str) -> None:
 def test_waiting_for_the_lock_succeeds_when_the_owner_leaves(db: str) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER.format(src=str(SRC), db=db, hold=1.5)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None
@@ -358,7 +417,8 @@ def test_waiting_for_the_lock_succeeds_when_the_owner_leaves(db: str) -> None:
 def test_parent_killed_leaves_no_worker_and_releases_the_lock(db: str) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER.format(src=str(SRC), db=db, hold=60)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout is not None
     workers = [int(p) for p in holder.stdout.readline().split() if int(p)]
@@ -406,12 +466,14 @@ def test_request_the_worker_cannot_decode_is_an_error_not_a_death(
     import used to kill the worker's loop; it must be the call's error."""
     with SafeClient(db, validator=None) as client:
         pid = client.stats().worker_pid
-        (tmp_path / "late_module.py").write_text(textwrap.dedent("""
+        (tmp_path / "late_module.py").write_text(
+            textwrap.dedent("""
             from chromadb.api.types import EmbeddingFunction
             class LateEF(EmbeddingFunction):
                 def __init__(self): pass
                 def __call__(self, input): return [[1.0, 2.0] for _ in input]
-        """))
+        """)
+        )
         monkeypatch.syspath_prepend(str(tmp_path))  # after the worker started: it lacks it
         import late_module  # type: ignore[import-not-found]
 
@@ -442,15 +504,19 @@ def test_reset_when_settings_allow_it_keeps_the_directory_locked(db: str) -> Non
     from chromadb.config import Settings
 
     with SafeClient(db, Settings(allow_reset=True), validator=None) as client:
-        client.create_collection("gone", embedding_function=None).add(
-            ids=["1"], embeddings=[[1.0]]
-        )
+        client.create_collection("gone", embedding_function=None).add(ids=["1"], embeddings=[[1.0]])
         assert client.reset() is True
         assert client.list_collections() == []
         assert (Path(db) / ".safechroma.lock").exists()
         other = subprocess.run(  # a second program is still refused after the reset
-            [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SRC)!r}); "
-             f"from safechroma import SafeClient; SafeClient({db!r}, validator=None)"],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(SRC)!r}); "
+                f"from safechroma import SafeClient; SafeClient({db!r}, validator=None)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert other.returncode == 1 and "DirectoryLockedError" in other.stderr

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import faults
+import pytest
+from conftest import HashEmbedding
+
 import safechroma
 from safechroma import (
     BreakerPolicy,
@@ -27,8 +28,6 @@ from safechroma import (
     WorkerStartError,
     WorkerTimeoutError,
 )
-
-from conftest import HashEmbedding
 
 EXPECTED = {
     "SIGBUS": ("SIGBUS", -7),
@@ -62,7 +61,9 @@ def test_worker_death_during_a_call(db: str, fault: str, phase: str) -> None:
             else:
                 client.run_in_worker(faults.crash_in_reply, fault)
         err = info.value
-        _check_crash(err, fault, faults.FAULTS[fault].__name__ if phase == "call" else "crash_in_reply")
+        _check_crash(
+            err, fault, faults.FAULTS[fault].__name__ if phase == "call" else "crash_in_reply"
+        )
         assert err.pid == first
         assert client.heartbeat() > 0  # served by a fresh worker
         stats = client.stats()
@@ -107,8 +108,7 @@ def test_hung_call_is_cut_by_its_deadline(db: str) -> None:
 
 def test_hung_start_is_cut_by_start_timeout(db: str) -> None:
     with pytest.raises(WorkerStartError) as info:
-        SafeClient(db, validator=None, worker_init=faults.hang, start_timeout=1.5,
-                   read_retries=0)
+        SafeClient(db, validator=None, worker_init=faults.hang, start_timeout=1.5, read_retries=0)
     assert info.value.signal == "timeout"
 
 
@@ -127,7 +127,9 @@ def _crashing_ef(marker: str) -> HashEmbedding:
     return CrashingEmbedding()
 
 
-def test_write_in_flight_reports_unknown_outcome_and_is_not_replayed(db: str, tmp_path: Path) -> None:
+def test_write_in_flight_reports_unknown_outcome_and_is_not_replayed(
+    db: str, tmp_path: Path
+) -> None:
     marker = tmp_path / "m"
     with SafeClient(db, validator=None) as client:
         col = client.create_collection("writes", embedding_function=_crashing_ef(str(marker)))
@@ -193,8 +195,9 @@ def test_breaker_lets_a_call_through_after_cooldown(db: str) -> None:
 
 def test_backoff_grows_between_consecutive_respawns(db: str) -> None:
     sleeps: list[float] = []
-    with SafeClient(db, validator=None, sleep=sleeps.append,
-                    breaker=BreakerPolicy(max_deaths=100)) as client:
+    with SafeClient(
+        db, validator=None, sleep=sleeps.append, breaker=BreakerPolicy(max_deaths=100)
+    ) as client:
         for _ in range(4):
             with pytest.raises(WorkerCrashedError):
                 client.run_in_worker(faults.sigkill)
@@ -235,7 +238,14 @@ def test_crash_is_detected_within_milliseconds(db: str) -> None:
 
 
 def test_errors_pickle_with_their_facts() -> None:
-    err = WorkerCrashedError("boom", pid=1, exitcode=-7, signal="SIGBUS", operation="query",
-                             crash_log="tail", outcome_unknown=False)
+    err = WorkerCrashedError(
+        "boom",
+        pid=1,
+        exitcode=-7,
+        signal="SIGBUS",
+        operation="query",
+        crash_log="tail",
+        outcome_unknown=False,
+    )
     again = pickle.loads(pickle.dumps(err))
     assert (again.pid, again.signal, again.operation, str(again)) == (1, "SIGBUS", "query", "boom")

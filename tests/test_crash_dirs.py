@@ -13,10 +13,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import chroma_dirs
 import numpy as np
 import pytest
 
-import chroma_dirs
 from safechroma import (
     BreakerPolicy,
     CrashLoopError,
@@ -54,8 +54,9 @@ def test_segfaulting_query_without_hooks_ends_at_the_breaker(
     path = _copy(healthy_template, tmp_path / "db")
     _break_level0(chroma_dirs.segment_dir(path))
     policy = BreakerPolicy(max_deaths=3, window=60, cooldown=600)
-    with SafeClient(path, validator=None, recovery=None, breaker=policy,
-                    sleep=lambda s: None) as client:
+    with SafeClient(
+        path, validator=None, recovery=None, breaker=policy, sleep=lambda s: None
+    ) as client:
         col = client.get_collection("coll", embedding_function=None)
         assert col.count() == N
         with pytest.raises(WorkerCrashedError) as info:
@@ -113,8 +114,9 @@ def test_poison_wal_crash_loop_is_stopped_then_repaired_without_loss(
     chroma_dirs.corrupt(path, "header_truncated")
     extra = np.random.default_rng(5).uniform(-1, 1, (50, DIM)).astype(np.float32)
     policy = BreakerPolicy(max_deaths=3, window=60, cooldown=600)
-    with SafeClient(path, validator=None, recovery=None, breaker=policy,
-                    sleep=lambda s: None) as client:
+    with SafeClient(
+        path, validator=None, recovery=None, breaker=policy, sleep=lambda s: None
+    ) as client:
         col = client.get_collection("coll", embedding_function=None)
         with pytest.raises(WorkerCrashedError) as info:
             col.add(ids=[f"extra-{i}" for i in range(50)], embeddings=extra)
@@ -156,9 +158,9 @@ def test_records_whose_vectors_are_gone_are_reembedded_when_allowed(
         assert sorted(got["ids"]) == sorted(ids)
         applied = [e.detail["summary"] for e in events if e.kind == "salvage_applied"]
         assert applied and applied[0]["reembedded"] > 0 and applied[0]["not_recovered"] == []
-        original = dict(zip(ids, chroma_dirs.vectors("coll", N, DIM)))
+        original = dict(zip(ids, chroma_dirs.vectors("coll", N, DIM), strict=False))
         reembedded = 0
-        for rid, doc, vec in zip(got["ids"], got["documents"], got["embeddings"]):
+        for rid, doc, vec in zip(got["ids"], got["documents"], got["embeddings"], strict=False):
             if np.allclose(vec, original[rid], atol=1e-5):
                 continue
             np.testing.assert_allclose(vec, ef([doc])[0], atol=1e-5)

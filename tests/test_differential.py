@@ -24,10 +24,9 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from twin import Op, run_ops
 
 from safechroma import SafeClient
-
-from twin import Op, run_ops
 
 TESTS = Path(__file__).parent
 DIM = 3
@@ -37,23 +36,44 @@ ids_ = st.sampled_from(["a", "b", "c", "d", "e", ""])  # "" is an invalid id
 num = st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.5])
 vec = st.lists(num, min_size=DIM, max_size=DIM)
 bad_vec = st.one_of(st.lists(num, min_size=1, max_size=2), st.just([]))
-meta_value = st.one_of(st.integers(-3, 3), st.sampled_from(["x", "y", ""]), st.booleans(),
-                       st.sampled_from([0.5, -1.5]))
+meta_value = st.one_of(
+    st.integers(-3, 3), st.sampled_from(["x", "y", ""]), st.booleans(), st.sampled_from([0.5, -1.5])
+)
 bad_meta_value = st.sampled_from([{"nested": 1}, None, [1, "mixed"], []])
 metadata = st.one_of(
     st.dictionaries(st.sampled_from(["k", "n", "flag"]), meta_value, min_size=1, max_size=3),
     st.dictionaries(st.sampled_from(["k", "n"]), bad_meta_value, min_size=1, max_size=2),
     st.just({}),
 )
-where = st.sampled_from([
-    None, {"k": 1}, {"k": {"$gt": 0}}, {"n": {"$in": ["x", "y"]}}, {"flag": True},
-    {"$or": [{"k": 1}, {"k": 2}]}, {"$and": [{"k": {"$gte": 0}}, {"flag": False}]},
-    {"k": {"$bogus": 1}}, {"$or": [{"k": 1}]}, {}, {"k": {"$gt": "x"}}, {"$not": {"k": 1}},
-])
-where_document = st.sampled_from([None, {"$contains": "doc"}, {"$not_contains": "b"},
-                                   {"$contains": ""}, {"$regex": "d.c"}, {"$nope": "x"}])
-include = st.sampled_from([None, ["documents"], ["metadatas", "embeddings"], ["distances"],
-                           ["uris"], ["bogus"], []])
+where = st.sampled_from(
+    [
+        None,
+        {"k": 1},
+        {"k": {"$gt": 0}},
+        {"n": {"$in": ["x", "y"]}},
+        {"flag": True},
+        {"$or": [{"k": 1}, {"k": 2}]},
+        {"$and": [{"k": {"$gte": 0}}, {"flag": False}]},
+        {"k": {"$bogus": 1}},
+        {"$or": [{"k": 1}]},
+        {},
+        {"k": {"$gt": "x"}},
+        {"$not": {"k": 1}},
+    ]
+)
+where_document = st.sampled_from(
+    [
+        None,
+        {"$contains": "doc"},
+        {"$not_contains": "b"},
+        {"$contains": ""},
+        {"$regex": "d.c"},
+        {"$nope": "x"},
+    ]
+)
+include = st.sampled_from(
+    [None, ["documents"], ["metadatas", "embeddings"], ["distances"], ["uris"], ["bogus"], []]
+)
 
 
 @st.composite
@@ -71,8 +91,9 @@ def record_batch(draw: st.DrawFn, need_vectors: bool) -> dict[str, Any]:
     elif not need_vectors:
         pass  # update without embeddings: metadata/document only
     if draw(st.booleans()):
-        kwargs["documents"] = [draw(st.sampled_from(["doc a", "doc b", "other", ""]))
-                               for _ in range(n)]
+        kwargs["documents"] = [
+            draw(st.sampled_from(["doc a", "doc b", "other", ""])) for _ in range(n)
+        ]
     if draw(st.booleans()):
         kwargs["metadatas"] = [draw(metadata) for _ in range(n)]
     return kwargs
@@ -80,8 +101,11 @@ def record_batch(draw: st.DrawFn, need_vectors: bool) -> dict[str, Any]:
 
 @st.composite
 def collection_op(draw: st.DrawFn, target: str) -> Op:
-    kind = draw(st.sampled_from(["add", "add", "upsert", "update", "delete", "get", "get",
-                                 "query", "count", "peek"]))
+    kind = draw(
+        st.sampled_from(
+            ["add", "add", "upsert", "update", "delete", "get", "get", "query", "count", "peek"]
+        )
+    )
     if kind in ("add", "upsert"):
         return (target, kind, (), draw(record_batch(True)))
     if kind == "update":
@@ -97,21 +121,34 @@ def collection_op(draw: st.DrawFn, target: str) -> Op:
         kwargs = {}
         if draw(st.booleans()):
             kwargs["ids"] = draw(st.lists(ids_, max_size=3))
-        for key, strat in (("where", where), ("where_document", where_document),
-                           ("include", include), ("limit", st.integers(-1, 4)),
-                           ("offset", st.integers(-1, 3))):
+        for key, strat in (
+            ("where", where),
+            ("where_document", where_document),
+            ("include", include),
+            ("limit", st.integers(-1, 4)),
+            ("offset", st.integers(-1, 3)),
+        ):
             if draw(st.booleans()):
                 value = draw(strat)
                 if value is not None:
                     kwargs[key] = value
         return (target, kind, (), kwargs)
     if kind == "query":
-        kwargs = {"query_embeddings": draw(st.one_of(st.lists(vec, min_size=1, max_size=2),
-                                                     st.lists(bad_vec, min_size=1, max_size=1),
-                                                     st.just([]))),
-                  "n_results": draw(st.integers(-1, 6))}
-        for key, strat in (("where", where), ("where_document", where_document),
-                           ("include", include)):
+        kwargs = {
+            "query_embeddings": draw(
+                st.one_of(
+                    st.lists(vec, min_size=1, max_size=2),
+                    st.lists(bad_vec, min_size=1, max_size=1),
+                    st.just([]),
+                )
+            ),
+            "n_results": draw(st.integers(-1, 6)),
+        }
+        for key, strat in (
+            ("where", where),
+            ("where_document", where_document),
+            ("include", include),
+        ):
             if draw(st.booleans()):
                 value = draw(strat)
                 if value is not None:
@@ -127,17 +164,33 @@ def program(draw: st.DrawFn, prefix: str) -> list[Op]:
     """One independent program on collections named ``<prefix>-a`` and ``<prefix>-b``."""
     names = [f"{prefix}-a", f"{prefix}-b"]
     ops: list[Op] = [
-        ("client", "get_or_create_collection", (names[0],),
-         {"embedding_function": None, "metadata": draw(st.sampled_from(
-             [None, {"hnsw:space": "cosine"}, {"owner": "me"}]))}),
+        (
+            "client",
+            "get_or_create_collection",
+            (names[0],),
+            {
+                "embedding_function": None,
+                "metadata": draw(
+                    st.sampled_from([None, {"hnsw:space": "cosine"}, {"owner": "me"}])
+                ),
+            },
+        ),
     ]
     opened = {names[0]}
     for _ in range(draw(st.integers(3, 18))):
         choice = draw(st.integers(0, 9))
         name = draw(st.sampled_from(names))
         if choice == 0:
-            method = draw(st.sampled_from(["create_collection", "get_collection",
-                                           "get_or_create_collection", "delete_collection"]))
+            method = draw(
+                st.sampled_from(
+                    [
+                        "create_collection",
+                        "get_collection",
+                        "get_or_create_collection",
+                        "delete_collection",
+                    ]
+                )
+            )
             if method == "delete_collection":
                 ops.append(("client", method, (name,), {}))
             else:
@@ -145,12 +198,27 @@ def program(draw: st.DrawFn, prefix: str) -> list[Op]:
                 if method == "get_or_create_collection":  # the one that cannot fail here
                     opened.add(name)
         elif choice == 1:
-            ops.append(("client", draw(st.sampled_from(
-                ["count_collections", "list_collections", "heartbeat_is_not_a_method"])), (), {}))
+            ops.append(
+                (
+                    "client",
+                    draw(
+                        st.sampled_from(
+                            ["count_collections", "list_collections", "heartbeat_is_not_a_method"]
+                        )
+                    ),
+                    (),
+                    {},
+                )
+            )
         elif choice == 2:
-            ops.append(("client", "create_collection",
-                        (draw(st.sampled_from(["x", "-bad-", "a" * 600, "has space"])),),
-                        {"embedding_function": None}))
+            ops.append(
+                (
+                    "client",
+                    "create_collection",
+                    (draw(st.sampled_from(["x", "-bad-", "a" * 600, "has space"])),),
+                    {"embedding_function": None},
+                )
+            )
         elif name in opened:
             ops.append(draw(collection_op(name)))
     return ops
@@ -162,7 +230,9 @@ def _run_direct(ops: list[Op], tmp: str) -> list[Any]:
         pickle.dump(ops, f)
     proc = subprocess.run(
         [sys.executable, str(TESTS / "twin.py"), ops_file, os.path.join(tmp, "direct"), out_file],
-        capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(TESTS)},
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     with open(out_file, "rb") as f:
@@ -188,15 +258,20 @@ def _safe_ops(ops: list[Op]) -> list[Op]:
 
 def _compare(ops: list[Op], safe: list[Any], direct: list[Any]) -> None:
     assert len(safe) == len(direct) == len(ops)
-    for i, (op, s, d) in enumerate(zip(ops, safe, direct)):
+    for i, (op, s, d) in enumerate(zip(ops, safe, direct, strict=False)):
         assert s == d, f"op {i}: {op}\n safechroma: {s}\n chromadb:   {d}"
 
 
 # No shrinking: an example costs seconds (a child interpreter and a worker) and shrinking one
 # took over five minutes; the failure message already names the first differing call.
-@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-          phases=(Phase.explicit, Phase.generate),
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(st.tuples(*(program(f"p{k}") for k in range(4))))
 def test_safeclient_matches_chromadb_call_by_call(programs: tuple[list[Op], ...]) -> None:
     """Pins: for generated sequences of valid and invalid calls, SafeClient returns the same

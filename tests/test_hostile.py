@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DIM, vectors
 
 import safechroma
 from safechroma import (
@@ -32,8 +33,6 @@ from safechroma import (
     WorkerCrashedError,
     WorkerTimeoutError,
 )
-
-from conftest import DIM, vectors
 
 HEADER = struct.Struct("<4sIQ")
 MAGIC = b"SCW1"
@@ -48,7 +47,7 @@ def send_raw(_client: Any, payload: bytes, then: str = "hang") -> None:
     fd = json.loads(sys.argv[1])["fd"]
     view = memoryview(payload)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     if then == "exit":
         os._exit(0)
     time.sleep(3600)
@@ -83,12 +82,13 @@ def _code_pickles(marker: Path) -> dict[str, bytes]:
     cmd = f"touch {marker}"
     return {
         "os.system": pickle.dumps((0, _Run(os.system, cmd), 0.0), protocol=5),
-        "subprocess.Popen": pickle.dumps((0, _Run(subprocess.Popen, ["touch", str(marker)]), 0.0),
-                                         protocol=5),
+        "subprocess.Popen": pickle.dumps(
+            (0, _Run(subprocess.Popen, ["touch", str(marker)]), 0.0), protocol=5
+        ),
         "builtins.eval": pickle.dumps(
-            (0, _Run(eval, f"__import__('os').system({cmd!r})"), 0.0), protocol=5),
-        "builtins.__import__": pickle.dumps((0, _Run(__import__, "antigravity"), 0.0),
-                                            protocol=5),
+            (0, _Run(eval, f"__import__('os').system({cmd!r})"), 0.0), protocol=5
+        ),
+        "builtins.__import__": pickle.dumps((0, _Run(__import__, "antigravity"), 0.0), protocol=5),
         # An allowed global smuggling a forbidden one as its argument.
         "nested": pickle.dumps((0, {"x": [_Run(os.system, cmd)]}, 0.0), protocol=5),
         # Protocol 0 text form, as an attacker would hand-write it.
@@ -102,8 +102,8 @@ def _bad_frames(marker: Path) -> dict[str, bytes]:
         "bad magic": frame(ok, magic=b"EVIL"),
         "too many buffers": HEADER.pack(MAGIC, 1 << 20, len(ok)) + ok,
         "length far beyond the limit": HEADER.pack(MAGIC, 0, 1 << 60),
-        "buffer lengths beyond the limit": HEADER.pack(MAGIC, 2, 8) + struct.pack(
-            "<2Q", 1 << 62, 1 << 62),
+        "buffer lengths beyond the limit": HEADER.pack(MAGIC, 2, 8)
+        + struct.pack("<2Q", 1 << 62, 1 << 62),
         "extra bytes after a valid reply": frame(ok) + b"trailing garbage",
         "two replies at once": frame(ok) + frame(ok),
         "not a pickle": frame(b"\x00\x01garbage\xff" * 4),
@@ -129,8 +129,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from conftest import child_pids
 
     before = child_pids()
-    with SafeClient(path, validator=None, breaker=BreakerPolicy(max_deaths=1000),
-                    sleep=lambda _s: None) as c:
+    with SafeClient(
+        path, validator=None, breaker=BreakerPolicy(max_deaths=1000), sleep=lambda _s: None
+    ) as c:
         yield c
     deadline = time.monotonic() + 5
     while child_pids() - before and time.monotonic() < deadline:
@@ -331,7 +332,8 @@ def test_malicious_index_metadata_pickle_runs_no_code(tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     with SafeClient(db) as c:
         col = c.create_collection(
-            "evil", embedding_function=None,
+            "evil",
+            embedding_function=None,
             configuration={"hnsw": {"sync_threshold": 50, "batch_size": 50}},
         )
         col.add(ids=[str(i) for i in range(200)], embeddings=vectors(200, DIM, seed=4))
@@ -348,9 +350,11 @@ def test_malicious_index_metadata_pickle_runs_no_code(tmp_path: Path) -> None:
     outcomes: list[str] = []
     with SafeClient(db, breaker=BreakerPolicy(max_deaths=100), sleep=lambda _s: None) as c:
         col2 = c.get_collection("evil", embedding_function=None)
-        for call in (col2.count,
-                     lambda: col2.query(query_embeddings=vectors(1, DIM, seed=5), n_results=3),
-                     lambda: col2.get(limit=5, include=["embeddings"])):
+        for call in (
+            col2.count,
+            lambda: col2.query(query_embeddings=vectors(1, DIM, seed=5), n_results=3),
+            lambda: col2.get(limit=5, include=["embeddings"]),
+        ):
             try:
                 call()
                 outcomes.append("ok")

@@ -19,10 +19,9 @@ from pathlib import Path
 import chromadb.errors
 import numpy as np
 import pytest
-
-from safechroma import DirectoryLockedError, SafeClient
-
 from conftest import child_pids
+
+from safechroma import SafeClient
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -32,10 +31,14 @@ PY = sys.executable
 def _chroma_child(db: str, code: str) -> object:
     """Run ``code`` against chromadb.PersistentClient(db) in a child (this process never opens a
     Chroma directory); ``code`` sets ``result``, which comes back pickled."""
-    script = textwrap.dedent(f"""
+    script = (
+        textwrap.dedent(f"""
         import pickle, sys, chromadb
         client = chromadb.PersistentClient({db!r})
-    """) + textwrap.dedent(code) + "\nsys.stdout.buffer.write(pickle.dumps(result))\n"
+    """)
+        + textwrap.dedent(code)
+        + "\nsys.stdout.buffer.write(pickle.dumps(result))\n"
+    )
     out = subprocess.run([PY, "-c", script], capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     return pickle.loads(out.stdout)
@@ -72,8 +75,11 @@ def test_parent_killed_mid_call_frees_worker_lock_and_leaves_a_healthy_directory
     ~2 s, the directory lock is free, check_directory calls the directory healthy, and chromadb
     (in a child) sees every acknowledged batch, and whole batches only."""
     batch = 300
-    prog = subprocess.Popen([PY, "-c", _WRITER.format(src=str(SRC), db=db, batch=batch)],
-                            stdout=subprocess.PIPE, text=True)
+    prog = subprocess.Popen(
+        [PY, "-c", _WRITER.format(src=str(SRC), db=db, batch=batch)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert prog.stdout is not None
     worker = int(prog.stdout.readline().split()[1])
     acked = -1
@@ -85,8 +91,10 @@ def test_parent_killed_mid_call_frees_worker_lock_and_leaves_a_healthy_directory
     os.kill(prog.pid, signal.SIGKILL)
     killed = time.monotonic()
     prog.wait()
-    acked = max([acked] + [int(x.split()[1]) for x in prog.stdout.read().splitlines()
-                           if x.startswith("acked")])
+    acked = max(
+        [acked]
+        + [int(x.split()[1]) for x in prog.stdout.read().splitlines() if x.startswith("acked")]
+    )
     prog.stdout.close()
     while Path(f"/proc/{worker}").exists() and time.monotonic() - killed < 5:
         time.sleep(0.02)
@@ -127,9 +135,15 @@ def test_two_programs_racing_for_one_directory(db: str, round_: int) -> None:
     """Pins: two programs that open one directory at the same instant: exactly one wins, the
     other gets DirectoryLockedError naming the directory (never two owners, never a hang)."""
     start = time.time() + 1.5  # both interpreters are up and waiting by then
-    racers = [subprocess.Popen([PY, "-c", _RACER.format(src=str(SRC), db=db, start=start)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
+    racers = [
+        subprocess.Popen(
+            [PY, "-c", _RACER.format(src=str(SRC), db=db, start=start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [r.communicate(timeout=120) for r in racers]
     words = sorted(o[0].split()[0] if o[0] else f"ERR {o[1][-500:]}" for o in outs)
     assert words == ["LOCKED", "WON"], outs
@@ -143,11 +157,14 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs mounted for the test (root only), unmounted after it."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); disk-full and "
-                    "read-only cases need a real filesystem that fills or is mounted read-only")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.strip()}); disk-full and "
+            "read-only cases need a real filesystem that fills or is mounted read-only"
+        )
     try:
         yield mnt
     finally:
@@ -174,8 +191,11 @@ def test_disk_full_during_writes_is_a_clear_error_and_keeps_acknowledged_data(
         for i in range(200):
             ids = [f"{i}-{j}" for j in range(200)]
             try:
-                col.add(ids=ids, embeddings=rng.random((200, 64), dtype=np.float32),
-                        documents=["x" * 200] * 200)
+                col.add(
+                    ids=ids,
+                    embeddings=rng.random((200, 64), dtype=np.float32),
+                    documents=["x" * 200] * 200,
+                )
             except chromadb.errors.ChromaError as exc:
                 failed = ids
                 error = exc
@@ -188,11 +208,14 @@ def test_disk_full_during_writes_is_a_clear_error_and_keeps_acknowledged_data(
         assert client.stats().worker_pid == pid, "a full disk must not cost the worker"
         assert len(acked) >= 1000
     subprocess.run(["mount", "-o", "remount,size=64M", str(tmpfs)], check=True)
-    got = _chroma_child(db, f"""
+    got = _chroma_child(
+        db,
+        f"""
         col = client.get_collection("full")
         present = set(col.get(ids={acked + failed!r})["ids"])
         result = (col.count(), present)
-    """)
+    """,
+    )
     count, present = got  # type: ignore[misc]
     assert set(acked) <= present, f"{len(set(acked) - present)} acknowledged records lost"
     assert len(present & set(failed)) in (0, len(failed)), "the failed batch is partial"
@@ -209,7 +232,8 @@ def test_read_only_directory_is_a_clear_error(tmpfs: Path) -> None:
     db = tmpfs / "db"
     with SafeClient(db, validator=None) as client:
         client.create_collection("readonly", embedding_function=None).add(
-            ids=["a"], embeddings=[[1.0, 2.0]])
+            ids=["a"], embeddings=[[1.0, 2.0]]
+        )
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     before = child_pids()
     start = time.monotonic()

@@ -29,7 +29,11 @@ from safechroma._validate import check_directory  # noqa: E402
 
 SPECS: dict[str, dict[str, Any]] = {
     "l2": {"collections": [{"n": 600, "sync_threshold": 100}]},
-    "cosine": {"collections": [{"n": 600, "sync_threshold": 100, "space": "cosine", "updates": 40, "deletes": 30}]},
+    "cosine": {
+        "collections": [
+            {"n": 600, "sync_threshold": 100, "space": "cosine", "updates": 40, "deletes": 30}
+        ]
+    },
     "full_wal": {"purge_wal": False, "collections": [{"n": 600, "sync_threshold": 100}]},
 }
 
@@ -48,7 +52,9 @@ def _copy(base: dict[str, str], name: str, tmp: Path) -> str:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "safechroma", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "safechroma", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,7 +72,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         ("full_wal", "pickle_truncated"),
     ],
 )
-def test_repair_recovers_or_names_the_lost(base: dict[str, str], tmp_path: Path, spec: str, kind: str) -> None:
+def test_repair_recovers_or_names_the_lost(
+    base: dict[str, str], tmp_path: Path, spec: str, kind: str
+) -> None:
     d = _copy(base, spec, tmp_path)
     cd.corrupt(d, kind)
     p = _cli("repair", d, "--json")
@@ -133,7 +141,9 @@ def test_dry_run_changes_nothing(base: dict[str, str], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kill_at", ["backup", "salvage", "quarantine"])
-def test_crash_mid_repair_leaves_old_state_plus_backup(base: dict[str, str], tmp_path: Path, kill_at: str) -> None:
+def test_crash_mid_repair_leaves_old_state_plus_backup(
+    base: dict[str, str], tmp_path: Path, kill_at: str
+) -> None:
     """SIGKILL the repairing process right after a step: the directory is either untouched
     (plus a backup) or quarantined (plus backup and salvage), and a second repair finishes."""
     d = _copy(base, "l2", tmp_path)
@@ -147,7 +157,9 @@ def test_crash_mid_repair_leaves_old_state_plus_backup(base: dict[str, str], tmp
     )
     p = subprocess.run([sys.executable, "-c", code, d], capture_output=True, timeout=120)
     assert p.returncode == -signal.SIGKILL
-    backups = [x for x in Path(d, ".safechroma", "backups").iterdir() if not x.name.endswith(".partial")]
+    backups = [
+        x for x in Path(d, ".safechroma", "backups").iterdir() if not x.name.endswith(".partial")
+    ]
     assert len(backups) == 1 and (backups[0] / "chroma.sqlite3").exists()
     assert os.path.isdir(seg) != (kill_at == "quarantine")
     # Finishing the job: repair again through the CLI (it also applies pending salvage).
@@ -215,11 +227,15 @@ def test_repair_ignores_the_vector_of_an_ignored_add(base: dict[str, str], tmp_p
     out = json.loads(p.stdout)
     assert out["repair"]["collections"][0]["not_recovered"] == []
     res = cd.verify_dir(d, SPECS["l2"])["coll"]
-    assert res["missing"] == [] and res["bad_document"] == [] and res["get_embeddings_error"] is None
+    assert (
+        res["missing"] == [] and res["bad_document"] == [] and res["get_embeddings_error"] is None
+    )
     assert res["not_first"] == []  # before the fix: coll-0 .. coll-19 (the ignored vectors)
 
 
-def test_torn_pickle_salvaged_through_the_label_map_snapshot(base: dict[str, str], tmp_path: Path) -> None:
+def test_torn_pickle_salvaged_through_the_label_map_snapshot(
+    base: dict[str, str], tmp_path: Path
+) -> None:
     """Pins issue 7's largest loss: chromadb 1.5.9 rewrites ``index_metadata.pickle`` in place,
     so a kill during a flush left it empty (seen in a 120 s soak: 664 of 1000 records without a
     label map, WAL purged). With a snapshot of the last healthy label map, repair maps every

@@ -23,16 +23,20 @@ from safechroma._validate import check_directory  # noqa: E402
 HEALTHY: dict[str, dict[str, Any]] = {
     "empty": {"collections": [{"n": 0}]},
     "below_threshold": {"collections": [{"n": 50}]},
-    "one_flush_default_threshold": {"collections": [{"n": 1100, "sync_threshold": 1000, "batch": 550}]},
+    "one_flush_default_threshold": {
+        "collections": [{"n": 1100, "sync_threshold": 1000, "batch": 550}]
+    },
     "many_flushes": {"collections": [{"n": 1000, "sync_threshold": 100}]},
     "deletes_updates": {"collections": [{"n": 400, "deletes": 60, "updates": 80}]},
     "cosine": {"collections": [{"n": 300, "space": "cosine"}]},
     "ip": {"collections": [{"n": 300, "space": "ip"}]},
-    "several": {"collections": [
-        {"name": "small", "n": 30, "dim": 3},
-        {"name": "mid", "n": 250, "dim": 17, "space": "cosine"},
-        {"name": "wide", "n": 220, "dim": 64, "space": "ip", "deletes": 20},
-    ]},
+    "several": {
+        "collections": [
+            {"name": "small", "n": 30, "dim": 3},
+            {"name": "mid", "n": 250, "dim": 17, "space": "cosine"},
+            {"name": "wide", "n": 220, "dim": 64, "space": "ip", "deletes": 20},
+        ]
+    },
     "full_wal": {"purge_wal": False, "collections": [{"n": 300}]},
 }
 
@@ -57,6 +61,7 @@ def copy_of(built: dict[str, str], tmp_path: Path) -> Iterator[Any]:
         dest = str(tmp_path / name)
         shutil.copytree(built[name], dest)
         return dest
+
     yield make
 
 
@@ -69,7 +74,11 @@ def test_healthy_shapes_pass(built: dict[str, str], shape: str) -> None:
     rep = check_directory(built[shape], wal_coverage=True)
     assert rep.status == "healthy", rep.to_dict()
     assert rep.healthy
-    names = {c["name"] for c in HEALTHY[shape]["collections"]} if "name" in HEALTHY[shape]["collections"][0] else {"coll"}
+    names = (
+        {c["name"] for c in HEALTHY[shape]["collections"]}
+        if "name" in HEALTHY[shape]["collections"][0]
+        else {"coll"}
+    )
     assert {c.name for c in rep.collections} == names
     exp = cd.expected(HEALTHY[shape])
     for c in rep.collections:
@@ -100,8 +109,15 @@ def test_corruption_detected(copy_of: Any, kind: str) -> None:
 
 
 # What only the deep walk can see: link contents, labels, link_lists.bin structure, SQLite pages.
-DEEP_ONLY = {"level0_neighbor_oob", "level0_count_huge", "upper_neighbor_oob", "links_truncated",
-             "data_zeroed", "data_random", "sqlite_pages"}
+DEEP_ONLY = {
+    "level0_neighbor_oob",
+    "level0_count_huge",
+    "upper_neighbor_oob",
+    "links_truncated",
+    "data_zeroed",
+    "data_random",
+    "sqlite_pages",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(set(cd.KINDS) - DEEP_ONLY))

@@ -88,6 +88,8 @@ _ASYNC_EF_DEFAULTS = {
     id(_default(AsyncClient.get_or_create_collection, "embedding_function")): _EF_GET_OR_CREATE,
     id(_default(AsyncClient.get_collection_by_id, "embedding_function")): _EF_BY_ID,
 }
+
+
 def _amirror(original: Callable[..., Any]) -> Callable[[Any], Any]:
     return _mirror(original, " (see the module docs for cancellation)")
 
@@ -274,10 +276,18 @@ class AsyncSafeClient(AsyncClientAPI):
         data_loader: Any = None,
         get_or_create: bool = False,
     ) -> AsyncSafeCollection:
-        return self._wrap(await self._call(
-            "create_collection", name, schema, configuration, metadata,
-            _sync_ef(embedding_function), data_loader, get_or_create,
-        ))
+        return self._wrap(
+            await self._call(
+                "create_collection",
+                name,
+                schema,
+                configuration,
+                metadata,
+                _sync_ef(embedding_function),
+                data_loader,
+                get_or_create,
+            )
+        )
 
     @_amirror(AsyncClient.get_collection)
     async def get_collection(
@@ -297,18 +307,25 @@ class AsyncSafeClient(AsyncClientAPI):
         embedding_function: Any = _AEF_GET_OR_CREATE,
         data_loader: Any = None,
     ) -> AsyncSafeCollection:
-        return self._wrap(await self._call(
-            "get_or_create_collection", name, schema, configuration, metadata,
-            _sync_ef(embedding_function), data_loader,
-        ))
+        return self._wrap(
+            await self._call(
+                "get_or_create_collection",
+                name,
+                schema,
+                configuration,
+                metadata,
+                _sync_ef(embedding_function),
+                data_loader,
+            )
+        )
 
     @_amirror(AsyncClient.get_collection_by_id)
     async def get_collection_by_id(
         self, id: UUID, embedding_function: Any = _AEF_BY_ID, data_loader: Any = None
     ) -> AsyncSafeCollection:
-        return self._wrap(await self._call(
-            "get_collection_by_id", id, _sync_ef(embedding_function), data_loader
-        ))
+        return self._wrap(
+            await self._call("get_collection_by_id", id, _sync_ef(embedding_function), data_loader)
+        )
 
     @_amirror(AsyncClient.delete_collection)
     async def delete_collection(self, name: str) -> None:
@@ -497,8 +514,12 @@ class AsyncSafeCollection(AsyncCollection):
         try:
             if create:
                 col = await client.get_or_create_collection(
-                    name, schema=schema, configuration=configuration, metadata=metadata,
-                    embedding_function=embedding_function, data_loader=data_loader,
+                    name,
+                    schema=schema,
+                    configuration=configuration,
+                    metadata=metadata,
+                    embedding_function=embedding_function,
+                    data_loader=data_loader,
                 )
             else:
                 col = await client.get_collection(

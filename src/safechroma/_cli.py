@@ -35,17 +35,23 @@ print("RESULT " + json.dumps(out), flush=True)
 
 def _progress(step: str, details: dict[str, Any]) -> None:
     if sys.stderr.isatty():
-        sys.stderr.write(f"\r  ... {step}: {', '.join(f'{k}={v}' for k, v in details.items())}\x1b[K\n")
+        sys.stderr.write(
+            f"\r  ... {step}: {', '.join(f'{k}={v}' for k, v in details.items())}\x1b[K\n"
+        )
         sys.stderr.flush()
 
 
 def _print_check(rep: DirectoryReport, out: TextIO) -> None:
     mark = {"healthy": "OK", "damaged": "DAMAGED", "unknown": "UNKNOWN"}
-    out.write(f"{mark[rep.status]}  {rep.path}  ({rep.elapsed_s * 1000:.0f} ms, sqlite {rep.sqlite_status})\n")
+    out.write(
+        f"{mark[rep.status]}  {rep.path}  ({rep.elapsed_s * 1000:.0f} ms, sqlite {rep.sqlite_status})\n"
+    )
     for f in rep.findings:
         out.write(f"  [{f.severity}] {f.code}: {f.message}\n")
     for c in rep.collections:
-        out.write(f"  {mark[c.status]:8} {c.name or c.segment_id}  ({c.records if c.records is not None else '?'} records, {c.space}, dim {c.dimension})\n")
+        out.write(
+            f"  {mark[c.status]:8} {c.name or c.segment_id}  ({c.records if c.records is not None else '?'} records, {c.space}, dim {c.dimension})\n"
+        )
         for f in c.findings:
             out.write(f"      [{f.severity}] {f.code}: {f.message}\n")
 
@@ -78,15 +84,23 @@ def _cmd_info(a: argparse.Namespace) -> int:
     if rep.sqlite_status != "ok":
         _print_check(rep, sys.stdout)
         return 2
-    purge = {True: "on (Chroma default)", False: "off (full WAL kept)", None: "unknown"}[rep.wal_purge]
+    purge = {True: "on (Chroma default)", False: "off (full WAL kept)", None: "unknown"}[
+        rep.wal_purge
+    ]
     print(f"{rep.path}\n  WAL purge: {purge}")
-    print(f"  {'collection':24} {'records':>8} {'dim':>5} {'space':6} {'index':>8} {'index MB':>9} {'WAL rows':>9}  WAL covers all")
+    print(
+        f"  {'collection':24} {'records':>8} {'dim':>5} {'space':6} {'index':>8} {'index MB':>9} {'WAL rows':>9}  WAL covers all"
+    )
     for c in rep.collections:
         size = 0
         if c.segment_path and os.path.isdir(c.segment_path):
-            size = sum(os.path.getsize(os.path.join(c.segment_path, n)) for n in os.listdir(c.segment_path))
+            size = sum(
+                os.path.getsize(os.path.join(c.segment_path, n)) for n in os.listdir(c.segment_path)
+            )
         idx = c.hnsw.element_count if c.hnsw else "-"
-        print(f"  {str(c.name):24} {c.records!s:>8} {c.dimension!s:>5} {c.space:6} {idx!s:>8} {size / 1e6:9.2f} {c.wal_rows:>9}  {c.wal_covers_all}")
+        print(
+            f"  {str(c.name):24} {c.records!s:>8} {c.dimension!s:>5} {c.space:6} {idx!s:>8} {size / 1e6:9.2f} {c.wal_rows:>9}  {c.wal_covers_all}"
+        )
     return 0
 
 
@@ -97,7 +111,10 @@ def _cmd_repair(a: argparse.Namespace) -> int:
         return 2
     fd = _lock(path)
     if fd is None:
-        print(f"error: {path} is in use: another process holds {LOCK_NAME}. Stop it (or close its SafeClient) and retry.", file=sys.stderr)
+        print(
+            f"error: {path} is in use: another process holds {LOCK_NAME}. Stop it (or close its SafeClient) and retry.",
+            file=sys.stderr,
+        )
         return 2
     try:
         before = check_directory(path, wal_coverage=True)
@@ -109,26 +126,39 @@ def _cmd_repair(a: argparse.Namespace) -> int:
         applied: list[dict[str, Any]] = []
         if pending:
             _progress("write-back", {"files": len(pending)})
-            p = subprocess.run([sys.executable, "-c", _APPLY, path, *pending], capture_output=True, text=True)
+            p = subprocess.run(
+                [sys.executable, "-c", _APPLY, path, *pending], capture_output=True, text=True
+            )
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode != 0 or not lines:
-                print(f"error: write-back of salvaged vectors failed (rc={p.returncode}); the backup is in {rep.backup_dir}; run repair again\n{p.stderr[-2000:]}", file=sys.stderr)
+                print(
+                    f"error: write-back of salvaged vectors failed (rc={p.returncode}); the backup is in {rep.backup_dir}; run repair again\n{p.stderr[-2000:]}",
+                    file=sys.stderr,
+                )
                 return 1
             applied = json.loads(lines[-1][7:])
         after = None if a.dry_run or rep.status == "nothing_to_do" else check_directory(path)
-        result = {"repair": rep.to_dict(), "applied": applied, "after": after.to_dict() if after else None}
+        result = {
+            "repair": rep.to_dict(),
+            "applied": applied,
+            "after": after.to_dict() if after else None,
+        }
         if a.json:
             print(json.dumps(result, indent=1))
         else:
             print(f"{rep.status.upper()}: {rep.message}")
             for c in rep.collections:
-                print(f"  {c.name}: {', '.join(c.reasons)} -> {c.action}; WAL covers all: {c.wal_covers_all}; salvaged {c.salvaged}; not recoverable {len(c.not_recovered)}")
+                print(
+                    f"  {c.name}: {', '.join(c.reasons)} -> {c.action}; WAL covers all: {c.wal_covers_all}; salvaged {c.salvaged}; not recoverable {len(c.not_recovered)}"
+                )
             for s in applied:
                 removed = s.get("removed") or []
-                print(f"  wrote back {s['recovered']} vectors to {s['collection']}; "
-                      f"{s.get('reembedded', 0)} re-embedded; {len(removed)} removed "
-                      f"(their vectors exist nowhere; documents and metadata saved in "
-                      f"{s['salvage_file']}.removed.json: re-add them with embeddings)")
+                print(
+                    f"  wrote back {s['recovered']} vectors to {s['collection']}; "
+                    f"{s.get('reembedded', 0)} re-embedded; {len(removed)} removed "
+                    f"(their vectors exist nowhere; documents and metadata saved in "
+                    f"{s['salvage_file']}.removed.json: re-add them with embeddings)"
+                )
                 for r in s["not_recovered"][:10]:
                     print(f"      {r['id']}: {str(r['document'])[:60]!r}")
             if after is not None:
@@ -151,14 +181,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from safechroma._demo import main as demo_main  # type: ignore[import-not-found,unused-ignore]
 
         return int(demo_main(args[1:]))
-    ap = argparse.ArgumentParser(prog="safechroma", description="Check and repair Chroma persist directories.")
+    ap = argparse.ArgumentParser(
+        prog="safechroma", description="Check and repair Chroma persist directories."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="validate a directory (exit 0 healthy, 1 damaged, 2 cannot check)")
+    c = sub.add_parser(
+        "check", help="validate a directory (exit 0 healthy, 1 damaged, 2 cannot check)"
+    )
     c.add_argument("path")
     c.add_argument("--json", action="store_true")
     c.add_argument("--quick", action="store_true", help="headers, sizes and pickles only")
     c.set_defaults(fn=_cmd_check)
-    r = sub.add_parser("repair", help="back up, quarantine damaged indexes, write back salvaged vectors")
+    r = sub.add_parser(
+        "repair", help="back up, quarantine damaged indexes, write back salvaged vectors"
+    )
     r.add_argument("path")
     r.add_argument("--dry-run", action="store_true")
     r.add_argument("--json", action="store_true")

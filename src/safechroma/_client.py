@@ -58,6 +58,7 @@ _EF_GET = _default(Client.get_collection, "embedding_function")
 _EF_GET_OR_CREATE = _default(Client.get_or_create_collection, "embedding_function")
 _EF_BY_ID = _default(Client.get_collection_by_id, "embedding_function")
 
+
 def _forward(name: str) -> Callable[..., Any]:
     def method(self: SafeClient, *args: Any, **kwargs: Any) -> Any:
         return self._call(name, *args, **kwargs)
@@ -68,9 +69,21 @@ def _forward(name: str) -> Callable[..., Any]:
 
 
 _READS = frozenset(
-    {"heartbeat", "get_version", "count_collections", "get_max_batch_size", "get_user_identity",
-     "list_collections", "get_collection", "get_or_create_collection", "get_collection_by_id",
-     "_count", "_get", "_peek", "_query"}
+    {
+        "heartbeat",
+        "get_version",
+        "count_collections",
+        "get_max_batch_size",
+        "get_user_identity",
+        "list_collections",
+        "get_collection",
+        "get_or_create_collection",
+        "get_collection_by_id",
+        "_count",
+        "_get",
+        "_peek",
+        "_query",
+    }
 )
 
 
@@ -140,8 +153,14 @@ class SafeClient(ClientAPI, _Remote):
         if self._closed:
             raise ClientClosedError(f"this SafeClient for {self._path} is closed")
         return self._sup.call(
-            self, method, args, kwargs, read=method in _READS, replay=False,
-            retries=self._read_retries, timeout=effective_timeout(self._timeout),
+            self,
+            method,
+            args,
+            kwargs,
+            read=method in _READS,
+            replay=False,
+            retries=self._read_retries,
+            timeout=effective_timeout(self._timeout),
             by_value=by_value,
         )
 
@@ -193,8 +212,15 @@ class SafeClient(ClientAPI, _Remote):
         get_or_create: bool = False,
     ) -> SafeCollection:
         ref = self._call(
-            "create_collection", name, schema, configuration, metadata, embedding_function,
-            data_loader, get_or_create, by_value=True,
+            "create_collection",
+            name,
+            schema,
+            configuration,
+            metadata,
+            embedding_function,
+            data_loader,
+            get_or_create,
+            by_value=True,
         )
         return self._collection(ref, embedding_function, data_loader)
 
@@ -216,8 +242,14 @@ class SafeClient(ClientAPI, _Remote):
         data_loader: Any = None,
     ) -> SafeCollection:
         ref = self._call(
-            "get_or_create_collection", name, schema, configuration, metadata,
-            embedding_function, data_loader, by_value=True,
+            "get_or_create_collection",
+            name,
+            schema,
+            configuration,
+            metadata,
+            embedding_function,
+            data_loader,
+            by_value=True,
         )
         return self._collection(ref, embedding_function, data_loader)
 
@@ -225,9 +257,7 @@ class SafeClient(ClientAPI, _Remote):
     def get_collection_by_id(
         self, id: UUID, embedding_function: Any = _EF_BY_ID, data_loader: Any = None
     ) -> SafeCollection:
-        ref = self._call(
-            "get_collection_by_id", id, embedding_function, data_loader, by_value=True
-        )
+        ref = self._call("get_collection_by_id", id, embedding_function, data_loader, by_value=True)
         return self._collection(ref, embedding_function, data_loader)
 
     @_mirror(Client.delete_collection)

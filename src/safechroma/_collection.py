@@ -39,8 +39,16 @@ _UNSET: Any = object()
 
 # Methods that only read: retried on a fresh worker after a crash.
 READS = frozenset(
-    {"count", "get", "peek", "query", "search", "get_indexing_status", "fork_count",
-     "get_attached_function"}
+    {
+        "count",
+        "get",
+        "peek",
+        "query",
+        "search",
+        "get_indexing_status",
+        "fork_count",
+        "get_attached_function",
+    }
 )
 # Writes that are safe to resend (duplicate ids in add are ignored; the others are
 # idempotent), replayed only with replay_writes=True.
@@ -59,8 +67,14 @@ def _proxy(name: str) -> Callable[..., Any]:
         if client._closed:
             raise ClientClosedError(f"the SafeClient of collection {self.name!r} is closed")
         result = self._sup.call(
-            self, name, args, kwargs, read=read, replay=replay and client._replay_writes,
-            retries=client._read_retries, timeout=effective_timeout(client._timeout),
+            self,
+            name,
+            args,
+            kwargs,
+            read=read,
+            replay=replay and client._replay_writes,
+            retries=client._read_retries,
+            timeout=effective_timeout(client._timeout),
         )
         if type(result) is tuple and result[:1] == ("collection",):  # fork() returns one
             return SafeCollection._adopt(
@@ -138,7 +152,10 @@ class SafeCollection(Collection, _Remote):
         try:
             if create:
                 col = client.get_or_create_collection(
-                    name, schema=schema, configuration=configuration, metadata=metadata,
+                    name,
+                    schema=schema,
+                    configuration=configuration,
+                    metadata=metadata,
                     **extra,
                 )
             else:
@@ -167,9 +184,7 @@ class SafeCollection(Collection, _Remote):
         self._client = client
         self._sup = client._sup
         self._model = model
-        self._embedding_function = (
-            None if embedding_function is _UNSET else embedding_function
-        )
+        self._embedding_function = None if embedding_function is _UNSET else embedding_function
         self._data_loader = data_loader
         self._open_kwargs = (
             {}
@@ -217,8 +232,14 @@ class SafeCollection(Collection, _Remote):
         if client._closed:
             raise ClientClosedError(f"the SafeClient of collection {self.name!r} is closed")
         self._sup.call(
-            self, "modify", (name, metadata, configuration), {}, read=False, replay=False,
-            retries=0, timeout=effective_timeout(client._timeout),
+            self,
+            "modify",
+            (name, metadata, configuration),
+            {},
+            read=False,
+            replay=False,
+            retries=0,
+            timeout=effective_timeout(client._timeout),
         )
         # chromadb updates its cached model the same way after a successful modify.
         self._update_model_after_modify_success(name, metadata, configuration)

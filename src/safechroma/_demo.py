@@ -117,15 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("\n3. Plain chromadb on the broken directory (in a child process):")
         plain = subprocess.run(
             [sys.executable, "-c", _PLAIN.format(dim=DIM), path],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         for line in plain.stdout.splitlines():
             _say(f"   child: {line}")
         if plain.returncode < 0:
             import signal
 
-            _say(f"   the child was killed by {signal.Signals(-plain.returncode).name}: "
-                 "no try/except could have saved it")
+            _say(
+                f"   the child was killed by {signal.Signals(-plain.returncode).name}: "
+                "no try/except could have saved it"
+            )
         else:
             _say(f"   the child exited with status {plain.returncode}")
         # The child was a second owner of the directory; throw away what it changed by
@@ -146,19 +150,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"   count={col.count()}; query {question!r} -> {after['ids'][0]}")
             # Check every record against what was written, not against the first answer:
             # HNSW is approximate, so the rebuilt graph may rank near-ties differently.
-            stored = col.get(ids=[f"n{i}" for i in range(RECORDS)], include=["embeddings",
-                                                                             "documents"])
+            stored = col.get(
+                ids=[f"n{i}" for i in range(RECORDS)], include=["embeddings", "documents"]
+            )
             order = [int(i[1:]) for i in stored["ids"]]
             intact = bool(
                 np.allclose(np.asarray(stored["embeddings"]), written[order], atol=1e-5)
                 and stored["documents"] == [docs[i] for i in order]
             )
             exact = np.argsort(((written - _embed([question])[0]) ** 2).sum(axis=1))[:3]
-            _say(f"   all {len(order)} records present with their vector and document: "
-                 + ("yes" if intact and len(order) == RECORDS else "NO"))
+            _say(
+                f"   all {len(order)} records present with their vector and document: "
+                + ("yes" if intact and len(order) == RECORDS else "NO")
+            )
             found = len(set(after["ids"][0]) & {f"n{i}" for i in exact})
-            _say(f"   exact nearest neighbours {[f'n{i}' for i in exact]}; the (approximate) "
-                 f"HNSW query found {found} of them")
+            _say(
+                f"   exact nearest neighbours {[f'n{i}' for i in exact]}; the (approximate) "
+                f"HNSW query found {found} of them"
+            )
             ok &= intact and len(order) == RECORDS and any(e.kind == "recovered" for e in events)
 
             _say("\n5. A genuine SIGBUS inside the worker, in the middle of a call:")
@@ -170,15 +179,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 col._client.run_in_worker(_sigbus)
                 ok = False
             except WorkerCrashedError as exc:
-                _say(f"   caught WorkerCrashedError: signal={exc.signal} exitcode={exc.exitcode} "
-                     f"pid={exc.pid} operation={exc.operation}")
+                _say(
+                    f"   caught WorkerCrashedError: signal={exc.signal} exitcode={exc.exitcode} "
+                    f"pid={exc.pid} operation={exc.operation}"
+                )
             t0 = time.perf_counter()
             n = col.count()
             stats = col._client.stats()
-            _say(f"   next call answered by worker {stats.worker_pid} (was {first}) in "
-                 f"{(time.perf_counter() - t0) * 1000:.0f} ms: count={n}")
-            _say(f"   stats: calls={stats.calls} deaths={stats.deaths} "
-                 f"respawns={stats.respawns} recoveries={stats.recoveries}")
+            _say(
+                f"   next call answered by worker {stats.worker_pid} (was {first}) in "
+                f"{(time.perf_counter() - t0) * 1000:.0f} ms: count={n}"
+            )
+            _say(
+                f"   stats: calls={stats.calls} deaths={stats.deaths} "
+                f"respawns={stats.respawns} recoveries={stats.recoveries}"
+            )
             ok &= stats.worker_pid != first and n == RECORDS
         _say(f"\n{'OK' if ok else 'FAILED'}: this process (pid {os.getpid()}) is still alive.")
         return 0 if ok else 1
@@ -218,20 +233,28 @@ def _describe(event: Any) -> str:
         if d.get("healthy"):
             return ""
         reasons = sorted(
-            {f.code for c in getattr(report, "damaged_collections", []) for f in c.findings
-             if getattr(f, "severity", "error") == "error"}
+            {
+                f.code
+                for c in getattr(report, "damaged_collections", [])
+                for f in c.findings
+                if getattr(f, "severity", "error") == "error"
+            }
         )
         return f"validator: DAMAGED ({', '.join(reasons) or 'see report'})"
     if event.kind == "recovered":
         rep = d.get("report")
         cols = getattr(rep, "collections", [])
         salvaged = sum(c.salvaged for c in cols)
-        return (f"recovery: backup in {getattr(rep, 'backup_dir', '?')}, damaged index "
-                f"quarantined, {salvaged} vectors salvaged")
+        return (
+            f"recovery: backup in {getattr(rep, 'backup_dir', '?')}, damaged index "
+            f"quarantined, {salvaged} vectors salvaged"
+        )
     if event.kind == "salvage_applied":
         s = d.get("summary") or {}
-        return (f"fresh worker {event.pid} wrote back {s.get('recovered')} vectors; "
-                f"not recovered: {len(s.get('not_recovered', []))}")
+        return (
+            f"fresh worker {event.pid} wrote back {s.get('recovered')} vectors; "
+            f"not recovered: {len(s.get('not_recovered', []))}"
+        )
     if event.kind == "worker_started":
         return f"worker {event.pid} started"
     if event.kind == "worker_died":

@@ -266,7 +266,10 @@ def _header_findings(h: HnswHeader, hfile: str, expected_dim: int | None) -> lis
     if not 2 <= h.m <= 32767 or h.max_m != h.m or h.max_m0 != 2 * h.m:
         bad("header_m", f"M={h.m}, maxM={h.max_m}, maxM0={h.max_m0}: expected maxM=M, maxM0=2*M")
     if h.offset_data != h.max_m0 * 4 + 4:
-        bad("header_offset_data", f"offsetData={h.offset_data}, expected maxM0*4+4={h.max_m0 * 4 + 4}")
+        bad(
+            "header_offset_data",
+            f"offsetData={h.offset_data}, expected maxM0*4+4={h.max_m0 * 4 + 4}",
+        )
     span = h.label_offset - h.offset_data
     if span <= 0 or span % 4:
         bad("header_label_offset", f"label_offset={h.label_offset} leaves no whole f32 vector")
@@ -300,7 +303,7 @@ def _header_findings(h: HnswHeader, hfile: str, expected_dim: int | None) -> lis
 
 
 def _strided(
-    buf: bytes, count: int, sdpe: int, offset: int, dtype: str, width: int = 0
+    buf: bytes | bytearray | memoryview, count: int, sdpe: int, offset: int, dtype: str, width: int = 0
 ) -> npt.NDArray[Any]:
     """A zero-copy view of one field of every element in a chunk (elements are ``sdpe`` apart)."""
     if width:
@@ -339,7 +342,9 @@ def _check_neighbors(
     return n_too_many, first_too_many, n_oob, first_oob
 
 
-def _count_self_links(ids: npt.NDArray[Any], counts: npt.NDArray[Any], self_ids: npt.NDArray[Any]) -> int:
+def _count_self_links(
+    ids: npt.NDArray[Any], counts: npt.NDArray[Any], self_ids: npt.NDArray[Any]
+) -> int:
     used = np.arange(ids.shape[1]) < counts.astype(np.int64)[:, None]
     return int(((ids == self_ids[:, None].astype(ids.dtype)) & used).sum())
 
@@ -419,15 +424,41 @@ def _check_segment(
     if dfile in sizes:
         dsize = sizes[dfile]
         if dsize < cur * sdpe:
-            add(Finding("data_truncated", f"data_level0.bin is {dsize} bytes, {cur} elements need {cur * sdpe}", dfile))
+            add(
+                Finding(
+                    "data_truncated",
+                    f"data_level0.bin is {dsize} bytes, {cur} elements need {cur * sdpe}",
+                    dfile,
+                )
+            )
         elif dsize % sdpe:
-            add(Finding("data_size", f"data_level0.bin size {dsize} is not a multiple of {sdpe}", dfile))
+            add(
+                Finding(
+                    "data_size", f"data_level0.bin size {dsize} is not a multiple of {sdpe}", dfile
+                )
+            )
         elif dsize > max(h.max_elements, cur) * sdpe:
-            add(Finding("data_size", f"data_level0.bin holds {dsize // sdpe} slots, more than max_elements={h.max_elements}", dfile))
+            add(
+                Finding(
+                    "data_size",
+                    f"data_level0.bin holds {dsize // sdpe} slots, more than max_elements={h.max_elements}",
+                    dfile,
+                )
+            )
     if lfile in sizes and sizes[lfile] < 4 * cur:
-        add(Finding("length_truncated", f"length.bin is {sizes[lfile]} bytes, {cur} elements need {4 * cur}", lfile))
+        add(
+            Finding(
+                "length_truncated",
+                f"length.bin is {sizes[lfile]} bytes, {cur} elements need {4 * cur}",
+                lfile,
+            )
+        )
     if kfile in sizes and sizes[kfile] % 4:
-        add(Finding("links_size", f"link_lists.bin size {sizes[kfile]} is not a multiple of 4", kfile))
+        add(
+            Finding(
+                "links_size", f"link_lists.bin size {sizes[kfile]} is not a multiple of 4", kfile
+            )
+        )
 
     # The pickle (FACTS §1): required once anything was flushed; read with the allow-list.
     label_to_id: dict[Any, Any] | None = None
@@ -442,19 +473,49 @@ def _check_segment(
             keep.append(meta)
             rep.pickle_ids = len(i2l)
             if len(l2i) != len(i2l):
-                add(Finding("pickle_maps", f"label_to_id has {len(l2i)} entries, id_to_label {len(i2l)}", pfile))
+                add(
+                    Finding(
+                        "pickle_maps",
+                        f"label_to_id has {len(l2i)} entries, id_to_label {len(i2l)}",
+                        pfile,
+                    )
+                )
         except UnsafePickleError as e:
-            add(Finding("pickle_unsafe", f"index_metadata.pickle is not a Chroma pickle ({e}); it was not executed", pfile))
+            add(
+                Finding(
+                    "pickle_unsafe",
+                    f"index_metadata.pickle is not a Chroma pickle ({e}); it was not executed",
+                    pfile,
+                )
+            )
         except Exception as e:  # noqa: BLE001 - any parse failure of untrusted bytes is damage
-            add(Finding("pickle_unreadable", f"index_metadata.pickle cannot be parsed: {type(e).__name__}: {e}", pfile))
+            add(
+                Finding(
+                    "pickle_unreadable",
+                    f"index_metadata.pickle cannot be parsed: {type(e).__name__}: {e}",
+                    pfile,
+                )
+            )
     elif cur > 0:
-        add(Finding("pickle_missing", f"{cur} elements on disk but index_metadata.pickle is missing", pfile))
+        add(
+            Finding(
+                "pickle_missing",
+                f"{cur} elements on disk but index_metadata.pickle is missing",
+                pfile,
+            )
+        )
 
     if not deep or not rep.healthy or cur == 0:
         if deep and cur == 0 and rep.healthy:
             rep.deleted_count = 0
             if sizes.get(kfile, 0) != 0:
-                add(Finding("links_trailing", f"empty index but link_lists.bin has {sizes[kfile]} bytes", kfile))
+                add(
+                    Finding(
+                        "links_trailing",
+                        f"empty index but link_lists.bin has {sizes[kfile]} bytes",
+                        kfile,
+                    )
+                )
         return rep
 
     # ---- deep: level 0 ---------------------------------------------------------------------
@@ -467,13 +528,32 @@ def _check_segment(
     deleted, too_many, first_bad, oob, first_oob, self_links, labels_all = scan
     rep.deleted_count = deleted
     if too_many:
-        add(Finding("level0_link_count", f"{too_many} level-0 link counts exceed maxM0={h.max_m0} (first at element {first_bad})", dfile))
+        add(
+            Finding(
+                "level0_link_count",
+                f"{too_many} level-0 link counts exceed maxM0={h.max_m0} (first at element {first_bad})",
+                dfile,
+            )
+        )
     if oob:
-        add(Finding("level0_neighbor_out_of_range", f"{oob} level-0 neighbour ids >= element count {cur} (first at element {first_oob})", dfile))
+        add(
+            Finding(
+                "level0_neighbor_out_of_range",
+                f"{oob} level-0 neighbour ids >= element count {cur} (first at element {first_oob})",
+                dfile,
+            )
+        )
     if self_links:
         # hnswlib never links an element to itself, but a self link cannot crash a search:
         # report it without calling the index damaged (no false positives, issue 4).
-        add(Finding("level0_self_link", f"{self_links} level-0 lists link an element to itself", dfile, "warning"))
+        add(
+            Finding(
+                "level0_self_link",
+                f"{self_links} level-0 lists link an element to itself",
+                dfile,
+                "warning",
+            )
+        )
 
     # ---- deep: upper levels (link_lists.bin) -------------------------------------------------
     if kfile in sizes and sizes[kfile] % 4 == 0:
@@ -493,12 +573,14 @@ def _check_segment(
     if bad_keys:
         add(Finding("pickle_labels", "label_to_id has keys that are not labels", pfile))
     if only_disk or only_pickle:
-        add(Finding(
-            "pickle_labels",
-            f"labels disagree: {only_disk} live labels on disk are not in the pickle, "
-            f"{only_pickle} pickle labels are not live on disk",
-            pfile,
-        ))
+        add(
+            Finding(
+                "pickle_labels",
+                f"labels disagree: {only_disk} live labels on disk are not in the pickle, "
+                f"{only_pickle} pickle labels are not live on disk",
+                pfile,
+            )
+        )
     return rep
 
 
@@ -589,7 +671,9 @@ def _compare_labels(
         (live elements sharing a label with another, distinct live labels not in the pickle,
         pickle labels not live on disk); the last two are 0 when ``pk`` is None.
     """
-    top = max(int(disk.max()) if disk.size else 0, int(pk.max()) if pk is not None and pk.size else 0)
+    top = max(
+        int(disk.max()) if disk.size else 0, int(pk.max()) if pk is not None and pk.size else 0
+    )
     if top <= 4 * (disk.size + (pk.size if pk is not None else 0)) + 4096:
         # Labels are small dense integers (hnswlib numbers elements from 1): mark them in a
         # table instead of sorting (two 1M uint64 sorts took ~0.1 s here, this ~0.01 s).
@@ -658,7 +742,7 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     nxt = np.full(nz.size, -1, dtype=idx_t)
     nxt[whole] = rank[ends[whole]]
     del rank, ends, whole
-    step = memoryview(nxt)
+    step = nxt.data  # a memoryview: indexing it yields Python ints, fast in the loop below
     chain: list[int] = []
     i = 0
     # At most cur records belong to elements; one more shows the file runs on past them.
@@ -675,24 +759,50 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     k = int(np.searchsorted(elem, cur))  # records that belong to the cur elements
     if k < heads.size:
         p = int(heads[k] - elem[k]) + cur  # just after element cur-1, a level-0 element
-        add(Finding("links_trailing", f"{(n - p) * 4} bytes after the last element's link list", kfile))
+        add(
+            Finding(
+                "links_trailing", f"{(n - p) * 4} bytes after the last element's link list", kfile
+            )
+        )
         return
     if bad_last:
         j = int(elem[-1])
         nb = int(head_bytes[-1])
         if nb % slpe:
-            add(Finding("links_nbytes", f"element {j}: link list of {nb} bytes is not a whole number of levels", kfile))
+            add(
+                Finding(
+                    "links_nbytes",
+                    f"element {j}: link list of {nb} bytes is not a whole number of levels",
+                    kfile,
+                )
+            )
         else:
-            add(Finding("links_truncated", f"element {j}: level-{nb // slpe} link list runs past the end of link_lists.bin", kfile))
+            add(
+                Finding(
+                    "links_truncated",
+                    f"element {j}: level-{nb // slpe} link list runs past the end of link_lists.bin",
+                    kfile,
+                )
+            )
         return
     p = int(head_ends[-1]) if heads.size else 0
     j = int(elem[-1]) + 1 if heads.size else 0
     if n - p < cur - j:
-        add(Finding("links_truncated", f"link_lists.bin ends after {n * 4} bytes, before all {cur} elements", kfile))
+        add(
+            Finding(
+                "links_truncated",
+                f"link_lists.bin ends after {n * 4} bytes, before all {cur} elements",
+                kfile,
+            )
+        )
         return
     p += cur - j
     if p < n:
-        add(Finding("links_trailing", f"{(n - p) * 4} bytes after the last element's link list", kfile))
+        add(
+            Finding(
+                "links_trailing", f"{(n - p) * 4} bytes after the last element's link list", kfile
+            )
+        )
         return
     elem_ids = elem
     starts = heads + 1
@@ -702,14 +812,26 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     max_level = int(lv.max()) if lv.size else 0
     rep.max_level = max_level
     if max_level != h.maxlevel:
-        add(Finding("header_maxlevel", f"header maxlevel={h.maxlevel} but the highest element level is {max_level}", kfile))
+        add(
+            Finding(
+                "header_maxlevel",
+                f"header maxlevel={h.maxlevel} but the highest element level is {max_level}",
+                kfile,
+            )
+        )
     ep_level = 0
     if lv.size:
         hit = np.flatnonzero(elem_ids == h.enterpoint_node)
         ep_level = int(lv[hit[0]]) if hit.size else 0
     if ep_level != h.maxlevel:
         # Search starts at the entry point's top level: a lower entry reads links it lacks.
-        add(Finding("header_entry_point", f"entry point {h.enterpoint_node} has level {ep_level}, header maxlevel is {h.maxlevel}", kfile))
+        add(
+            Finding(
+                "header_entry_point",
+                f"entry point {h.enterpoint_node} has level {ep_level}, header maxlevel is {h.maxlevel}",
+                kfile,
+            )
+        )
     if not lv.size:
         return
     owners = np.repeat(elem_ids, lv)
@@ -720,9 +842,21 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     ids = words[block[:, None] + 1 + np.arange(h.max_m)]
     t, ft, o, fo = _check_neighbors(counts, ids, owners, h.max_m, cur)
     if t:
-        add(Finding("upper_link_count", f"{t} upper-level link counts exceed maxM={h.max_m} (first at element {ft})", kfile))
+        add(
+            Finding(
+                "upper_link_count",
+                f"{t} upper-level link counts exceed maxM={h.max_m} (first at element {ft})",
+                kfile,
+            )
+        )
     if o:
-        add(Finding("upper_neighbor_out_of_range", f"{o} upper-level neighbour ids >= element count {cur} (first at element {fo})", kfile))
+        add(
+            Finding(
+                "upper_neighbor_out_of_range",
+                f"{o} upper-level neighbour ids >= element count {cur} (first at element {fo})",
+                kfile,
+            )
+        )
 
 
 @dataclass
@@ -805,7 +939,10 @@ def salvage_vectors(
         header = None
     if header is not None:
         sdpe, off, lab_off, d = (
-            header.size_data_per_element, header.offset_data, header.label_offset, header.dim
+            header.size_data_per_element,
+            header.offset_data,
+            header.label_offset,
+            header.dim,
         )
         limit: int | None = header.cur_element_count
     elif dim:
@@ -884,12 +1021,17 @@ def salvage_vectors(
         skipped["duplicate_label"] = len(drop)
     # Two labels mapping to one id (pickle inconsistent): keep the last one written.
     by_id: dict[str, int] = {}
-    for i, x in enumerate(ids):
-        by_id[x] = i
+    for pos, x in enumerate(ids):
+        by_id[x] = pos
     if len(by_id) != len(ids):
         skipped["duplicate_id"] = len(ids) - len(by_id)
         keep = sorted(by_id.values())
         ids = [ids[i] for i in keep]
         vecs = [vecs[i] for i in keep]
     arr = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, d), np.float32)
-    return Salvage(ids=ids, vectors=arr, skipped={k: v for k, v in skipped.items() if v}, unmapped_labels=unmapped)
+    return Salvage(
+        ids=ids,
+        vectors=arr,
+        skipped={k: v for k, v in skipped.items() if v},
+        unmapped_labels=unmapped,
+    )

@@ -210,8 +210,8 @@ class Stats:
     breaker_open: bool
 
 
-_call_timeout: contextvars.ContextVar[float | None | Literal["default"]] = (
-    contextvars.ContextVar("safechroma_call_timeout", default="default")
+_call_timeout: contextvars.ContextVar[float | None | Literal["default"]] = contextvars.ContextVar(
+    "safechroma_call_timeout", default="default"
 )
 
 

@@ -139,7 +139,7 @@ class RepairReport:
 
 
 def _stamp() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _fsync_dir(path: str) -> None:
@@ -201,18 +201,27 @@ def _wal_vectors(
 
 def _live_seq(con: sqlite3.Connection, metadata_segment: str) -> dict[str, int]:
     """Live id -> sequence id of the last write the metadata segment applied to it."""
-    return {r[0]: _seq(r[1]) for r in con.execute(
-        "SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ?", (metadata_segment,)
-    )}
+    return {
+        r[0]: _seq(r[1])
+        for r in con.execute(
+            "SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ?", (metadata_segment,)
+        )
+    }
 
 
 def _live_ids(con: sqlite3.Connection, metadata_segment: str) -> list[str]:
-    return [r[0] for r in con.execute(
-        "SELECT embedding_id FROM embeddings WHERE segment_id = ? ORDER BY id", (metadata_segment,)
-    )]
+    return [
+        r[0]
+        for r in con.execute(
+            "SELECT embedding_id FROM embeddings WHERE segment_id = ? ORDER BY id",
+            (metadata_segment,),
+        )
+    ]
 
 
-def _documents(con: sqlite3.Connection, metadata_segment: str, ids: Sequence[str]) -> dict[str, str | None]:
+def _documents(
+    con: sqlite3.Connection, metadata_segment: str, ids: Sequence[str]
+) -> dict[str, str | None]:
     out: dict[str, str | None] = {i: None for i in ids}
     wanted = set(ids)
     for eid, doc in con.execute(
@@ -294,8 +303,13 @@ def repair_directory(
             dst.close()
         for rep, _need, _cr in plans:
             if rep.segment_id and os.path.isdir(os.path.join(root, rep.segment_id)):
-                shutil.copytree(os.path.join(root, rep.segment_id), os.path.join(partial, "segments", rep.segment_id))
-        _write_atomic(os.path.join(partial, "check.json"), json.dumps(report.to_dict(), indent=1).encode())
+                shutil.copytree(
+                    os.path.join(root, rep.segment_id),
+                    os.path.join(partial, "segments", rep.segment_id),
+                )
+        _write_atomic(
+            os.path.join(partial, "check.json"), json.dumps(report.to_dict(), indent=1).encode()
+        )
         _fsync_dir(partial)
         os.rename(partial, final)
         _fsync_dir(backups)
@@ -308,7 +322,9 @@ def repair_directory(
             if need is None or rep.segment_id is None:
                 continue
             _salvage_one(root, final, con, rep, need, cr)
-            out.steps.append(f"salvage {cr.name}: {cr.salvaged} vectors, {len(cr.not_recovered)} not recoverable")
+            out.steps.append(
+                f"salvage {cr.name}: {cr.salvaged} vectors, {len(cr.not_recovered)} not recoverable"
+            )
             if cr.salvage_file:
                 out.salvage_files.append(cr.salvage_file)
             note("salvage", {"collection": cr.name, "salvaged": cr.salvaged})
@@ -339,7 +355,9 @@ def repair_directory(
     return out
 
 
-def _plan(con: sqlite3.Connection, c: CollectionReport) -> tuple[CollectionReport, list[str] | None, CollectionRepair]:
+def _plan(
+    con: sqlite3.Connection, c: CollectionReport
+) -> tuple[CollectionReport, list[str] | None, CollectionRepair]:
     """Which live ids the WAL will not rebuild (``None``: all covered)."""
     cr = CollectionRepair(
         collection_id=c.id,
@@ -359,7 +377,12 @@ def _plan(con: sqlite3.Connection, c: CollectionReport) -> tuple[CollectionRepor
 
 
 def _salvage_one(
-    root: str, backup: str, con: sqlite3.Connection, c: CollectionReport, need: list[str], cr: CollectionRepair
+    root: str,
+    backup: str,
+    con: sqlite3.Connection,
+    c: CollectionReport,
+    need: list[str],
+    cr: CollectionRepair,
 ) -> None:
     seg = os.path.join(root, c.segment_id or "")
     ids: list[str] = []
@@ -367,23 +390,36 @@ def _salvage_one(
     skipped: dict[str, int] = {}
     if os.path.isdir(seg):
         snap = _label_map_path(root, c.segment_id or "")
-        s = salvage_vectors(seg, space=c.space, dim=c.dimension, m=c.max_neighbors,
-                            label_map_file=snap if os.path.isfile(snap) else None)
+        s = salvage_vectors(
+            seg,
+            space=c.space,
+            dim=c.dimension,
+            m=c.max_neighbors,
+            label_map_file=snap if os.path.isfile(snap) else None,
+        )
         skipped = s.skipped
         wanted = set(need)
         keep = [i for i, x in enumerate(s.ids) if x in wanted]
         ids = [s.ids[i] for i in keep]
-        vecs = s.vectors[keep] if keep else np.zeros((0, s.vectors.shape[1] if s.vectors.ndim == 2 else 0), np.float32)
+        vecs = (
+            s.vectors[keep]
+            if keep
+            else np.zeros((0, s.vectors.shape[1] if s.vectors.ndim == 2 else 0), np.float32)
+        )
     # A newer vector from a WAL UPDATE beats the index's copy of the same id.
     _, updated = _wal_vectors(con, c.id, _live_seq(con, c.metadata_segment_id or ""))
-    fresh = [i for i in need if i in updated and (c.dimension is None or updated[i].size == c.dimension)]
+    fresh = [
+        i for i in need if i in updated and (c.dimension is None or updated[i].size == c.dimension)
+    ]
     if fresh:
         fset = set(fresh)
         keep_rows = [k for k, x in enumerate(ids) if x not in fset]
         dim = int(updated[fresh[0]].size)
         base_vecs = vecs[keep_rows] if len(keep_rows) else np.zeros((0, dim), np.float32)
         ids = [ids[k] for k in keep_rows] + fresh
-        vecs = np.concatenate([base_vecs.reshape(-1, dim), np.stack([updated[i] for i in fresh])]).astype(np.float32)
+        vecs = np.concatenate(
+            [base_vecs.reshape(-1, dim), np.stack([updated[i] for i in fresh])]
+        ).astype(np.float32)
     got = set(ids)
     lost = [i for i in need if i not in got]
     docs = _documents(con, c.metadata_segment_id or "", lost) if lost else {}
@@ -464,7 +500,11 @@ def pending_salvage_files(path: str | os.PathLike[str]) -> list[str]:
             continue
         for name in sorted(os.listdir(d)):
             f = os.path.join(d, name)
-            if name.startswith("salvage-") and name.endswith(".npz") and not os.path.exists(f + ".applied"):
+            if (
+                name.startswith("salvage-")
+                and name.endswith(".npz")
+                and not os.path.exists(f + ".applied")
+            ):
                 out.append(f)
     return out
 
@@ -517,7 +557,7 @@ def apply_salvage(
         rows = [i for i, x in enumerate(chunk) if x in alive]
         gone.extend(x for x in chunk if x not in alive)
         if rows:
-            col.upsert(ids=[chunk[i] for i in rows], embeddings=vecs[s:s + batch_size][rows])
+            col.upsert(ids=[chunk[i] for i in rows], embeddings=vecs[s : s + batch_size][rows])
             recovered += len(rows)
     # Consistency: the ids Chroma still cannot find a vector for, whatever the cause (named in
     # the salvage file, or left behind by an earlier repair), found by asking Chroma itself.
@@ -597,7 +637,10 @@ def _records(col: Any, ids: list[str], batch_size: int) -> list[dict[str, Any]]:
         got = col.get(ids=ids[s : s + batch_size], include=["documents", "metadatas"])
         docs = got["documents"] or [None] * len(got["ids"])
         metas = got["metadatas"] or [None] * len(got["ids"])
-        out += [{"id": r, "document": d, "metadata": m} for r, d, m in zip(got["ids"], docs, metas, strict=True)]
+        out += [
+            {"id": r, "document": d, "metadata": m}
+            for r, d, m in zip(got["ids"], docs, metas, strict=True)
+        ]
     return out
 
 
@@ -645,7 +688,14 @@ def keep_full_wal(path: str | os.PathLike[str], enable: bool = True) -> dict[str
         with con:
             con.execute(
                 "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, ?)",
-                (json.dumps({"automatically_purge": not enable, "_type": "EmbeddingsQueueConfigurationInternal"}),),
+                (
+                    json.dumps(
+                        {
+                            "automatically_purge": not enable,
+                            "_type": "EmbeddingsQueueConfigurationInternal",
+                        }
+                    ),
+                ),
             )
     finally:
         con.close()

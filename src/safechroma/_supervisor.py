@@ -206,7 +206,9 @@ class Supervisor:
         )
         try:
             for attempt in tenacity.Retrying(
-                stop=tenacity.stop_after_attempt(retries), retry=retry_on, reraise=True,
+                stop=tenacity.stop_after_attempt(retries),
+                retry=retry_on,
+                reraise=True,
                 sleep=lambda _s: None,
             ):
                 with attempt:
@@ -243,8 +245,11 @@ class Supervisor:
             # they live in, under the lock, so a respawn in between cannot mix them up.
             if type(result) is tuple and result[:1] == ("collection",):
                 return (*result, worker.serial)
-            if type(result) is list and result and type(result[0]) is tuple and (
-                result[0][:1] == ("collection",)
+            if (
+                type(result) is list
+                and result
+                and type(result[0]) is tuple
+                and (result[0][:1] == ("collection",))
             ):
                 return [(*ref, worker.serial) for ref in result]
             return result
@@ -429,7 +434,10 @@ class Supervisor:
         self.pending_crash = error
         if kind not in ("damage", "timeout", "protocol", "panic"):
             self._emit(
-                "worker_died", worker.pid, operation=operation, signal=kind,
+                "worker_died",
+                worker.pid,
+                operation=operation,
+                signal=kind,
                 exitcode=worker.popen.returncode,
             )
         if len(self.deaths) >= policy.max_deaths:
@@ -542,9 +550,8 @@ class Supervisor:
                 operation="start",
                 outcome_unknown=False,
                 exitcode=getattr(exc, "exitcode", None),
-                signal=getattr(exc, "signal", None) or (
-                    "timeout" if isinstance(exc, WorkerTimeoutError) else None
-                ),
+                signal=getattr(exc, "signal", None)
+                or ("timeout" if isinstance(exc, WorkerTimeoutError) else None),
                 crash_log=getattr(exc, "crash_log", ""),
             ) from exc
         except Exception:
@@ -664,8 +671,14 @@ class Supervisor:
 
 
 _LOUD: Final = frozenset(
-    {"worker_died", "worker_timeout", "protocol_error", "recovery_failed", "breaker_open",
-     "recovered"}
+    {
+        "worker_died",
+        "worker_timeout",
+        "protocol_error",
+        "recovery_failed",
+        "breaker_open",
+        "recovered",
+    }
 )
 
 

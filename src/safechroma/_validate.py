@@ -186,10 +186,16 @@ def _classify(e: sqlite3.Error, db: str) -> _SqliteUnavailable:
     if any(m in msg for m in _BUSY_MARKERS):
         return _SqliteUnavailable(
             "busy",
-            Finding("sqlite_busy", f"chroma.sqlite3 is locked by another process ({e}); not corruption, try again when it is idle", db, "warning"),
+            Finding(
+                "sqlite_busy",
+                f"chroma.sqlite3 is locked by another process ({e}); not corruption, try again when it is idle",
+                db,
+                "warning",
+            ),
         )
     return _SqliteUnavailable(
-        "unknown", Finding("sqlite_unavailable", f"chroma.sqlite3 cannot be read: {e}", db, "warning")
+        "unknown",
+        Finding("sqlite_unavailable", f"chroma.sqlite3 cannot be read: {e}", db, "warning"),
     )
 
 
@@ -228,8 +234,11 @@ def _parse_config(row: dict[str, Any], meta: dict[str, Any]) -> tuple[str, int]:
             continue
         if key == "schema_str":
             vi = (
-                cfg.get("keys", {}).get("#embedding", {}).get("float_list", {})
-                .get("vector_index", {}).get("config", {})
+                cfg.get("keys", {})
+                .get("#embedding", {})
+                .get("float_list", {})
+                .get("vector_index", {})
+                .get("config", {})
             )
             space = space or vi.get("space")
             m = m or (vi.get("hnsw") or {}).get("max_neighbors")
@@ -280,7 +289,9 @@ def check_directory(
         return rep
     db = os.path.join(root, SQLITE_FILE)
     if not os.path.isfile(db):
-        rep.findings.append(Finding("no_sqlite", f"{SQLITE_FILE} not found: not a Chroma directory", db, "warning"))
+        rep.findings.append(
+            Finding("no_sqlite", f"{SQLITE_FILE} not found: not a Chroma directory", db, "warning")
+        )
         rep.sqlite_status = "missing"
         rep.status = "unknown"
         return rep
@@ -327,7 +338,14 @@ def _check_orphan_segments(rep: DirectoryReport, root: str, known: set[str], dee
             continue
         if rep.sqlite_status == "ok":
             # Chroma leaves a deleted collection's directory behind; it is never loaded.
-            rep.findings.append(Finding("orphan_segment", f"{name} is not a segment of any collection; Chroma ignores it", full, "info"))
+            rep.findings.append(
+                Finding(
+                    "orphan_segment",
+                    f"{name} is not a segment of any collection; Chroma ignores it",
+                    full,
+                    "info",
+                )
+            )
             continue
         seg = check_segment(full, deep=deep)
         c = CollectionReport(id="?", segment_id=name, segment_path=full, hnsw=seg, status="unknown")
@@ -373,7 +391,14 @@ def _check_with_sqlite(
                 if u.status != "corrupt":
                     c.status = "unknown"
             except Exception as e:  # noqa: BLE001 - a validator bug is not damage: say "unknown"
-                c.findings.append(Finding("check_error", f"validator failed: {type(e).__name__}: {e}", c.segment_path, "warning"))
+                c.findings.append(
+                    Finding(
+                        "check_error",
+                        f"validator failed: {type(e).__name__}: {e}",
+                        c.segment_path,
+                        "warning",
+                    )
+                )
                 c.status = "unknown"
             rep.collections.append(c)
         _check_orphan_segments(rep, root, known, deep)
@@ -386,18 +411,36 @@ def _read_catalog(con: sqlite3.Connection) -> list[dict[str, Any]]:
     segs = [dict(r) for r in con.execute("SELECT id, type, scope, collection FROM segments")]
     seqs = {r[0]: _seq(r[1]) for r in con.execute("SELECT segment_id, seq_id FROM max_seq_id")}
     meta: dict[str, dict[str, Any]] = {}
-    for r in con.execute("SELECT collection_id, key, str_value, int_value, float_value FROM collection_metadata"):
+    for r in con.execute(
+        "SELECT collection_id, key, str_value, int_value, float_value FROM collection_metadata"
+    ):
         v = r[2] if r[2] is not None else (r[3] if r[3] is not None else r[4])
         meta.setdefault(r[0], {})[r[1]] = v
     # WAL topics look like "persistent://default/default/<collection id>" in 1.5.9, not the
     # tenant/database names of the sysdb, so match them by the trailing collection id.
     wal: dict[str, tuple[str, int, int | None]] = {}
-    for r in con.execute("SELECT topic, count(*), min(seq_id) FROM embeddings_queue GROUP BY topic"):
-        wal[str(r[0]).rsplit("/", 1)[-1]] = (str(r[0]), int(r[1]), None if r[2] is None else int(r[2]))
+    for r in con.execute(
+        "SELECT topic, count(*), min(seq_id) FROM embeddings_queue GROUP BY topic"
+    ):
+        wal[str(r[0]).rsplit("/", 1)[-1]] = (
+            str(r[0]),
+            int(r[1]),
+            None if r[2] is None else int(r[2]),
+        )
     for c in cols:
         cid = c["id"]
-        c["_vector"] = next((s["id"] for s in segs if s["collection"] == cid and s["type"] == VECTOR_SEGMENT_TYPE), None)
-        c["_metadata"] = next((s["id"] for s in segs if s["collection"] == cid and s["type"] == METADATA_SEGMENT_TYPE), None)
+        c["_vector"] = next(
+            (s["id"] for s in segs if s["collection"] == cid and s["type"] == VECTOR_SEGMENT_TYPE),
+            None,
+        )
+        c["_metadata"] = next(
+            (
+                s["id"]
+                for s in segs
+                if s["collection"] == cid and s["type"] == METADATA_SEGMENT_TYPE
+            ),
+            None,
+        )
         c["_seqs"] = seqs
         c["_meta"] = meta.get(cid, {})
         c["_wal"] = wal.get(cid, (f"persistent://default/default/{cid}", 0, None))
@@ -420,7 +463,14 @@ def _quick_check(rep: DirectoryReport, con: sqlite3.Connection, db: str, limit: 
     except sqlite3.OperationalError as e:
         if "interrupted" in str(e).lower():
             rep.sqlite_status = "unknown"
-            rep.findings.append(Finding("sqlite_check_timeout", f"quick_check did not finish in {limit:.0f} s; SQLite integrity unknown", db, "warning"))
+            rep.findings.append(
+                Finding(
+                    "sqlite_check_timeout",
+                    f"quick_check did not finish in {limit:.0f} s; SQLite integrity unknown",
+                    db,
+                    "warning",
+                )
+            )
             return
         raise
     except sqlite3.DatabaseError as e:
@@ -457,17 +507,23 @@ def _check_collection(
     topic: str = c.__dict__.pop("_topic")
     add = c.findings.append
     if c.segment_id is None or c.segment_path is None:
-        add(Finding("no_vector_segment", "SQLite lists no vector segment for this collection", None))
+        add(
+            Finding("no_vector_segment", "SQLite lists no vector segment for this collection", None)
+        )
         return
     if c.metadata_segment_id:
-        c.records = int(con.execute(
-            "SELECT count(*) FROM embeddings WHERE segment_id = ?", (c.metadata_segment_id,)
-        ).fetchone()[0])
+        c.records = int(
+            con.execute(
+                "SELECT count(*) FROM embeddings WHERE segment_id = ?", (c.metadata_segment_id,)
+            ).fetchone()[0]
+        )
 
     present = os.path.isdir(c.segment_path)
     meta: dict[str, Any] | None = None
     if present:
-        c.hnsw, meta = _check_segment_keep_metadata(c.segment_path, deep=deep, expected_dim=c.dimension)
+        c.hnsw, meta = _check_segment_keep_metadata(
+            c.segment_path, deep=deep, expected_dim=c.dimension
+        )
         c.findings.extend(c.hnsw.findings)
     need_coverage = wal_coverage or not present or (c.hnsw is not None and not c.hnsw.healthy)
     if need_coverage and c.metadata_segment_id:
@@ -477,21 +533,42 @@ def _check_collection(
         # That is exact when the WAL still holds a vector for every live record, and silently
         # loses the rest otherwise ("query returns almost nothing").
         if c.wal_uncovered:
-            add(Finding("segment_missing", f"vector segment directory is missing and the WAL lacks the vectors of {c.wal_uncovered} records", c.segment_path))
+            add(
+                Finding(
+                    "segment_missing",
+                    f"vector segment directory is missing and the WAL lacks the vectors of {c.wal_uncovered} records",
+                    c.segment_path,
+                )
+            )
         else:
-            add(Finding("segment_missing_rebuildable", "vector segment directory is missing; Chroma will rebuild it from the WAL, which covers every record", c.segment_path, "info"))
+            add(
+                Finding(
+                    "segment_missing_rebuildable",
+                    "vector segment directory is missing; Chroma will rebuild it from the WAL, which covers every record",
+                    c.segment_path,
+                    "info",
+                )
+            )
         return
     if not deep or c.metadata_segment_id is None or c.hnsw is None or not c.hnsw.healthy:
         return
     # FACTS §2: records newer than the last flush exist only in the WAL; if one is missing
     # there, its vector exists nowhere.
-    gap = int(con.execute(
-        "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND e.seq_id > ? "
-        "AND NOT EXISTS (SELECT 1 FROM embeddings_queue q WHERE q.seq_id = e.seq_id)",
-        (c.metadata_segment_id, c.index_max_seq_id),
-    ).fetchone()[0])
+    gap = int(
+        con.execute(
+            "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND e.seq_id > ? "
+            "AND NOT EXISTS (SELECT 1 FROM embeddings_queue q WHERE q.seq_id = e.seq_id)",
+            (c.metadata_segment_id, c.index_max_seq_id),
+        ).fetchone()[0]
+    )
     if gap:
-        add(Finding("wal_gap", f"{gap} records written after the last index flush are missing from the WAL: their vectors are lost", None))
+        add(
+            Finding(
+                "wal_gap",
+                f"{gap} records written after the last index flush are missing from the WAL: their vectors are lost",
+                None,
+            )
+        )
     # Records at or below the flushed sequence id must be in the flushed index (its pickle),
     # unless the WAL still holds their vector (it is replayed on open).
     # No pickle (never flushed, or re-initialised after the directory was removed) means the
@@ -522,7 +599,13 @@ def _check_collection(
             }
             lost = [i for i in missing if i not in in_wal]
             if lost:
-                add(Finding("index_missing_ids", f"{len(lost)} records flushed before seq {c.index_max_seq_id} are absent from the index and the WAL (e.g. {lost[0]!r})", c.segment_path))
+                add(
+                    Finding(
+                        "index_missing_ids",
+                        f"{len(lost)} records flushed before seq {c.index_max_seq_id} are absent from the index and the WAL (e.g. {lost[0]!r})",
+                        c.segment_path,
+                    )
+                )
 
 
 def _wal_uncovered(con: sqlite3.Connection, metadata_segment: str, topic: str) -> int:
@@ -535,9 +618,11 @@ def _wal_uncovered(con: sqlite3.Connection, metadata_segment: str, topic: str) -
     that already existed was ignored by the metadata segment but is applied by a rebuild: the
     record would come back with that ignored write's vector (issue 7).
     """
-    return int(con.execute(
-        "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND NOT EXISTS "
-        "(SELECT 1 FROM embeddings_queue q WHERE q.seq_id = e.seq_id AND q.topic = ? "
-        "AND q.id = e.embedding_id AND q.operation IN (0, 2) AND q.vector IS NOT NULL)",
-        (metadata_segment, topic),
-    ).fetchone()[0])
+    return int(
+        con.execute(
+            "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND NOT EXISTS "
+            "(SELECT 1 FROM embeddings_queue q WHERE q.seq_id = e.seq_id AND q.topic = ? "
+            "AND q.id = e.embedding_id AND q.operation IN (0, 2) AND q.vector IS NOT NULL)",
+            (metadata_segment, topic),
+        ).fetchone()[0]
+    )

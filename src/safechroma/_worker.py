@@ -183,7 +183,9 @@ def main(info: dict[str, Any]) -> None:
     sock = socket.socket(fileno=info["fd"])
     worker = _Worker(sock)
     threading.Thread(
-        target=_watch_parent, args=(info["ppid"], worker), name="safechroma-parent-watch",
+        target=_watch_parent,
+        args=(info["ppid"], worker),
+        name="safechroma-parent-watch",
         daemon=True,
     ).start()
     # Warm up while the caller does other things: a standby worker is ready when promoted.

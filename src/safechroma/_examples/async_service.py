@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
@@ -47,7 +48,7 @@ class ToyEmbedding(EmbeddingFunction[Documents]):
         self.poison_marker = poison_marker
 
     def __call__(self, input: Documents) -> Embeddings:  # noqa: A002 - chromadb's name
-        out = []
+        out: list[Any] = []
         for text in input:
             if text == POISON and os.path.exists(self.poison_marker):
                 os.unlink(self.poison_marker)  # only the first worker that sees it dies
@@ -78,8 +79,11 @@ async def service(workdir: str) -> int:
 
     def on_event(event: Event) -> None:  # called in the client's thread
         if event.kind in ("worker_started", "worker_died", "validated"):
-            detail = {k: v for k, v in event.detail.items() if k in ("signal", "operation",
-                                                                  "healthy", "reason")}
+            detail = {
+                k: v
+                for k, v in event.detail.items()
+                if k in ("signal", "operation", "healthy", "reason")
+            }
             say(started, f"  event {event.kind} pid={event.pid} {detail}")
 
     async with AsyncSafeClient(os.path.join(workdir, "db"), on_event=on_event) as client:
@@ -88,8 +92,10 @@ async def service(workdir: str) -> int:
         )
         docs = {f"doc-{i}": f"article number {i} about topic {i % 7}" for i in range(200)}
         await col.add(ids=list(docs), documents=list(docs.values()))
-        say(started, f"indexed {await col.count()} documents; worker pid "
-                     f"{client.stats().worker_pid}")
+        say(
+            started,
+            f"indexed {await col.count()} documents; worker pid {client.stats().worker_pid}",
+        )
 
         answered: list[float] = []  # time of each correct answer
         wrong: list[str] = []
@@ -131,8 +137,7 @@ async def service(workdir: str) -> int:
         async def chaos() -> None:
             await asyncio.sleep(PAUSE)
             pid = client.stats().worker_pid
-            say(started, f"chaos: os.kill({pid}, SIGSEGV) while {HANDLERS} requests are in "
-                         "flight")
+            say(started, f"chaos: os.kill({pid}, SIGSEGV) while {HANDLERS} requests are in flight")
             crash_times.append(time.monotonic())
             os.kill(pid, signal.SIGSEGV)  # type: ignore[arg-type]
             say(started, f"chaos: service now served by worker {await wait_for_new_worker(pid)}")
@@ -140,12 +145,16 @@ async def service(workdir: str) -> int:
 
             open(marker, "w").close()
             pid = client.stats().worker_pid
-            say(started, f"chaos: sending the poison request (its embedding segfaults worker "
-                         f"{pid})")
+            say(
+                started, f"chaos: sending the poison request (its embedding segfaults worker {pid})"
+            )
             crash_times.append(time.monotonic())
             res = await col.query(query_texts=[POISON], n_results=1)
-            say(started, f"chaos: poison request answered {res['ids']} by worker "
-                         f"{client.stats().worker_pid} (the read was retried on a fresh one)")
+            say(
+                started,
+                f"chaos: poison request answered {res['ids']} by worker "
+                f"{client.stats().worker_pid} (the read was retried on a fresh one)",
+            )
             await asyncio.sleep(PAUSE)
 
             pid = client.stats().worker_pid
@@ -160,10 +169,16 @@ async def service(workdir: str) -> int:
 
         stats = client.stats()
         after_each = [sum(1 for t in answered if t > c) for c in crash_times]
-        say(started, f"done: {len(answered)} requests answered correctly, {len(wrong)} wrong, "
-                     f"errors {dict(failures) or 'none'}")
-        say(started, f"worker deaths {stats.deaths}, respawns {stats.respawns}; answers after "
-                     f"each crash: {after_each}")
+        say(
+            started,
+            f"done: {len(answered)} requests answered correctly, {len(wrong)} wrong, "
+            f"errors {dict(failures) or 'none'}",
+        )
+        say(
+            started,
+            f"worker deaths {stats.deaths}, respawns {stats.respawns}; answers after "
+            f"each crash: {after_each}",
+        )
         say(started, f"event loop: max lateness {lateness[0] * 1000:.1f} ms")
         ok = not wrong and not failures and all(after_each) and len(stats.deaths) > 0
         say(started, "OK: the service kept answering" if ok else "FAILED")
