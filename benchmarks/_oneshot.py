@@ -2,8 +2,9 @@
 
 Run as ``python _oneshot.py``. Reads one pickled request from stdin: ``(path, collection, method,
 kwargs)``; imports chromadb, opens a PersistentClient on ``path``, makes the one call, writes the
-pickled ``(result, breakdown)`` to stdout (8-byte length first) and exits. This is what a caller that isolates Chroma by
-running each call in a new process pays (the approach of mcp-vector-search).
+pickled ``(result, breakdown)`` to stdout (8-byte length first) and exits. This is what a
+caller that isolates Chroma by running each call in a new process pays (the approach of
+mcp-vector-search).
 """
 
 from __future__ import annotations

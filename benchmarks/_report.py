@@ -1,4 +1,4 @@
-"""Turn raw timings into statistics, target verdicts, and results.md / results.json / results.png."""
+"""Turn raw timings into statistics, target verdicts, and results.md, .json and .png."""
 
 from __future__ import annotations
 
@@ -456,11 +456,13 @@ def markdown(results: dict[str, Any]) -> str:
             "`get` returns float64 arrays in chromadb 1.5.9; `add` sends float32.\n"
         )
         L.append(
-            "| operation | direction | MiB per call | GB/s median | GB/s p5 |\n|---|---|---|---|---|"
+            "| operation | direction | MiB per call | GB/s median | GB/s p5 "
+            "|\n|---|---|---|---|---|"
         )
         for op_name, b in results["bulk"].items():
             L.append(
-                f"| {results['ops'][op_name]['label']} | {b['direction']} | {b['mib_per_call']:.2f} | "
+                f"| {results['ops'][op_name]['label']} | {b['direction']} | "
+                f"{b['mib_per_call']:.2f} | "
                 f"{b['gb_per_s_median']:.2f} | {b['gb_per_s_p5']:.2f} |"
             )
         L.append("")
@@ -472,20 +474,24 @@ def markdown(results: dict[str, Any]) -> str:
     if "safechroma_open_to_first_count" in su:
         s = su["safechroma_open_to_first_count"]
         L.append(
-            f"| safechroma: `SafeClient(path)` to first answered `count()` | {_ms(s['median_ms'])} ms | "
+            "| safechroma: `SafeClient(path)` to first answered `count()` | "
+            f"{_ms(s['median_ms'])} ms | "
             f"{_ms(s['max_ms'])} ms | {s['n']} |"
         )
         s = su["safechroma_close"]
         L.append(
-            f"| safechroma: `close()` | {_ms(s['median_ms'])} ms | {_ms(s['max_ms'])} ms | {s['n']} |"
+            f"| safechroma: `close()` | {_ms(s['median_ms'])} ms | {_ms(s['max_ms'])} ms | "
+            f"{s['n']} |"
         )
     for mode, v in su.get("first_open_in_run_ms", {}).items():
         L.append(
-            f"| {mode}: first client open to first `count()` in this run (cold) | {_ms(v)} ms | | 1 |"
+            f"| {mode}: first client open to first `count()` in this run (cold) | {_ms(v)} ms | | "
+            "1 |"
         )
     if "http_server_listen_ms" in su:
         L.append(
-            f"| http: `chroma run` spawned to listening | {_ms(su['http_server_listen_ms'])} ms | | 1 |"
+            f"| http: `chroma run` spawned to listening | {_ms(su['http_server_listen_ms'])} ms | "
+            "| 1 |"
         )
     ppc = results["ops"].get("count", {}).get("modes", {}).get("process-per-call")
     if ppc:
@@ -496,7 +502,8 @@ def markdown(results: dict[str, Any]) -> str:
     cr = summ.get("crash")
     if cr:
         L.append(
-            f"| safechroma: worker SIGKILLed to next `count()` answered | {_ms(cr['median_ms'])} ms | "
+            f"| safechroma: worker SIGKILLed to next `count()` answered | {_ms(cr['median_ms'])} "
+            "ms | "
             f"{_ms(cr['max_ms'])} ms | {cr['n']} |"
         )
     L.append("")
@@ -511,7 +518,8 @@ def markdown(results: dict[str, Any]) -> str:
     if mem:
         L.append("## Resident memory (steady state, after the rounds)\n")
         L.append(
-            "| mode | caller RSS MiB (at start) | caller peak | other processes, RSS MiB |\n|---|---|---|---|"
+            "| mode | caller RSS MiB (at start) | caller peak | other processes, RSS MiB "
+            "|\n|---|---|---|---|"
         )
         for mode in MODE_ORDER:
             r = mem.get(mode)
@@ -542,7 +550,8 @@ def markdown(results: dict[str, Any]) -> str:
         L.append(
             f"Interpreter start {_ms(ins['start_to_request'])} ms, `import chromadb` "
             f"{_ms(ins['import_chromadb'])} ms, open client + collection {_ms(ins['open'])} ms, "
-            f"the call {_ms(ins['call'])} ms; answer at {_ms(ppc['median_ms'])} ms, process exit at "
+            f"the call {_ms(ins['call'])} ms; answer at {_ms(ppc['median_ms'])} ms, process exit "
+            "at "
             f"{_ms(ppc['until_exit']['median_ms'])} ms (medians).\n"
         )
 
@@ -554,7 +563,10 @@ def markdown(results: dict[str, Any]) -> str:
             att = v.get("client_non_loopback_attempts")
             line = f"- {who}: non-loopback sockets open at the end of the rounds: {len(bad)}"
             if att is not None:
-                line += f"; non-loopback connect/resolve attempts by the client (audit hook): {len(att)}"
+                line += (
+                    "; non-loopback connect/resolve attempts by the client (audit hook): "
+                    f"{len(att)}"
+                )
             L.append(line)
         attempts = {
             a
@@ -584,23 +596,35 @@ def markdown(results: dict[str, Any]) -> str:
 
     L.append("## Method\n")
     L.append(
-        "- Each mode runs in a driver process of its own (spawned; the benchmark process never imports "
-        "chromadb), on its own copy of one data set: two collections of N records (384 and 1536 dims, "
+        "- Each mode runs in a driver process of its own (spawned; the benchmark process never "
+        "imports "
+        "chromadb), on its own copy of one data set: two collections of N records (384 and 1536 "
+        "dims, "
         "random float32, a short document and metadata per record). `direct` is "
-        "`chromadb.PersistentClient` inside its driver and the timer wraps the bare Chroma call, so it "
-        "is what in-process Chroma costs. `safechroma` is `SafeClient` in its driver (the caller) with "
+        "`chromadb.PersistentClient` inside its driver and the timer wraps the bare Chroma call, "
+        "so it "
+        "is what in-process Chroma costs. `safechroma` is `SafeClient` in its driver (the "
+        "caller) with "
         "the worker as the driver's child. `http` is `chromadb.HttpClient` to a `chroma run` on "
-        "127.0.0.1 started and stopped by the suite. `process-per-call` spawns a fresh interpreter per "
+        "127.0.0.1 started and stopped by the suite. `process-per-call` spawns a fresh "
+        "interpreter per "
         "call that imports chromadb, opens the PersistentClient and makes the call; its latency is "
         "spawn to answer received (exit comes later and is reported above).\n"
-        "- Round by round, each operation runs in every mode in turn, the first mode rotating each round; "
-        "fast operations run several times per mode per round, slow ones (bulk get, add, upsert) once. "
-        "Every mode receives the same ids and arrays in the same round. Warm-up before the rounds.\n"
-        "- `add` and `upsert` use 1000 fresh ids that are deleted (untimed) right after, so collection "
-        "sizes stay comparable between modes (each leaves deleted HNSW slots behind, alike in every "
-        "mode). `upsert` of existing ids takes HNSW's update path: 5-24 s per call at 10k records on "
+        "- Round by round, each operation runs in every mode in turn, the first mode rotating "
+        "each round; "
+        "fast operations run several times per mode per round, slow ones (bulk get, add, upsert) "
+        "once. "
+        "Every mode receives the same ids and arrays in the same round. Warm-up before the "
+        "rounds.\n"
+        "- `add` and `upsert` use 1000 fresh ids that are deleted (untimed) right after, so "
+        "collection "
+        "sizes stay comparable between modes (each leaves deleted HNSW slots behind, alike in "
+        "every "
+        "mode). `upsert` of existing ids takes HNSW's update path: 5-24 s per call at 10k "
+        "records on "
         "this machine, too slow for the time budget, and the bytes moved are the same.\n"
-        "- Ratios are of medians. The paired ratio (median over rounds of the per-round ratio) is in "
+        "- Ratios are of medians. The paired ratio (median over rounds of the per-round ratio) "
+        "is in "
         "results.json and in the target notes. Telemetry is off everywhere; embeddings are always "
         "explicit.\n"
     )

@@ -1,4 +1,4 @@
-"""Facts about this machine and its processes, read from /proc. Linux only; no third-party imports."""
+"""Facts about this machine and its processes, read from /proc (Linux; standard library only)."""
 
 from __future__ import annotations
 

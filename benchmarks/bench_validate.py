@@ -2,9 +2,10 @@
 under a second per million with the deep checks).
 
 The indexes are written synthetically with numpy in the exact hnswlib layout of FACTS §1
-(valid header, random in-range level-0 links never to the element itself, a geometric level distribution with upper-level
-lists, unique labels, a matching pickle): building 1M elements through Chroma would take far
-longer than the check itself. Run: ``.venv/bin/python benchmarks/bench_validate.py``.
+(valid header, random in-range level-0 links never to the element itself, a geometric level
+distribution with upper-level lists, unique labels, a matching pickle): building 1M elements
+through Chroma would take far longer than the check itself.
+Run: ``.venv/bin/python benchmarks/bench_validate.py``.
 """
 
 from __future__ import annotations
@@ -150,14 +151,19 @@ def bench(n: int, dim: int, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    env = f"Python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    env = (
+        f"Python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {platform.platform()}"
+    )
     rows = []
     for n, dim, reps in ((10_000, 384, 30), (1_000_000, 128, 9), (1_000_000, 384, 5)):
         r = bench(n, dim, reps)
         rows.append((n, dim, reps, r))
         print(
-            f"n={n:>9,} dim={dim:>3} files={r['size_mb']:8.1f} MB  shallow median {r['shallow_median_ms']:.2f} ms p95 {r['shallow_p95_ms']:.2f} ms  "
-            f"deep median {r['deep_median_ms']:.1f} ms p95 {r['deep_p95_ms']:.1f} ms cpu {r['deep_cpu_median_ms']:.1f} ms",
+            f"n={n:>9,} dim={dim:>3} files={r['size_mb']:8.1f} MB  shallow median "
+            f"{r['shallow_median_ms']:.2f} ms p95 {r['shallow_p95_ms']:.2f} ms  "
+            f"deep median {r['deep_median_ms']:.1f} ms p95 {r['deep_p95_ms']:.1f} ms cpu "
+            f"{r['deep_cpu_median_ms']:.1f} ms",
             flush=True,
         )
     load = os.getloadavg()
@@ -167,18 +173,23 @@ def main() -> None:
         env,
         "",
         f"Command: `{sys.executable} benchmarks/bench_validate.py` (synthetic hnswlib files, "
-        "page cache warm, 1 warm-up run; the pickle is laid out byte for byte as chromadb 1.5.9 writes it).",
+        "page cache warm, 1 warm-up run; the pickle is laid out byte for byte as chromadb 1.5.9 "
+        "writes it).",
         "",
-        f"Load average at the end of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (wall times include time "
+        f"Load average at the end of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (wall "
+        "times include time "
         "other processes held the CPU; the CPU column is this process's CPU time).",
         "",
-        "| elements | dim | files MB | runs | shallow median ms | shallow p95 ms | deep median ms | deep p95 ms | deep CPU median ms |",
+        "| elements | dim | files MB | runs | shallow median ms | shallow p95 ms | deep median "
+        "ms | deep p95 ms | deep CPU median ms |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, dim, reps, r in rows:
         lines.append(
-            f"| {n:,} | {dim} | {r['size_mb']:.1f} | {reps} | {r['shallow_median_ms']:.2f} | {r['shallow_p95_ms']:.2f} "
-            f"| {r['deep_median_ms']:.1f} | {r['deep_p95_ms']:.1f} | {r['deep_cpu_median_ms']:.1f} |"
+            f"| {n:,} | {dim} | {r['size_mb']:.1f} | {reps} | {r['shallow_median_ms']:.2f} | "
+            f"{r['shallow_p95_ms']:.2f} "
+            f"| {r['deep_median_ms']:.1f} | {r['deep_p95_ms']:.1f} | "
+            f"{r['deep_cpu_median_ms']:.1f} |"
         )
     with open(os.path.join(os.path.dirname(__file__), "results", "validate.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-"""What crash isolation costs: safechroma against direct Chroma, a Chroma server and a process per call.
+"""What crash isolation costs: safechroma vs direct Chroma, a Chroma server, a process per call.
 
 Usage (from the repository root)::
 
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         if "http" in args.modes:
             server = ChromaServer(copies["http"], workdir / "chroma-server.log")
             log(
-                f"chroma run listening on 127.0.0.1:{server.port} after {server.listen_ns / 1e9:.2f} s"
+                f"chroma run listening on 127.0.0.1:{server.port} after "
+                f"{server.listen_ns / 1e9:.2f} s"
             )
 
         for mode in args.modes:

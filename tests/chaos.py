@@ -162,7 +162,8 @@ class SoakReport:
             ),
             (
                 "query recall misses (HNSW is approximate)",
-                f"{self.recall_misses} during the run, {self.final_recall_misses} in the final check "
+                f"{self.recall_misses} during the run, {self.final_recall_misses} in the final "
+                "check "
                 "(record stored intact, not returned first by its own vector; not a problem)",
             ),
             (

@@ -53,7 +53,7 @@ def _coll(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def vectors(name: str, n: int, dim: int, generation: int = 0) -> np.ndarray:
-    """Deterministic float32 vectors ``(n, dim)`` for collection ``name`` (generation 1 = updates)."""
+    """Deterministic float32 vectors ``(n, dim)`` for ``name`` (generation 1 = updates)."""
     rng = np.random.default_rng(zlib.crc32(f"{name}/{generation}".encode()))
     return rng.uniform(-1.0, 1.0, size=(n, dim)).astype(np.float32)
 
@@ -456,7 +456,8 @@ def _child_build(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             # keep_full_wal before the first write (FACTS §2): Chroma reads this row.
             con = sqlite3.connect(os.path.join(dest, "chroma.sqlite3"))
             con.execute(
-                "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, ?)",
+                "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, "
+                "?)",
                 (
                     json.dumps(
                         {
@@ -548,12 +549,18 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
             docs = dict(zip(got["ids"], got["documents"] or [], strict=False))
             missing = [i for i in exp["ids"] if i not in docs]
             bad_doc = [
-                i for i, d in zip(exp["ids"], exp["documents"], strict=False) if i in docs and docs[i] != d
+                i
+                for i, d in zip(exp["ids"], exp["documents"], strict=False)
+                if i in docs and docs[i] != d
             ]
             not_first: list[str] = []
             if exp["ids"]:
                 r = col.query(query_embeddings=exp["vectors"], n_results=1)
-                not_first = [i for i, hit in zip(exp["ids"], r["ids"], strict=False) if not hit or hit[0] != i]
+                not_first = [
+                    i
+                    for i, hit in zip(exp["ids"], r["ids"], strict=False)
+                    if not hit or hit[0] != i
+                ]
             # A live id with no vector makes every get that includes embeddings fail ("Error
             # finding id"); a repair must not leave one behind (issue 7).
             try:

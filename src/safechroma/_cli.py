@@ -44,13 +44,16 @@ def _progress(step: str, details: dict[str, Any]) -> None:
 def _print_check(rep: DirectoryReport, out: TextIO) -> None:
     mark = {"healthy": "OK", "damaged": "DAMAGED", "unknown": "UNKNOWN"}
     out.write(
-        f"{mark[rep.status]}  {rep.path}  ({rep.elapsed_s * 1000:.0f} ms, sqlite {rep.sqlite_status})\n"
+        f"{mark[rep.status]}  {rep.path}  ({rep.elapsed_s * 1000:.0f} ms, sqlite "
+        f"{rep.sqlite_status})\n"
     )
     for f in rep.findings:
         out.write(f"  [{f.severity}] {f.code}: {f.message}\n")
     for c in rep.collections:
         out.write(
-            f"  {mark[c.status]:8} {c.name or c.segment_id}  ({c.records if c.records is not None else '?'} records, {c.space}, dim {c.dimension})\n"
+            f"  {mark[c.status]:8} {c.name or c.segment_id}  "
+            f"({c.records if c.records is not None else '?'} records, {c.space}, "
+            f"dim {c.dimension})\n"
         )
         for f in c.findings:
             out.write(f"      [{f.severity}] {f.code}: {f.message}\n")
@@ -89,7 +92,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
     ]
     print(f"{rep.path}\n  WAL purge: {purge}")
     print(
-        f"  {'collection':24} {'records':>8} {'dim':>5} {'space':6} {'index':>8} {'index MB':>9} {'WAL rows':>9}  WAL covers all"
+        f"  {'collection':24} {'records':>8} {'dim':>5} {'space':6} {'index':>8} {'index MB':>9} "
+        f"{'WAL rows':>9}  WAL covers all"
     )
     for c in rep.collections:
         size = 0
@@ -99,7 +103,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
             )
         idx = c.hnsw.element_count if c.hnsw else "-"
         print(
-            f"  {str(c.name):24} {c.records!s:>8} {c.dimension!s:>5} {c.space:6} {idx!s:>8} {size / 1e6:9.2f} {c.wal_rows:>9}  {c.wal_covers_all}"
+            f"  {str(c.name):24} {c.records!s:>8} {c.dimension!s:>5} {c.space:6} {idx!s:>8} "
+            f"{size / 1e6:9.2f} {c.wal_rows:>9}  {c.wal_covers_all}"
         )
     return 0
 
@@ -112,7 +117,8 @@ def _cmd_repair(a: argparse.Namespace) -> int:
     fd = _lock(path)
     if fd is None:
         print(
-            f"error: {path} is in use: another process holds {LOCK_NAME}. Stop it (or close its SafeClient) and retry.",
+            f"error: {path} is in use: another process holds {LOCK_NAME}. Stop it (or close its "
+            "SafeClient) and retry.",
             file=sys.stderr,
         )
         return 2
@@ -132,7 +138,8 @@ def _cmd_repair(a: argparse.Namespace) -> int:
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode != 0 or not lines:
                 print(
-                    f"error: write-back of salvaged vectors failed (rc={p.returncode}); the backup is in {rep.backup_dir}; run repair again\n{p.stderr[-2000:]}",
+                    f"error: write-back of salvaged vectors failed (rc={p.returncode}); the "
+                    f"backup is in {rep.backup_dir}; run repair again\n{p.stderr[-2000:]}",
                     file=sys.stderr,
                 )
                 return 1
@@ -149,7 +156,9 @@ def _cmd_repair(a: argparse.Namespace) -> int:
             print(f"{rep.status.upper()}: {rep.message}")
             for c in rep.collections:
                 print(
-                    f"  {c.name}: {', '.join(c.reasons)} -> {c.action}; WAL covers all: {c.wal_covers_all}; salvaged {c.salvaged}; not recoverable {len(c.not_recovered)}"
+                    f"  {c.name}: {', '.join(c.reasons)} -> {c.action}; WAL covers all: "
+                    f"{c.wal_covers_all}; salvaged {c.salvaged}; "
+                    f"not recoverable {len(c.not_recovered)}"
                 )
             for s in applied:
                 removed = s.get("removed") or []

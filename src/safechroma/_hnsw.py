@@ -303,7 +303,12 @@ def _header_findings(h: HnswHeader, hfile: str, expected_dim: int | None) -> lis
 
 
 def _strided(
-    buf: bytes | bytearray | memoryview, count: int, sdpe: int, offset: int, dtype: str, width: int = 0
+    buf: bytes | bytearray | memoryview,
+    count: int,
+    sdpe: int,
+    offset: int,
+    dtype: str,
+    width: int = 0,
 ) -> npt.NDArray[Any]:
     """A zero-copy view of one field of every element in a chunk (elements are ``sdpe`` apart)."""
     if width:
@@ -441,7 +446,8 @@ def _check_segment(
             add(
                 Finding(
                     "data_size",
-                    f"data_level0.bin holds {dsize // sdpe} slots, more than max_elements={h.max_elements}",
+                    f"data_level0.bin holds {dsize // sdpe} slots, more than "
+                    f"max_elements={h.max_elements}",
                     dfile,
                 )
             )
@@ -531,7 +537,8 @@ def _check_segment(
         add(
             Finding(
                 "level0_link_count",
-                f"{too_many} level-0 link counts exceed maxM0={h.max_m0} (first at element {first_bad})",
+                f"{too_many} level-0 link counts exceed maxM0={h.max_m0} (first at element "
+                f"{first_bad})",
                 dfile,
             )
         )
@@ -539,7 +546,8 @@ def _check_segment(
         add(
             Finding(
                 "level0_neighbor_out_of_range",
-                f"{oob} level-0 neighbour ids >= element count {cur} (first at element {first_oob})",
+                f"{oob} level-0 neighbour ids >= element count {cur} (first at element "
+                f"{first_oob})",
                 dfile,
             )
         )
@@ -780,7 +788,8 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
             add(
                 Finding(
                     "links_truncated",
-                    f"element {j}: level-{nb // slpe} link list runs past the end of link_lists.bin",
+                    f"element {j}: level-{nb // slpe} link list runs past the end of "
+                    "link_lists.bin",
                     kfile,
                 )
             )
@@ -828,7 +837,8 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
         add(
             Finding(
                 "header_entry_point",
-                f"entry point {h.enterpoint_node} has level {ep_level}, header maxlevel is {h.maxlevel}",
+                f"entry point {h.enterpoint_node} has level {ep_level}, header maxlevel is "
+                f"{h.maxlevel}",
                 kfile,
             )
         )
@@ -996,7 +1006,8 @@ def salvage_vectors(
                 nn = norms[start : start + k]
                 if nn.size == k:
                     good = np.isfinite(nn) & (nn > 0)
-                    # A bad norm leaves the unit vector: same cosine neighbours, only its scale lost.
+                    # A bad norm leaves the unit vector: same cosine neighbours, only its scale
+                    # lost.
                     with np.errstate(over="ignore", invalid="ignore"):
                         scaled = vec * nn[:, None]
                     good &= np.isfinite(scaled).all(axis=1)

@@ -687,7 +687,8 @@ def keep_full_wal(path: str | os.PathLike[str], enable: bool = True) -> dict[str
     try:
         with con:
             con.execute(
-                "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, ?)",
+                "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, "
+                "?)",
                 (
                     json.dumps(
                         {

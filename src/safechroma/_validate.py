@@ -188,7 +188,8 @@ def _classify(e: sqlite3.Error, db: str) -> _SqliteUnavailable:
             "busy",
             Finding(
                 "sqlite_busy",
-                f"chroma.sqlite3 is locked by another process ({e}); not corruption, try again when it is idle",
+                f"chroma.sqlite3 is locked by another process ({e}); not corruption, try again "
+                "when it is idle",
                 db,
                 "warning",
             ),
@@ -536,7 +537,8 @@ def _check_collection(
             add(
                 Finding(
                     "segment_missing",
-                    f"vector segment directory is missing and the WAL lacks the vectors of {c.wal_uncovered} records",
+                    "vector segment directory is missing and the WAL lacks the vectors of "
+                    f"{c.wal_uncovered} records",
                     c.segment_path,
                 )
             )
@@ -544,7 +546,8 @@ def _check_collection(
             add(
                 Finding(
                     "segment_missing_rebuildable",
-                    "vector segment directory is missing; Chroma will rebuild it from the WAL, which covers every record",
+                    "vector segment directory is missing; Chroma will rebuild it from the WAL, "
+                    "which covers every record",
                     c.segment_path,
                     "info",
                 )
@@ -565,7 +568,8 @@ def _check_collection(
         add(
             Finding(
                 "wal_gap",
-                f"{gap} records written after the last index flush are missing from the WAL: their vectors are lost",
+                f"{gap} records written after the last index flush are missing from the WAL: "
+                "their vectors are lost",
                 None,
             )
         )
@@ -593,7 +597,8 @@ def _check_collection(
             in_wal = {
                 row[0]
                 for row in con.execute(
-                    "SELECT DISTINCT id FROM embeddings_queue WHERE topic = ? AND operation IN (0, 2) AND vector IS NOT NULL",
+                    "SELECT DISTINCT id FROM embeddings_queue WHERE topic = ? AND operation IN "
+                    "(0, 2) AND vector IS NOT NULL",
                     (topic,),
                 )
             }
@@ -602,7 +607,8 @@ def _check_collection(
                 add(
                     Finding(
                         "index_missing_ids",
-                        f"{len(lost)} records flushed before seq {c.index_max_seq_id} are absent from the index and the WAL (e.g. {lost[0]!r})",
+                        f"{len(lost)} records flushed before seq {c.index_max_seq_id} are absent "
+                        f"from the index and the WAL (e.g. {lost[0]!r})",
                         c.segment_path,
                     )
                 )
