@@ -520,3 +520,31 @@ def test_reset_when_settings_allow_it_keeps_the_directory_locked(db: str) -> Non
             timeout=60,
         )
         assert other.returncode == 1 and "DirectoryLockedError" in other.stderr
+
+
+def test_add_of_existing_ids_is_ignored_and_leaves_no_wal_row(db: str) -> None:
+    """Regression (issue 7 soak): Chroma ignores an add of an existing id but kept the row in
+    its WAL, and a replay after a worker death was seen to give the record that ignored vector.
+    The worker now sends only new ids; what the caller sees is chromadb's behaviour."""
+    import sqlite3
+
+    with SafeClient(db, validator=None) as client:
+        col = client.create_collection("dups", embedding_function=None)
+        col.add(ids=["x", "y"], embeddings=[[1.0, 0.0], [0.0, 1.0]], documents=["x1", "y1"])
+        col.add(ids=["x", "z"], embeddings=[[9.0, 9.0], [0.5, 0.5]], documents=["x2", "z1"])
+        col.add(ids=["y"], embeddings=[[7.0, 7.0]], documents=["y2"])  # nothing new: no call
+        got = col.get(ids=["x", "y", "z"], include=["documents", "embeddings"])
+        assert dict(zip(got["ids"], got["documents"], strict=True)) == {
+            "x": "x1",
+            "y": "y1",
+            "z": "z1",
+        }
+        assert np.allclose(got["embeddings"][got["ids"].index("x")], [1.0, 0.0])
+        with pytest.raises(chromadb.errors.InvalidArgumentError, match="dimension"):
+            col.add(ids=["x"], embeddings=[[1.0, 2.0, 3.0]])  # still validated like chromadb
+        con = sqlite3.connect(f"file:{db}/chroma.sqlite3?mode=ro", uri=True)
+        try:
+            rows = dict(con.execute("SELECT id, count(*) FROM embeddings_queue GROUP BY id"))
+        finally:
+            con.close()
+        assert rows == {"x": 1, "y": 1, "z": 1}

@@ -85,7 +85,10 @@ class _Worker:
     def dispatch(self, op: int, body: Any) -> Any:
         if op == Op.CALL:
             handle, method, args, kwargs = body
-            return self.export(getattr(self.handles[handle], method)(*args, **kwargs))
+            target = self.handles[handle]
+            if method == "add" and _is_collection(target):
+                return _add_new_only(target, args, kwargs)
+            return self.export(getattr(target, method)(*args, **kwargs))
         if op == Op.PING:
             return None
         if op == Op.OPEN:
@@ -139,6 +142,77 @@ class _Worker:
         self.next_handle += 1
         self.handles[handle] = collection
         return ("collection", handle, collection.get_model())
+
+
+def _is_collection(obj: Any) -> bool:
+    from chromadb.api.models.Collection import Collection
+
+    return isinstance(obj, Collection)
+
+
+def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """``col.add(...)`` exactly as chromadb does it, minus the ids the collection already has.
+
+    Chroma ignores an ``add`` of an existing id, but the ignored record still goes into its WAL,
+    and after a worker death the replay of such a row has been seen to give the record the
+    ignored write's vector while its document stays (the chaos soak caught a read of it). Not
+    sending ids that exist keeps those rows out of the WAL; everything the caller sees is the
+    same: validation, embedding and errors are chromadb's own steps, in chromadb's order.
+    """
+    import inspect
+
+    try:
+        bound = inspect.signature(type(col).add).bind(col, *args, **kwargs)
+    except TypeError:
+        col.add(*args, **kwargs)  # chromadb raises its own TypeError
+        return None
+    a = bound.arguments
+    request = col._validate_and_prepare_add_request(
+        ids=a.get("ids"),
+        embeddings=a.get("embeddings"),
+        metadatas=a.get("metadatas"),
+        documents=a.get("documents"),
+        images=a.get("images"),
+        uris=a.get("uris"),
+    )
+    ids = request["ids"]
+    existing = set(col.get(ids=ids, include=[])["ids"])
+    if existing:
+        # Chroma checks the dimension of every row, existing ids included, before it ignores
+        # them: so do we, with its message.
+        stored = col.get(ids=[next(iter(existing))], include=["embeddings"])["embeddings"]
+        if stored is not None and len(stored):
+            expected = len(stored[0])
+            for emb in request["embeddings"] or []:
+                if len(emb) != expected:
+                    from chromadb.errors import InvalidArgumentError
+
+                    raise InvalidArgumentError(
+                        f"Collection expecting embedding with dimension of {expected}, "
+                        f"got {len(emb)}"
+                    )
+        keep = [i for i, rid in enumerate(ids) if rid not in existing]
+        if not keep:
+            return None
+        request = {
+            key: (
+                [value[i] for i in keep]
+                if value is not None and not isinstance(value, str) and len(value) == len(ids)
+                else value
+            )
+            for key, value in request.items()
+        }
+    col._client._add(
+        collection_id=col.id,
+        ids=request["ids"],
+        embeddings=request["embeddings"],
+        metadatas=request["metadatas"],
+        documents=request["documents"],
+        uris=request["uris"],
+        tenant=col.tenant,
+        database=col.database,
+    )
+    return None
 
 
 def _watch_parent(ppid: int, worker: _Worker) -> None:
