@@ -25,7 +25,6 @@ import enum
 import io
 import pickle
 import struct
-from collections.abc import Callable
 from typing import Any, Final
 
 import cloudpickle
@@ -165,6 +164,3 @@ def is_panic(exc: BaseException) -> bool:
     """True for ``pyo3_runtime.PanicException``, which derives from BaseException."""
     cls = type(exc)
     return cls.__name__ == "PanicException" and cls.__module__.startswith("pyo3")
-
-
-Rebuilder = Callable[[ErrorInfo], BaseException]

@@ -317,10 +317,3 @@ def _remaining(deadline: float | None) -> float | None:
     # Never 0: a zero timeout makes the socket non-blocking and a read would fail with
     # BlockingIOError, which would look like a dead peer instead of a timeout.
     return max(0.001, deadline - time.monotonic())
-
-
-def describe_exit(returncode: int | None) -> dict[str, Any]:
-    """Facts about an exit status for error messages: exitcode and signal name."""
-    from ._errors import signal_name
-
-    return {"exitcode": returncode, "signal": signal_name(returncode)}

@@ -17,7 +17,9 @@ What it guarantees to the caller:
 from __future__ import annotations
 
 import faulthandler
+import functools
 import importlib
+import inspect
 import os
 import select
 import signal
@@ -129,8 +131,7 @@ class _Worker:
 
     def export(self, result: Any) -> Any:
         """Replace Chroma Collection objects (which do not pickle) by (handle, model) refs."""
-        from chromadb.api.models.Collection import Collection
-
+        Collection = _collection_class()
         if isinstance(result, Collection):
             return self._ref(result)
         if isinstance(result, list) and result and isinstance(result[0], Collection):
@@ -144,10 +145,20 @@ class _Worker:
         return ("collection", handle, collection.get_model())
 
 
-def _is_collection(obj: Any) -> bool:
+@functools.cache
+def _collection_class() -> Any:
     from chromadb.api.models.Collection import Collection
 
-    return isinstance(obj, Collection)
+    return Collection
+
+
+@functools.cache
+def _add_signature() -> inspect.Signature:
+    return inspect.signature(_collection_class().add)
+
+
+def _is_collection(obj: Any) -> bool:
+    return isinstance(obj, _collection_class())
 
 
 def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -159,10 +170,8 @@ def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
     sending ids that exist keeps those rows out of the WAL; everything the caller sees is the
     same: validation, embedding and errors are chromadb's own steps, in chromadb's order.
     """
-    import inspect
-
     try:
-        bound = inspect.signature(type(col).add).bind(col, *args, **kwargs)
+        bound = _add_signature().bind(col, *args, **kwargs)
     except TypeError:
         col.add(*args, **kwargs)  # chromadb raises its own TypeError
         return None
