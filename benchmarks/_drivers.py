@@ -56,7 +56,7 @@ def _rss_tree(root: int, worker_pid: int | None = None) -> dict[str, Any]:
         cmd = cmdline(pid)
         if pid == worker_pid:
             role = "worker"
-        elif "safechroma._worker" in cmd:
+        elif "safechroma.runtime.worker" in cmd:
             role = "standby worker"
         else:
             role = "child"

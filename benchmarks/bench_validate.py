@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from safechroma._hnsw import HEADER_FORMAT, check_segment
+from safechroma.storage.hnsw import HEADER_FORMAT, check_segment
 
 M = 16
 

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs as cd  # noqa: E402
 
-from safechroma._cli import main  # noqa: E402
+from safechroma.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def test_import_is_cheap_and_does_not_load_chromadb() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, safechroma, safechroma._validate, safechroma._worker; "
+            "import sys, safechroma, safechroma.storage.validate, safechroma.runtime.worker; "
             "print('chromadb' in sys.modules)",
         ],
         capture_output=True,

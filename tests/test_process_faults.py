@@ -102,7 +102,7 @@ def test_parent_killed_mid_call_frees_worker_lock_and_leaves_a_healthy_directory
     assert not Path(f"/proc/{worker}").exists(), "the worker outlived its parent"
     assert gone_after < 2.5, f"worker took {gone_after:.1f} s to go"
     assert _lock_is_free(db)
-    from safechroma._validate import check_directory
+    from safechroma.storage.validate import check_directory
 
     report = check_directory(db)
     assert report.healthy, report
@@ -220,7 +220,7 @@ def test_disk_full_during_writes_is_a_clear_error_and_keeps_acknowledged_data(
     assert set(acked) <= present, f"{len(set(acked) - present)} acknowledged records lost"
     assert len(present & set(failed)) in (0, len(failed)), "the failed batch is partial"
     assert count == len(present)
-    from safechroma._validate import check_directory
+    from safechroma.storage.validate import check_directory
 
     assert check_directory(db).healthy
 

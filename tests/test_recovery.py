@@ -18,14 +18,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs as cd  # noqa: E402
 
-from safechroma._recovery import (  # noqa: E402
+from safechroma.storage.recovery import (  # noqa: E402
     keep_full_wal,
     pending_salvage_files,
     repair_directory,
     snapshot_label_maps,
     wal_purge_enabled,
 )
-from safechroma._validate import check_directory  # noqa: E402
+from safechroma.storage.validate import check_directory  # noqa: E402
 
 SPECS: dict[str, dict[str, Any]] = {
     "l2": {"collections": [{"n": 600, "sync_threshold": 100}]},
@@ -150,7 +150,7 @@ def test_crash_mid_repair_leaves_old_state_plus_backup(
     seg = cd.corrupt(d, "level0_neighbor_oob")
     code = (
         "import os, signal, sys\n"
-        "from safechroma._recovery import repair_directory\n"
+        "from safechroma.storage.recovery import repair_directory\n"
         "def step(name, details):\n"
         f"    if name == {kill_at!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
         "repair_directory(sys.argv[1], progress=step)\n"

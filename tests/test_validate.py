@@ -17,8 +17,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs as cd  # noqa: E402
 
-from safechroma._hnsw import UnsafePickleError, read_index_metadata  # noqa: E402
-from safechroma._validate import check_directory  # noqa: E402
+from safechroma.storage.hnsw import UnsafePickleError, read_index_metadata  # noqa: E402
+from safechroma.storage.validate import check_directory  # noqa: E402
 
 HEALTHY: dict[str, dict[str, Any]] = {
     "empty": {"collections": [{"n": 0}]},

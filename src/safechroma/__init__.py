@@ -23,36 +23,36 @@ import typing as _typing
 __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
-    "AsyncSafeClient": "._aio",
-    "AsyncSafeCollection": "._aio",
+    "AsyncSafeClient": ".api.aio",
+    "AsyncSafeCollection": ".api.aio",
     "BreakerPolicy": "._policy",
     "ChromaPanicError": "._errors",
     "ClientClosedError": "._errors",
-    "CollectionReport": "._validate",
+    "CollectionReport": ".storage.validate",
     "CrashLoopError": "._errors",
     "DirectoryLockedError": "._errors",
-    "DirectoryReport": "._validate",
+    "DirectoryReport": ".storage.validate",
     "Event": "._policy",
-    "Finding": "._hnsw",
+    "Finding": ".storage.hnsw",
     "HookContext": "._policy",
     "Options": "._policy",
     "ProtocolError": "._errors",
     "RecoveryError": "._errors",
     "RemoteError": "._errors",
-    "RepairReport": "._recovery",
+    "RepairReport": ".storage.recovery",
     "SafeChromaError": "._errors",
-    "SafeClient": "._client",
-    "SafeCollection": "._collection",
+    "SafeClient": ".api.client",
+    "SafeCollection": ".api.collection",
     "Stats": "._policy",
     "WorkerCrashedError": "._errors",
     "WorkerError": "._errors",
     "WorkerStartError": "._errors",
     "WorkerTimeoutError": "._errors",
-    "apply_salvage": "._recovery",
+    "apply_salvage": ".storage.recovery",
     "call_timeout": "._policy",
-    "check_directory": "._validate",
-    "keep_full_wal": "._recovery",
-    "repair_directory": "._recovery",
+    "check_directory": ".storage.validate",
+    "keep_full_wal": ".storage.recovery",
+    "repair_directory": ".storage.recovery",
 }
 
 __all__ = [
@@ -104,9 +104,6 @@ def __dir__() -> list[str]:
 
 
 if _typing.TYPE_CHECKING:
-    from ._aio import AsyncSafeClient, AsyncSafeCollection
-    from ._client import SafeClient
-    from ._collection import SafeCollection
     from ._errors import (
         ChromaPanicError,
         ClientClosedError,
@@ -121,7 +118,10 @@ if _typing.TYPE_CHECKING:
         WorkerStartError,
         WorkerTimeoutError,
     )
-    from ._hnsw import Finding
     from ._policy import BreakerPolicy, Event, HookContext, Options, Stats, call_timeout
-    from ._recovery import RepairReport, apply_salvage, keep_full_wal, repair_directory
-    from ._validate import CollectionReport, DirectoryReport, check_directory
+    from .api.aio import AsyncSafeClient, AsyncSafeCollection
+    from .api.client import SafeClient
+    from .api.collection import SafeCollection
+    from .storage.hnsw import Finding
+    from .storage.recovery import RepairReport, apply_salvage, keep_full_wal, repair_directory
+    from .storage.validate import CollectionReport, DirectoryReport, check_directory

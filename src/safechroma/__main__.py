@@ -2,6 +2,6 @@
 
 import sys
 
-from safechroma._cli import main
+from safechroma.cli import main
 
 sys.exit(main())

@@ -69,14 +69,14 @@ Recovery = Callable[[HookContext], Any]
 
 def default_validator(ctx: HookContext) -> Any:
     """The built-in validator: :func:`safechroma.check_directory` on ``ctx.path``."""
-    from ._validate import check_directory
+    from .storage.validate import check_directory
 
     report = check_directory(ctx.path)
     if report.healthy:
         # chromadb 1.5.9 rewrites index_metadata.pickle in place (truncate, then write): a kill
         # mid-flush can leave it empty, and with the WAL purged nothing else maps labels to
         # ids. Repair then maps labels through this copy of the last healthy map.
-        from ._recovery import snapshot_label_maps
+        from .storage.recovery import snapshot_label_maps
 
         snapshot_label_maps(ctx.path, report)
     return report
@@ -84,7 +84,7 @@ def default_validator(ctx: HookContext) -> Any:
 
 def default_recovery(ctx: HookContext) -> Any:
     """The built-in, non-destructive recovery: :func:`safechroma.repair_directory`."""
-    from ._recovery import repair_directory
+    from .storage.recovery import repair_directory
 
     return repair_directory(ctx.path, ctx.report)
 

@@ -13,12 +13,12 @@ from chromadb.api import ClientAPI
 from chromadb.api.client import Client
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
-from . import _supervisor
-from ._collection import _UNSET, SafeCollection
-from ._errors import ClientClosedError
-from ._policy import Options, Stats, effective_timeout
-from ._protocol import Op
-from ._supervisor import Supervisor, _Remote
+from .._errors import ClientClosedError
+from .._policy import Options, Stats, effective_timeout
+from ..runtime import supervisor as _supervisor
+from ..runtime.protocol import Op
+from ..runtime.supervisor import Supervisor, _Remote
+from .collection import _UNSET, SafeCollection
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING, Any
 from chromadb.api.models.Collection import Collection
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT
 
-from ._errors import ClientClosedError
-from ._policy import effective_timeout
-from ._protocol import Op
-from ._supervisor import Supervisor, _Remote
+from .._errors import ClientClosedError
+from .._policy import effective_timeout
+from ..runtime.protocol import Op
+from ..runtime.supervisor import Supervisor, _Remote
 
 if TYPE_CHECKING:
     from chromadb.api.collection_configuration import CreateCollectionConfiguration
     from chromadb.api.types import CollectionMetadata, Schema
 
-    from ._client import SafeClient
-    from ._transport import WorkerProcess
+    from ..runtime.transport import WorkerProcess
+    from .client import SafeClient
 
 _UNSET: Any = object()
 
@@ -143,7 +143,7 @@ class SafeCollection(Collection, _Remote):
         database: str = DEFAULT_DATABASE,
         **options: Any,
     ) -> None:
-        from ._client import SafeClient
+        from .client import SafeClient
 
         client = SafeClient(path, settings, tenant, database, **options)
         extra: dict[str, Any] = {"data_loader": data_loader}

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from safechroma._recovery import pending_salvage_files, repair_directory
-from safechroma._validate import DirectoryReport, check_directory
+from safechroma.storage.recovery import pending_salvage_files, repair_directory
+from safechroma.storage.validate import DirectoryReport, check_directory
 
 LOCK_NAME = ".safechroma.lock"
 
@@ -26,7 +26,7 @@ LOCK_NAME = ".safechroma.lock"
 _APPLY = """
 import json, sys
 import chromadb
-from safechroma._recovery import apply_salvage
+from safechroma.storage.recovery import apply_salvage
 client = chromadb.PersistentClient(sys.argv[1])
 out = [apply_salvage(client, f) for f in sys.argv[2:]]
 print("RESULT " + json.dumps(out), flush=True)

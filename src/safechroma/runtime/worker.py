@@ -1,8 +1,8 @@
 """The worker: the only process that opens the persist directory with Chroma.
 
-Started by :class:`safechroma._transport.WorkerProcess` as ``python -c <boot> <json>``. It imports
-chromadb at once (so a standby worker is warm before it is needed), then serves one request at a
-time until told to exit or until its parent is gone.
+Started by :class:`safechroma.runtime.transport.WorkerProcess` as ``python -c <boot> <json>``.
+It imports chromadb at once (so a standby worker is warm before it is needed), then serves one
+request at a time until told to exit or until its parent is gone.
 
 What it guarantees to the caller:
 
@@ -30,8 +30,8 @@ import time
 import traceback
 from typing import Any, Final
 
-from ._protocol import Op, Status, decode_request, encode, error_info, is_panic
-from ._transport import FrameReader, PeerDied, send_frame
+from .protocol import Op, Status, decode_request, encode, error_info, is_panic
+from .transport import FrameReader, PeerDied, send_frame
 
 PARENT_GRACE: Final = 1.5
 # Requests come from the trusted parent; the bound only stops a runaway frame.
@@ -258,7 +258,7 @@ def _limit_memory(limit: int | None) -> None:
 
 
 def main(info: dict[str, Any]) -> None:
-    """Entry point of the worker process (see ``safechroma._transport._BOOT``)."""
+    """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT``)."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)

@@ -67,7 +67,9 @@ from chromadb.api.models.AsyncCollection import AsyncCollection
 from chromadb.api.models.Collection import Collection
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
-from ._client import (
+from .._errors import ClientClosedError
+from .._policy import Options, Stats
+from .client import (
     _EF_BY_ID,
     _EF_CREATE,
     _EF_GET,
@@ -76,9 +78,7 @@ from ._client import (
     _default,
     _mirror,
 )
-from ._collection import PROXIED, SafeCollection
-from ._errors import ClientClosedError
-from ._policy import Options, Stats
+from .collection import PROXIED, SafeCollection
 
 # chromadb's AsyncClient has its own default embedding-function objects. Omitting the argument
 # must mean what it means to the sync client, so each async default maps to the sync one.
@@ -450,7 +450,7 @@ def _proxy(name: str) -> Callable[..., Any]:
     method.__qualname__ = f"AsyncSafeCollection.{name}"
     method.__doc__ = (
         f"Behaves like ``chromadb.AsyncCollection.{name}``; runs in the worker process (see "
-        "``safechroma._aio`` for cancellation).\n\n" + (original.__doc__ or "")
+        "``safechroma.api.aio`` for cancellation).\n\n" + (original.__doc__ or "")
     )
     method.__wrapped__ = original  # type: ignore[attr-defined]
     return method

@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from safechroma._hnsw import PICKLE_FILE, read_index_metadata, salvage_vectors
-from safechroma._validate import (
+from safechroma.storage.hnsw import PICKLE_FILE, read_index_metadata, salvage_vectors
+from safechroma.storage.validate import (
     SQLITE_FILE,
     CollectionReport,
     DirectoryReport,
@@ -454,7 +454,7 @@ def snapshot_label_maps(
     chromadb 1.5.9 rewrites the pickle in place (truncate, write, no fsync): a kill in between
     leaves it empty, and with the WAL purged every flushed record then has a vector on disk that
     nothing maps to its id (issue 7 soak: one torn pickle, 664 of 1000 records lost). Repair
-    falls back to this copy (:func:`safechroma._hnsw.salvage_vectors`): labels are never
+    falls back to this copy (:func:`safechroma.storage.hnsw.salvage_vectors`): labels are never
     reassigned, so an older map is right for every label it has. Call it after a healthy check
     with the directory owned (the supervisor does, before a worker starts). Writes only under
     ``<path>/.safechroma/labelmaps``; a copy is refreshed only when the pickle changed.

@@ -2,7 +2,7 @@
 
 The files are untrusted: a validator that crashed on them would defeat its purpose, so this
 module reads SQLite through the standard ``sqlite3`` module in read-only mode and the HNSW files
-through :mod:`safechroma._hnsw` (pure Python). It never writes.
+through :mod:`safechroma.storage.hnsw` (pure Python). It never writes.
 
 Verdicts:
 
@@ -25,7 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from safechroma._hnsw import Finding, SegmentReport, _check_segment_keep_metadata, check_segment
+from safechroma.storage.hnsw import (
+    Finding,
+    SegmentReport,
+    _check_segment_keep_metadata,
+    check_segment,
+)
 
 __all__ = [
     "CollectionReport",

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Final
 
-from ._protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
+from .protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
 
 _IOV_MAX: Final = 1024
 _LAZY_ABOVE: Final = 64 << 20
@@ -35,7 +35,7 @@ _SCRATCH: Final = 1 << 16
 _BOOT: Final = (
     "import sys, json; info = json.loads(sys.argv[1]); "
     "sys.path[:0] = info['sys_path']; "
-    "from safechroma._worker import main; main(info)"
+    "from safechroma.runtime.worker import main; main(info)"
 )
 
 _serial = itertools.count(1)
@@ -144,7 +144,7 @@ def _allocate(n: int) -> Any:
 
 
 class WorkerProcess:
-    """One worker: a child interpreter running :func:`safechroma._worker.main`.
+    """One worker: a child interpreter running :func:`safechroma.runtime.worker.main`.
 
     Args:
         log_dir: folder for the worker's log (its stderr, stdout and faulthandler output).

@@ -40,7 +40,7 @@ from typing import Any, Final
 
 import tenacity
 
-from ._errors import (
+from .._errors import (
     ChromaPanicError,
     ClientClosedError,
     CrashLoopError,
@@ -55,9 +55,9 @@ from ._errors import (
     WorkerTimeoutError,
     signal_name,
 )
-from ._policy import Event, HookContext, Options, Stats
-from ._protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
-from ._transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
+from .._policy import Event, HookContext, Options, Stats
+from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
+from .transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
 
 logger = logging.getLogger("safechroma")
 # A library does not configure logging; without a handler Python would print WARNINGs to
@@ -486,8 +486,8 @@ class Supervisor:
         reason = self.pending_reason or "crash"
         if reason == "start" and self.options.recovery is not None:
             # A repair interrupted between quarantine and write-back left its salvage file
-            # behind (safechroma._recovery); finish it with the first worker.
-            from ._recovery import pending_salvage_files
+            # behind (safechroma.storage.recovery); finish it with the first worker.
+            from ..storage.recovery import pending_salvage_files
 
             self.pending_salvage.extend(
                 f for f in pending_salvage_files(self.path) if f not in self.pending_salvage
@@ -580,11 +580,11 @@ class Supervisor:
         reembed = self.options.reembed
         while self.pending_salvage:
             path = self.pending_salvage[0]
-            fn: Any = "safechroma._recovery:apply_salvage"
+            fn: Any = "safechroma.storage.recovery:apply_salvage"
             if reembed is not None:
                 # Records whose vector exists nowhere are re-embedded from their documents by
                 # the caller's embedding function, inside the worker.
-                from ._recovery import apply_salvage
+                from ..storage.recovery import apply_salvage
 
                 fn = functools.partial(apply_salvage, reembed=reembed)
             summary = self._exchange(
