@@ -539,6 +539,42 @@ def _child_slow_writer(p: dict[str, Any]) -> None:
     _child_extend(p)
 
 
+def _child_grow(p: dict[str, Any]) -> dict[str, Any]:
+    """Add ``batches`` x ``batch`` new records under an optional ``RLIMIT_FSIZE``.
+
+    SIGXFSZ gets its default action back (Python ignores it at start-up, so a write past the
+    limit would only fail with EFBIG and hnswlib does not check its writes): a write past the
+    limit kills the process, as it must kill a worker.
+    """
+    import resource
+    import signal
+
+    if p.get("fsize_limit"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        lim = int(p["fsize_limit"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))
+    col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
+    rng = np.random.default_rng(5)
+    for k in range(p["batches"]):
+        ids = [f"grow-{k}-{i}" for i in range(p["batch"])]
+        col.add(ids=ids, embeddings=rng.uniform(-1, 1, (p["batch"], p["dim"])).astype("f4"))
+    return {"count": col.count()}
+
+
+def grow(dest: str, *, batches: int, batch: int, dim: int = 8, fsize_limit: int = 0) -> int:
+    """Run :func:`_child_grow` in a plain chromadb child; returns its exit status."""
+    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
+    arg = {"path": dest, "batches": batches, "batch": batch, "dim": dim}
+    arg["fsize_limit"] = fsize_limit
+    proc = subprocess.run(
+        [sys.executable, HERE, "grow", json.dumps(arg)],
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+    return proc.returncode
+
+
 def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
     client = _child_client(p["path"])
     out: dict[str, Any] = {}
@@ -588,6 +624,7 @@ if __name__ == "__main__":
         "slow_writer": _child_slow_writer,
         "readd": _child_readd,
         "verify": _child_verify,
+        "grow": _child_grow,
     }[cmd]
     res = fn(arg)
     print("RESULT " + json.dumps(res), flush=True)
