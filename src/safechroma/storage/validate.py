@@ -10,6 +10,10 @@ Verdicts:
 * ``"damaged"``: at least one finding of severity ``"error"``; each says what and where.
 * ``"unknown"``: the check could not finish (missing database, SQLite locked or busy, time
   limit). A lock is never corruption (issue 4): a busy database is ``"unknown"``.
+* ``"incompatible"``: written by a newer chromadb (its schema has migrations the installed
+  chromadb does not know, issue 13 / chroma#5909). Not damage: nothing may repair it, and the
+  installed chromadb must not open it (1.5.9 opens it without a word and writes into a schema
+  it does not know). :attr:`DirectoryReport.incompatibility` names both versions.
 
 Zero false positives is the design rule: every healthy shape of FACTS §1 passes, and the
 verdict can trigger recovery.
@@ -25,22 +29,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from safechroma._errors import IncompatibleDirectoryError
 from safechroma.storage.hnsw import (
     Finding,
     SegmentReport,
     _check_segment_keep_metadata,
     check_segment,
 )
+from safechroma.storage.schema import compare_schema
 
 __all__ = [
     "CollectionReport",
     "DirectoryReport",
     "Finding",
     "check_directory",
+    "incompatible_error",
     "IGNORED_ENTRIES",
 ]
 
-Status = Literal["healthy", "damaged", "unknown"]
+Status = Literal["healthy", "damaged", "unknown", "incompatible"]
 
 SQLITE_FILE = "chroma.sqlite3"
 VECTOR_SEGMENT_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
@@ -139,9 +146,13 @@ class DirectoryReport:
         status: ``"healthy"``, ``"damaged"`` or ``"unknown"``.
         collections: One report per collection.
         findings: Directory-level findings (SQLite, orphan segments, ...).
-        sqlite_status: ``"ok"``, ``"corrupt"``, ``"busy"``, ``"missing"`` or ``"unknown"``.
+        sqlite_status: ``"ok"``, ``"corrupt"``, ``"busy"``, ``"missing"``, ``"unknown"`` or
+            ``"incompatible"`` (written by a newer chromadb; collections not checked).
         wal_purge: Chroma's ``automatically_purge`` setting (``None`` when unreadable).
         elapsed_s: Wall time of the check.
+        incompatibility: For ``"incompatible"``: ``installed_chromadb`` (version),
+            ``unknown_migrations`` (``"dir version filename"`` each), ``directory_schema`` and
+            ``installed_schema`` (highest migration per dir, as far as known).
     """
 
     path: str
@@ -151,6 +162,7 @@ class DirectoryReport:
     sqlite_status: str = "ok"
     wal_purge: bool | None = None
     elapsed_s: float = 0.0
+    incompatibility: dict[str, Any] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -171,6 +183,7 @@ class DirectoryReport:
             "sqlite_status": self.sqlite_status,
             "wal_purge": self.wal_purge,
             "elapsed_s": round(self.elapsed_s, 6),
+            "incompatibility": self.incompatibility,
             "findings": [f.to_dict() for f in self.findings],
             "collections": [c.to_dict() for c in self.collections],
         }
@@ -315,6 +328,9 @@ def check_directory(
 
 
 def _finish(rep: DirectoryReport) -> None:
+    if rep.sqlite_status == "incompatible":
+        rep.status = "incompatible"
+        return
     for c in rep.collections:
         c.findings.sort(key=lambda f: {"error": 0, "warning": 1, "info": 2}[f.severity])
         if any(f.severity == "error" for f in c.findings):
@@ -375,6 +391,8 @@ def _check_with_sqlite(
     try:
         con.row_factory = sqlite3.Row
         try:
+            if _check_schema_version(rep, con, db):
+                return
             rows = _read_catalog(con)
         except sqlite3.Error as e:
             raise _classify(e, db) from None
@@ -410,6 +428,54 @@ def _check_with_sqlite(
         _check_orphan_segments(rep, root, known, deep)
     finally:
         con.close()
+
+
+def _check_schema_version(rep: DirectoryReport, con: sqlite3.Connection, db: str) -> bool:
+    """Stop the check (``True``) when a newer chromadb wrote the directory (issue 13, #5909).
+
+    The catalog of a newer schema may not mean what this module expects, so nothing else is
+    read: the verdict is ``"incompatible"``, which is not damage (no repair may run).
+    """
+    try:
+        sv = compare_schema(con)
+    except sqlite3.Error as e:
+        raise _classify(e, db) from None
+    if sv is None:
+        return False
+    if not sv.checked:
+        rep.findings.append(
+            Finding(
+                "schema_unchecked",
+                "the installed chromadb's migrations could not be read; schema version not "
+                "compared",
+                db,
+                "info",
+            )
+        )
+        return False
+    if not sv.newer:
+        return False
+    rep.sqlite_status = "incompatible"
+    rep.incompatibility = {"path": rep.path, **sv.to_dict()}
+    rep.findings.append(Finding("schema_newer", f"{rep.path} was {sv.describe()}", db, "warning"))
+    return True
+
+
+def incompatible_error(report: Any) -> IncompatibleDirectoryError:
+    """The :class:`~safechroma.IncompatibleDirectoryError` for an ``"incompatible"`` report."""
+    info = dict(getattr(report, "incompatibility", None) or {})
+    path = str(getattr(report, "path", info.get("path", "?")))
+    msg = next(
+        (f.message for f in getattr(report, "findings", []) if f.code == "schema_newer"),
+        f"{path} was written by a newer chromadb",
+    )
+    return IncompatibleDirectoryError(
+        msg,
+        path=path,
+        installed_version=info.get("installed_chromadb"),
+        directory_schema=info.get("directory_schema", {}),
+        unknown_migrations=info.get("unknown_migrations", []),
+    )
 
 
 def _read_catalog(con: sqlite3.Connection) -> list[dict[str, Any]]:
