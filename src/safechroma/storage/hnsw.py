@@ -145,6 +145,11 @@ class SegmentReport:
     has_pickle: bool = False
     pickle_ids: int | None = None
     findings: list[Finding] = field(default_factory=list)
+    # Labels of the live elements in file order (deep check only), kept for the WAL replay
+    # check of safechroma.storage.validate; not part of the report's JSON.
+    _live_labels: npt.NDArray[np.uint64] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def healthy(self) -> bool:
@@ -537,6 +542,7 @@ def _check_segment(
         return rep
     deleted, too_many, first_bad, oob, first_oob, self_links, labels_all = scan
     rep.deleted_count = deleted
+    rep._live_labels = labels_all
     if too_many:
         add(
             Finding(
