@@ -164,11 +164,11 @@ def _is_collection(obj: Any) -> bool:
 def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``col.add(...)`` exactly as chromadb does it, minus the ids the collection already has.
 
-    Chroma ignores an ``add`` of an existing id, but the ignored record still goes into its WAL,
-    and after a worker death the replay of such a row has been seen to give the record the
-    ignored write's vector while its document stays (the chaos soak caught a read of it). Not
-    sending ids that exist keeps those rows out of the WAL; everything the caller sees is the
-    same: validation, embedding and errors are chromadb's own steps, in chromadb's order.
+    Chroma ignores an ``add`` of an existing id, but the ignored row still goes into its WAL,
+    where a re-application (chromadb's vector swap, see :mod:`safechroma.runtime.guard`) can
+    give the record the ignored write's vector. Not sending ids that exist keeps the WAL to rows
+    that took effect; everything the caller sees is the same: validation, embedding and errors
+    are chromadb's own steps, in chromadb's order.
     """
     try:
         bound = _add_signature().bind(col, *args, **kwargs)
@@ -274,6 +274,9 @@ def main(info: dict[str, Any]) -> None:
     # Warm up while the caller does other things: a standby worker is ready when promoted.
     import chromadb  # noqa: F401
 
+    from .guard import install as install_guard
+
+    install_guard()
     try:
         worker.serve()
     finally:
