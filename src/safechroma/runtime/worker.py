@@ -257,12 +257,27 @@ def _limit_memory(limit: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+def _limit_file_size(limit: int | None) -> None:
+    if not limit:
+        return
+    import resource
+
+    # A runaway write (chroma-core/chroma#7510) then fails with EFBIG in this process (CPython
+    # ignores SIGXFSZ, so the write raises instead of the signal killing the process), and the
+    # disk keeps its free space. The supervisor derives the limit from the directory.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+
 def main(info: dict[str, Any]) -> None:
     """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT``)."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)
     _limit_memory(info.get("memory_limit"))
+    _limit_file_size(info.get("file_limit"))
     sock = socket.socket(fileno=info["fd"])
     worker = _Worker(sock)
     threading.Thread(
