@@ -263,6 +263,13 @@ def repair_directory(
     if report is None:
         report = check_directory(root, wal_coverage=True)
     out = RepairReport(path=root, dry_run=dry_run)
+    if report.sqlite_status == "corrupt":
+        # Issue 12: salvage a damaged chroma.sqlite3 (back up, read past the damage, rebuild
+        # through Chroma beside, swap in): safechroma.storage.sqlite_salvage.
+        from safechroma.storage.sqlite_salvage import repair_sqlite
+
+        result: RepairReport = repair_sqlite(root, dry_run=dry_run, progress=progress)
+        return result
     if report.sqlite_status != "ok":
         out.status = "not_repairable"
         out.message = (
