@@ -76,7 +76,9 @@ def _header(page_size: int, pages: int) -> bytes:
     return (
         _MAGIC
         + struct.pack(">HBBBBBB", ps, 1, 1, 0, 64, 32, 32)
-        + struct.pack(">IIIIIIIIIIIII", 1, pages, 0, 0, 1, 4, 0, 0, 1, 0, 0, 0, 0)
+        # change counter, pages, freelist trunk and count (lost: none), schema cookie, schema
+        # format 4, cache size, autovacuum root, UTF-8, user version, incremental vacuum, app id
+        + struct.pack(">12I", 1, pages, 0, 0, 1, 4, 0, 0, 1, 0, 0, 0)
         + bytes(20)
         + struct.pack(">II", 1, 3040001)
     )
@@ -93,8 +95,10 @@ def readable_copy(db: str, dest: str) -> tuple[str, bool]:
         return dest, False
     ps = page_size_of(dest)
     pages = max(1, os.path.getsize(dest) // ps)
+    head = _header(ps, pages)
+    assert len(head) == 100
     with open(dest, "r+b") as f:
-        f.write(_header(ps, pages))
+        f.write(head)
     return dest, True
 
 

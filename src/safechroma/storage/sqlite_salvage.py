@@ -160,6 +160,15 @@ _SHAPES: dict[str, Callable[[tuple[Any, ...]], bool]] = {
         and isinstance(r[1], str)
         and not r[1].startswith('{"automatically_purge"')
     ),
+    "collection_metadata": lambda r: (
+        len(r) == 6
+        and _is_uuid(r[0])
+        and isinstance(r[1], str)
+        and _opt(r[2], str)
+        and _opt(r[3], int)
+        and _opt(r[4], float, int)
+        and _opt(r[5], int)
+    ),
     "collections": lambda r: (
         len(r) == 6
         and _is_uuid(r[0])
@@ -189,8 +198,8 @@ class CollectionSalvage:
         new_id: Its id in the rebuilt database.
         known: Records known to have existed (from any source).
         recovered: Records rebuilt with their vector.
-        partial: Ids rebuilt without metadata: none could be found (their pages were lost and
-            the WAL no longer held it); the document may still have come back.
+        partial: Ids rebuilt whose metadata may be incomplete: rows of it were on lost pages
+            and the WAL no longer held it (the document may still have come back).
         lost: Ids with no vector anywhere (kept in ``lost_file``).
         spurious: Rows the page scanner found that validation rejected.
         lost_file: JSON file with the lost records' ids, documents and metadata.
@@ -328,6 +337,22 @@ def _meta_value(row: tuple[Any, ...]) -> Any:
     return f
 
 
+def _bordering_gaps(rows: dict[int, tuple[Any, ...]]) -> set[int]:
+    """Records (``embeddings`` rowids) whose metadata rows border rows that were not recovered.
+
+    A record's metadata rows are inserted together, so their rowids are consecutive; when some
+    of them were on a lost page, the record's recovered rows sit next to a gap. A deleted
+    record leaves a gap too, so this over-reports (only used when the table was damaged).
+    """
+    ids = sorted(rows)
+    out: set[int] = set()
+    for a, b in zip(ids, ids[1:], strict=False):
+        if b - a > 1:
+            out.add(rows[a][0])
+            out.add(rows[b][0])
+    return out
+
+
 def _hnsw_config(schema_str: Any) -> dict[str, Any]:
     try:
         cfg = json.loads(schema_str)["keys"]["#embedding"]["float_list"]["vector_index"]["config"]
@@ -424,6 +449,7 @@ def _assemble(
                 wal_meta.pop(ident, None)
         embeddings_complete = "embeddings" in complete
         meta_complete = "embedding_metadata" in complete
+        doubtful = set() if meta_complete else _bordering_gaps(tables["embedding_metadata"])
         records: list[dict[str, Any]] = []
         lost: list[dict[str, Any]] = []
         spurious = 0
@@ -441,11 +467,13 @@ def _assemble(
                 continue
             md = dict(by_rowid_meta.get(rid, {})) if rid is not None else {}
             partial = False
-            if (not md and (not meta_complete or rid is None)) or rid is None:
+            if (not md and (not meta_complete or rid is None)) or rid is None or rid in doubtful:
                 if ident in wal_meta:
-                    md = dict(wal_meta[ident])
+                    # What the table still holds is exact; the WAL's copy fills the rest
+                    # (Chroma's WAL keeps floats at lower precision: 90.33333333333331).
+                    md = {**wal_meta[ident], **md}
                 else:
-                    partial = not md
+                    partial = True
             doc = md.pop("chroma:document", None)
             if doc is None and rid is not None and not meta_complete:
                 fts = tables["embedding_fulltext_search_content"].get(rid)
@@ -713,7 +741,7 @@ def _summary(out: SqliteSalvage, verb: str) -> str:
         f"{rec} of {known} records with their vectors"
     )
     if part:
-        s += f" ({part} without their metadata)"
+        s += f" ({part} whose metadata may be incomplete)"
     if lost:
         s += f"; {lost} records have no vector anywhere (kept in the backup)"
     if out.backup_dir:
