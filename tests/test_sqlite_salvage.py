@@ -139,7 +139,7 @@ def test_dry_run_writes_nothing(base: str, tmp_path: Path) -> None:
     assert out.status == "planned" and out.backup_dir is None
     assert out.collections[0].recovered >= N * 0.9
     assert _sha(_db(d)) == sha
-    assert not os.path.exists(os.path.join(d, ".safechroma", "backups"))
+    assert not os.path.exists(os.path.join(d, ".safechroma"))
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -36,6 +36,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -637,8 +638,33 @@ def salvage_sqlite(
         return out
     stamp = _stamp()
     state = os.path.join(root, STATE_DIR)
-    work = os.path.join(state, f"rebuild-{stamp}")
-    os.makedirs(work)
+    # Scratch space: beside the directory (same file system, for the renames of the swap),
+    # or outside it for a dry run, which writes nothing into the directory.
+    work = tempfile.mkdtemp(prefix="safechroma-salvage-")
+    if not dry_run:
+        shutil.rmtree(work)
+        work = os.path.join(state, f"rebuild-{stamp}")
+        os.makedirs(work)
+    try:
+        return _salvage(root, db, stamp, state, work, out, note, dry_run, python)
+    finally:
+        if dry_run or out.status == "repaired":
+            # Our own scratch copies (the damaged file's copy, the vectors): the backup keeps
+            # the original, the swapped-in directory the result.
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _salvage(
+    root: str,
+    db: str,
+    stamp: str,
+    state: str,
+    work: str,
+    out: SqliteSalvage,
+    note: Progress,
+    dry_run: bool,
+    python: str | None,
+) -> SqliteSalvage:
     if not dry_run:
         backups = os.path.join(state, "backups")
         os.makedirs(backups, exist_ok=True)
