@@ -57,6 +57,7 @@ from safechroma.storage.validate import (
     _seq,
     check_directory,
 )
+from safechroma.storage.wal import set_wal_retention
 
 __all__ = [
     "CollectionRepair",
@@ -983,6 +984,10 @@ def keep_full_wal(path: str | os.PathLike[str], enable: bool = True) -> dict[str
     ``embeddings_queue`` and deleting a broken index makes Chroma rebuild it exactly (FACTS §2,
     verified 3000/3000). Enable it before the first write: rows purged earlier are gone.
 
+    Without it, directories that safechroma manages already keep a second copy of every live
+    vector (:mod:`safechroma.storage.wal`: the WAL compacted to one row per live id); this keeps
+    the whole write history instead.
+
     Disk cost: every ``add``/``update``/``upsert``/``delete`` keeps one WAL row forever:
     ``4 * dim`` bytes of vector plus the id, the metadata JSON (document included) and ~40
     bytes of row overhead. 1M records of 384 dims with 200-byte documents is about 2 GB more
@@ -1000,21 +1005,7 @@ def keep_full_wal(path: str | os.PathLike[str], enable: bool = True) -> dict[str
     if not os.path.isfile(db):
         raise FileNotFoundError(f"{db} does not exist; open the directory with Chroma once first")
     previous = wal_purge_enabled(path)
-    con = sqlite3.connect(db, timeout=5.0)
-    try:
-        with con:
-            con.execute(
-                "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, "
-                "?)",
-                (
-                    json.dumps(
-                        {
-                            "automatically_purge": not enable,
-                            "_type": "EmbeddingsQueueConfigurationInternal",
-                        }
-                    ),
-                ),
-            )
-    finally:
-        con.close()
+    # The directory's retention mode, so that safechroma's compaction keeps the whole history
+    # (storage/wal.py); False goes back to Chroma's own purge.
+    set_wal_retention(path, "full" if enable else "chroma")
     return {"path": os.fspath(path), "automatically_purge": not enable, "previous": previous}
