@@ -57,6 +57,7 @@ from .._errors import (
     signal_name,
 )
 from .._policy import Event, HookContext, Options, Stats
+from ..storage import wal
 from .breaker import Breaker
 from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
 from .transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
@@ -628,6 +629,7 @@ class Supervisor:
         self._emit("recovered", None, report=result)
 
     def _start(self) -> WorkerProcess:
+        wal.maintain(self.path)  # no worker has the directory open: compact the kept WAL
         worker = self._take_standby() or self._spawn()
         settings, tenant, database = self.primary
         try:
@@ -767,6 +769,7 @@ class Supervisor:
                 self.standby.kill()
                 self.standby.close()
                 self.standby = None
+            wal.maintain(self.path)  # the worker is gone, the lock still held
             os.close(self.lock_fd)
             shutil.rmtree(self.log_dir, ignore_errors=True)
 

@@ -30,6 +30,7 @@ import time
 import traceback
 from typing import Any, Final
 
+from ..storage import wal
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
 
@@ -124,6 +125,7 @@ class _Worker:
         client = chromadb.PersistentClient(
             path=path, settings=settings, tenant=tenant, database=database
         )
+        wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
         handle = self.next_handle
         self.next_handle += 1
         self.handles[handle] = client
