@@ -592,6 +592,8 @@ class Server:
         self._emit("stopping", child.pid, why=why, grace=grace)
         try:
             child.send_signal(signal.SIGTERM)
+            # A stopped process keeps SIGTERM pending; let it run so that it can stop cleanly.
+            child.send_signal(signal.SIGCONT)
             child.wait(grace)
             return
         except subprocess.TimeoutExpired:

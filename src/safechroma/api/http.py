@@ -37,8 +37,9 @@ from chromadb.api.client import Client
 from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.auth import UserIdentity
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Component, Settings
+from chromadb.errors import ChromaError
 
-from .._errors import CrashLoopError, ServerTimeoutError, ServerUnavailableError
+from .._errors import CrashLoopError, SafeChromaError, ServerTimeoutError, ServerUnavailableError
 from .._policy import BreakerPolicy, Event, effective_timeout
 
 __all__ = ["AsyncSafeHttpClient", "HttpStats", "SafeHttpClient"]
@@ -619,10 +620,11 @@ class SafeHttpClient(Client):
         )
         self._sleep = sleep
         super().__init__(tenant=str(tenant), database=str(database), settings=settings)
-        self._install()
+        self._install(self._server)  # in case a future chromadb builds in another order
+        self._install(self._admin_client._server)  # type: ignore[attr-defined]
 
-    def _install(self) -> None:
-        session = self._server._session  # type: ignore[attr-defined]
+    def _install(self, server: Any) -> None:
+        session = server._session
         if not isinstance(session._transport, GuardedTransport):
             _wrap_transports(session, lambda t: GuardedTransport(t, self._guard, self._sleep))
 
@@ -630,8 +632,23 @@ class SafeHttpClient(Client):
         # chromadb's Client.__init__ asks this first, right after building its server object:
         # guard the transport before any request goes out. chromadb's own version turns every
         # failure into ValueError; here the precise error stays.
-        self._install()
+        self._install(self._server)
         return self._server.get_user_identity()
+
+    def _validate_tenant_database(self, tenant: str, database: str) -> None:
+        # The admin client chromadb builds for this check has a server object (and httpx
+        # session) of its own: guard it too. Errors as in chromadb, except that safechroma's
+        # own (deadline, server unavailable) are not turned into ValueError.
+        self._install(self._admin_client._server)  # type: ignore[attr-defined]
+        try:
+            self._admin_client.get_tenant(name=tenant)
+        except (ChromaError, SafeChromaError):
+            raise
+        except Exception:
+            raise ValueError(
+                f"Could not connect to tenant {tenant}. Are you sure it exists?"
+            ) from None
+        self._admin_client.get_database(name=database, tenant=tenant)
 
     def stats(self) -> HttpStats:
         """This client's counters (see :class:`HttpStats`)."""
@@ -645,6 +662,9 @@ class SafeHttpClient(Client):
         """Close the connections and release chromadb's client (idempotent)."""
         if not self._closed:
             self._server._session.close()  # type: ignore[attr-defined]
+            admin = getattr(self, "_admin_client", None)
+            if admin is not None:
+                admin._server._session.close()
         super().close()
 
 
@@ -666,8 +686,7 @@ class _AsyncSafeHttpClient(AsyncClient):
         self._closed = False
         super().__init__(settings=settings)
 
-    def _install(self) -> None:
-        server: Any = self._server
+    def _install(self, server: Any) -> None:
         if getattr(server, "_safechroma_guarded", False):
             return
         # AsyncFastAPI keeps one httpx.AsyncClient per event loop in a dict shared by every
@@ -690,8 +709,20 @@ class _AsyncSafeHttpClient(AsyncClient):
         server._safechroma_guarded = True
 
     async def get_user_identity(self) -> UserIdentity:
-        self._install()  # the first request of AsyncClient.create (see SafeHttpClient)
+        self._install(self._server)  # the first request of AsyncClient.create
         return await self._server.get_user_identity()
+
+    async def _validate_tenant_database(self, tenant: str, database: str) -> None:
+        self._install(self._admin_client._server)  # type: ignore[attr-defined]
+        try:
+            await self._admin_client.get_tenant(name=tenant)
+        except (ChromaError, SafeChromaError):
+            raise
+        except Exception:
+            raise ValueError(
+                f"Could not connect to tenant {tenant}. Are you sure it exists?"
+            ) from None
+        await self._admin_client.get_database(name=database, tenant=tenant)
 
     def stats(self) -> HttpStats:
         """This client's counters (see :class:`HttpStats`)."""
@@ -706,11 +737,13 @@ class _AsyncSafeHttpClient(AsyncClient):
         if self._closed:
             return
         self._closed = True
-        server: Any = self._server
-        while server._clients:
-            _, client = server._clients.popitem()
-            await client.aclose()
         admin = getattr(self, "_admin_client", None)
+        for server in (self._server, getattr(admin, "_server", None)):
+            clients = getattr(server, "_clients", None) if server is not None else None
+            if getattr(server, "_safechroma_guarded", False) and clients:
+                while clients:
+                    _, client = clients.popitem()
+                    await client.aclose()
         if admin is not None:
             SharedSystemClient._release_system(admin._identifier)
         SharedSystemClient._release_system(self._identifier)
