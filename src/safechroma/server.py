@@ -34,7 +34,6 @@ never prints: it reports :class:`safechroma.Event` objects to ``on_event`` and t
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import fcntl
@@ -66,6 +65,7 @@ from ._policy import (
     default_recovery,
     default_validator,
 )
+from .runtime.breaker import Breaker
 from .runtime.supervisor import LOCK_NAME
 
 __all__ = ["ServeOptions", "Server", "describe"]
@@ -106,11 +106,13 @@ class ServeOptions:
         port: TCP port.
         validator: called before each start (see ``safechroma.Options``); None disables.
         recovery: called when the validator reports damage; None: damage stops the server.
-        breaker: this many deaths within ``window`` seconds and serve gives up (its
-            ``cooldown`` is not used: a server that gives up exits so that an operator looks).
-        restart_wait: tenacity wait strategy between consecutive restarts (the first restart
-            after a run of ``healthy_after`` seconds is immediate).
-        healthy_after: a child that lived this long resets the backoff.
+        breaker: when serve gives up (``safechroma.runtime.breaker``): ``max_deaths`` deaths
+            without progress within ``window`` seconds, or ``max_total_deaths`` of any kind. A
+            server made progress when it answered ``progress_calls`` health checks (reads of
+            every collection) before it died. ``cooldown`` is not used: a server that gives
+            up exits, so that an operator (or the service manager) looks.
+        restart_wait: tenacity wait strategy between restarts of a server that died without
+            progress (the first restart, and any after progress, is immediate).
         start_timeout: seconds for a new server to answer its heartbeat.
         health_interval: seconds between two watchdog rounds.
         health_timeout: seconds one round (a ``count`` of every collection) may take.
@@ -127,7 +129,6 @@ class ServeOptions:
     recovery: Recovery | None = default_recovery
     breaker: BreakerPolicy = BreakerPolicy()
     restart_wait: Any = tenacity.wait_exponential(multiplier=0.5, max=30.0)
-    healthy_after: float = 60.0
     start_timeout: float = 60.0
     health_interval: float = 5.0
     health_timeout: float = 10.0
@@ -218,8 +219,7 @@ class Server:
         self._child: subprocess.Popen[bytes] | None = None
         self._child_started = 0.0
         self._log_offset = 0
-        self._deaths: collections.deque[tuple[float, str]] = collections.deque()
-        self._consecutive = 0
+        self._breaker = Breaker(options.breaker)
         self._restarts = 0
         # shared with the watchdog thread, under _state_lock
         self._state_lock = threading.Lock()
@@ -227,6 +227,7 @@ class Server:
         self._ready_at: float | None = None
         self._hung_generation = -1
         self._hung_failures = 0
+        self._rounds_ok = 0  # health rounds the current child answered
 
     # -- public ----------------------------------------------------------------------------
 
@@ -333,7 +334,8 @@ class Server:
 
         validator = self.options.validator
         if validator is not None:
-            ctx = HookContext(self.path, reason, None, max(1, self._consecutive))  # type: ignore[arg-type]
+            attempt = max(1, self._breaker.consecutive)
+            ctx = HookContext(self.path, reason, None, attempt)  # type: ignore[arg-type]
             report = validator(ctx)
             damaged = _is_damaged(report)
             self._emit(
@@ -451,6 +453,7 @@ class Server:
         with self._state_lock:
             self._generation += 1
             self._ready_at = None
+            self._rounds_ok = 0
         self._emit("chroma_started", self._child.pid, command="chroma run " + config)
         pidfd = os.pidfd_open(self._child.pid)
         try:
@@ -549,32 +552,33 @@ class Server:
 
     def _after_death(self, how: str) -> None:
         now = time.monotonic()
-        lived = now - self._child_started
         self._child = None
         with self._state_lock:
             self._ready_at = None
-        policy = self.options.breaker
-        self._deaths.append((now, how))
-        while self._deaths and now - self._deaths[0][0] > policy.window:
-            self._deaths.popleft()
-        if len(self._deaths) >= policy.max_deaths:
-            deaths = [d for _, d in self._deaths]
+            served = self._rounds_ok
+        if self._breaker.record(now, how, served=served):
+            deaths = self._breaker.recent(now)
+            window = f"{self.options.breaker.window:.0f} s"
+            stalled = sum(1 for d in self._breaker.deaths if not d.progress)
+            why = (
+                f"died {stalled} times without answering a health check within {window}"
+                if stalled >= self.options.breaker.max_deaths
+                else f"died {len(deaths)} times within {window}"
+            )
             self._emit("breaker_open", None, deaths=deaths)
             raise CrashLoopError(
-                f"Chroma's server on {self.path} died {len(deaths)} times in "
-                f"{policy.window:.0f} s, so safechroma serve gave up (the last: {deaths[-1]}). "
-                f"Check the directory with `safechroma check {self.path}` and Chroma's output "
-                "above.",
+                f"Chroma's server on {self.path} {why}, so safechroma serve gave up (the "
+                f"last: {deaths[-1]}). Check the directory with `safechroma check {self.path}` "
+                "and Chroma's output above.",
                 path=self.path,
                 deaths=deaths,
                 retry_after=0.0,
             )
-        self._consecutive = 1 if lived >= self.options.healthy_after else self._consecutive + 1
         self._restarts += 1
         delay = 0.0
-        if self._consecutive > 1:
+        if self._breaker.consecutive > 1:
             state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-            state.attempt_number = self._consecutive - 1
+            state.attempt_number = self._breaker.consecutive - 1
             delay = float(self.options.restart_wait(state))
         self._emit("restarting", None, delay=delay, restart=self._restarts)
         if delay:
@@ -610,16 +614,30 @@ class Server:
         o = self.options
         failures = 0
         generation = -1
-        while not self._watchdog_stop.wait(o.health_interval) and not self._stopping:
+        next_at = 0.0
+        while not self._stopping:
             with self._state_lock:
                 ready_at, gen = self._ready_at, self._generation
             if ready_at is None:
+                if self._watchdog_stop.wait(0.1):
+                    return
                 continue
             if gen != generation:
-                generation, failures = gen, 0
+                # Rounds are timed from each child's start, so a new server gets a full
+                # interval before its first check.
+                generation, failures, next_at = gen, 0, ready_at + o.health_interval
+            left = next_at - time.monotonic()
+            if left > 0:
+                if self._watchdog_stop.wait(min(left, 0.5)):
+                    return
+                continue
             error = self._probe()
+            next_at = time.monotonic() + o.health_interval
             if error is None:
                 failures = 0
+                with self._state_lock:
+                    if self._generation == gen:
+                        self._rounds_ok += 1
                 continue
             if error.startswith("answered "):
                 self._emit("probe_error", self.child_pid, error=error)
