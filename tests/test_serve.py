@@ -116,6 +116,22 @@ def test_sigterm_stops_within_the_grace_period_and_releases_the_directory(
         assert client.get_collection("coll", embedding_function=None).count() == N
 
 
+def test_sigkill_of_serve_takes_the_server_with_it(template: str, tmp_path: Path) -> None:
+    """No unsupervised Chroma is left on the directory when serve itself is killed."""
+    path = _copy(template, tmp_path / "db")
+    with Serve(path, free_port(), tmp_path) as serve:
+        chroma = serve.chroma_pid
+        assert serve.proc is not None
+        serve.proc.kill()
+        assert serve.proc.wait(15) == -signal.SIGKILL
+        give_up = time.monotonic() + 15
+        while alive(chroma) and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert not alive(chroma)
+    with SafeClient(path) as client:  # and the lock went with it
+        assert client.get_collection("coll", embedding_function=None).count() == N
+
+
 def test_stop_is_bounded_while_a_request_hangs(template: str, tmp_path: Path) -> None:
     """Chroma alone drains in-flight requests on SIGTERM with no deadline (a request stuck on
     a locked SQLite kept it alive 15 s+): serve's stop ends at its grace period. SIGINT (a

@@ -275,8 +275,10 @@ class Server:
                 # A round in flight ends at its own deadline; the thread is a daemon and
                 # touches nothing but HTTP, so the stop does not wait for it.
                 watchdog.join(timeout=1.0)
+            locked = self._lock_fd is not None
             self._release()
-            self._emit("stopped", None)
+            if locked:
+                self._emit("stopped", None)
 
     # -- the directory ---------------------------------------------------------------------
 
@@ -391,6 +393,7 @@ class Server:
             capture_output=True,
             text=True,
             env=_child_env(),
+            start_new_session=True,  # a Ctrl-C reaches serve, which lets the write-back finish
         )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

@@ -352,6 +352,8 @@ class _Call:
                 raise self.g.failed(self._unavailable("refused", exc, waited)) from exc
             delay = min(self._backoff(self.attempts), self.g.s.reconnect_timeout - waited)
             return self._sleep_for(max(delay, 0.0))
+        if not isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
+            raise exc  # a bad URL, a proxy, a local protocol error: httpx's own, unchanged
         # The connection closed (or broke) after the request went out: the server died mid-call
         # or was restarted. A read can go again; a write only if it is idempotent and allowed.
         self.sent = True
