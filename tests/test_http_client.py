@@ -268,6 +268,20 @@ def test_unreachable_server_at_construction_names_the_address() -> None:
     assert f"127.0.0.1:{port}" in str(info.value)
 
 
+def test_construction_against_a_hung_server_times_out(served: Serve) -> None:
+    """chromadb's HttpClient() would wait forever here (and turn any failure into ValueError)."""
+    chroma = served.chroma_pid
+    os.kill(chroma, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServerTimeoutError) as info:
+            SafeHttpClient("127.0.0.1", served.port, settings=no_telemetry(), timeout=2.0)
+        assert time.monotonic() - started < 6.0
+        assert info.value.operation == "get_user_identity"
+    finally:
+        os.kill(chroma, signal.SIGCONT)
+
+
 class _Throttling(http.server.BaseHTTPRequestHandler):
     """Answers the handful of requests a client makes, and throttles some of them."""
 

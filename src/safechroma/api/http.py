@@ -621,7 +621,15 @@ class SafeHttpClient(Client):
             )
         )
         self._sleep = sleep
-        super().__init__(tenant=str(tenant), database=str(database), settings=settings)
+        try:
+            super().__init__(tenant=str(tenant), database=str(database), settings=settings)
+        except BaseException:
+            # chromadb releases its systems; the connections opened so far are ours to close.
+            for owner in (self, getattr(self, "_admin_client", None)):
+                server = getattr(owner, "_server", None)
+                if server is not None:
+                    server._session.close()
+            raise
         self._install(self._server)  # in case a future chromadb builds in another order
         self._install(self._admin_client._server)  # type: ignore[attr-defined]
 
