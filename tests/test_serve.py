@@ -226,6 +226,25 @@ def test_restarts_after_each_death_and_gives_up_on_a_crash_loop(
     assert not any(alive(p) for p in pids)
 
 
+def test_damage_that_cannot_be_repaired_stops_serve_with_the_reason(
+    template: str, tmp_path: Path
+) -> None:
+    """Repair backs up first; when it cannot (here its state path is a file), serve does not
+    start Chroma on the damaged directory: it exits 1 and says why."""
+    path = _copy(template, tmp_path / "db")
+    _break_level0(chroma_dirs.segment_dir(path))
+    Path(path, ".safechroma").write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "safechroma", "serve", path, "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "gave up" in proc.stderr and "recovery failed" in proc.stderr, proc.stderr
+    assert "started Chroma" not in proc.stderr
+
+
 def test_watchdog_restarts_a_hung_server(template: str, tmp_path: Path) -> None:
     """The heartbeat of a stopped Chroma never answers either, but a SQLite-locked one does
     (CHROMA_FACTS.md section 6): the watchdog reads data. Short watchdog timings here make
