@@ -402,3 +402,18 @@ def test_new_errors_pickle() -> None:
     ):
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error) and back._facts == error._facts and str(back) == "m"
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [("SafeHttpClient", "HttpClient"), ("AsyncSafeHttpClient", "AsyncHttpClient")],
+)
+def test_signatures_start_with_chromadbs(ours: str, theirs: str) -> None:
+    import inspect
+
+    import chromadb
+
+    mine = list(inspect.signature(getattr(safechroma, ours)).parameters.values())
+    base = list(inspect.signature(getattr(chromadb, theirs)).parameters.values())
+    assert [(p.name, p.default) for p in mine[: len(base)]] == [(p.name, p.default) for p in base]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in mine[len(base) :])

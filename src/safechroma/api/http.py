@@ -300,7 +300,7 @@ class _Call:
         self.attempts += 1
         left = self._remaining()
         if left is not None and left <= 0:
-            raise self._timeout()
+            raise self.g.failed(self._timeout())
         # httpx reads per-request timeouts from this extension (``Client.build_request``).
         request.extensions["timeout"] = {"connect": left, "read": left, "write": left, "pool": left}
 
