@@ -201,8 +201,9 @@ class Server:
     :meth:`run` returns after a requested stop and raises when it gives up:
     :class:`safechroma.CrashLoopError` (breaker), :class:`safechroma.RecoveryError` (damage that
     could not be repaired), :class:`safechroma.ServeError` (port in use, start failed),
-    :class:`safechroma.DirectoryLockedError` (another owner). The directory is released and no
-    child is left in every case.
+    :class:`safechroma.DirectoryLockedError` (another owner),
+    :class:`safechroma.IncompatibleDirectoryError` (written by a newer chromadb). The directory
+    is released and no child is left in every case.
     """
 
     def __init__(self, path: str, options: ServeOptions = ServeOptions()) -> None:
@@ -339,6 +340,11 @@ class Server:
             attempt = max(1, self._breaker.consecutive)
             ctx = HookContext(self.path, reason, None, attempt)  # type: ignore[arg-type]
             report = validator(ctx)
+            if getattr(report, "status", None) == "incompatible":
+                # Written by a newer chromadb: Chroma would migrate or misread it; never start.
+                from .storage.validate import incompatible_error
+
+                raise incompatible_error(report)
             damaged = _is_damaged(report)
             self._emit(
                 "validated",

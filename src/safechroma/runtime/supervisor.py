@@ -602,6 +602,11 @@ class Supervisor:
         attempt = max(1, self.breaker.consecutive)
         ctx = HookContext(self.path, reason, self.pending_crash, attempt)  # type: ignore[arg-type]
         report = validator(ctx)
+        if getattr(report, "status", None) == "incompatible":
+            # A newer chromadb wrote it (chroma#5909): no worker, no repair, nothing written.
+            from ..storage.validate import incompatible_error
+
+            raise incompatible_error(report)
         healthy = not _is_damaged(report)
         self._emit("validated", None, healthy=healthy, report=report, reason=reason)
         if healthy:
