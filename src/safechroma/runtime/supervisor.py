@@ -157,6 +157,23 @@ class Supervisor:
                 if time.monotonic() >= give_up:
                     os.close(fd)
                     shutil.rmtree(self.log_dir, ignore_errors=True)
+                    # `safechroma serve` writes "<pid>\nserve <url>\n" into the lock file.
+                    try:
+                        with open(lock_path) as f:
+                            holder = f.read().split("\n")
+                    except OSError:
+                        holder = []
+                    served = [ln[6:] for ln in holder if ln.startswith("serve ")]
+                    if served:
+                        raise DirectoryLockedError(
+                            f"{self.path} is served by `safechroma serve` at {served[0]} "
+                            f"(pid {holder[0]}); connect to it with "
+                            "safechroma.SafeHttpClient(host, port) instead of opening the "
+                            "directory (Chroma is not safe with two owners).",
+                            path=self.path,
+                            lock_path=lock_path,
+                            address=served[0],
+                        ) from None
                     raise DirectoryLockedError(
                         f"{self.path} is in use by another process (it holds {lock_path}); "
                         "Chroma is not safe with two owners. Close the other program, or pass "
