@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import safechroma
-from safechroma import SafeClient, WorkerStartError, WorkerTimeoutError
+from safechroma import SafeClient, WorkerCrashedError, WorkerStartError, WorkerTimeoutError
 
 # -- a worker that dies between calls (#6984) -----------------------------------------------
 
@@ -168,23 +168,25 @@ def _runaway_write(_client: Any, path: str, mib: int) -> int:
     return written
 
 
-def test_a_runaway_write_fails_in_the_worker_not_on_the_disk(small_disk: Path) -> None:
+def test_a_runaway_write_kills_the_worker_not_the_disk(small_disk: Path) -> None:
     """Default options: the worker's RLIMIT_FSIZE (largest file + half the free space) stops a
-    write that would fill the disk; the file system keeps room and the client keeps working."""
+    write that would fill the disk: the kernel kills the worker with SIGXFSZ (never a silently
+    short write), the file system keeps room, and the next call is served by a new worker."""
     db = str(small_disk / "db")
     with SafeClient(db) as client:
         col = client.create_collection("disk", embedding_function=None)
         col.add(ids=["a"], embeddings=[[1.0, 2.0]], documents=["kept"])
         pid = client.stats().worker_pid
         runaway = os.path.join(db, "runaway.bin")
-        with pytest.raises(OSError, match="too large"):
+        with pytest.raises(WorkerCrashedError) as info:
             client.run_in_worker(_runaway_write, runaway, 512)
-        assert client.stats().worker_pid == pid  # an error in the worker, not a death
+        assert info.value.signal == "SIGXFSZ" and info.value.pid == pid
         st = os.statvfs(db)
         assert st.f_bavail * st.f_frsize > 40 << 20  # the disk still has room
         assert os.path.getsize(runaway) < 100 << 20
         col.upsert(ids=["b"], embeddings=[[3.0, 4.0]], documents=["after"])
         assert sorted(col.get()["ids"]) == ["a", "b"]
+        assert client.stats().worker_pid != pid
 
 
 # -- hangs (#7040, #4038, #4460) ------------------------------------------------------------
