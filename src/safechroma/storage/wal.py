@@ -397,7 +397,11 @@ def maintain(path: str | os.PathLike[str]) -> CompactReport | None:
     Never raises: retention is a second copy, and failing to compact must not stop a worker
     from starting (the next start tries again).
     """
+    from safechroma.storage.schema import written_by_newer
+
     try:
+        if written_by_newer(path):
+            return None  # a newer chromadb's directory is never written (chroma#5909)
         return compact_wal(path)
     except Exception:  # noqa: BLE001 - see the docstring; the WAL is left as it was
         return None
