@@ -169,7 +169,9 @@ def test_link_list_bound_holds_for_hnswlib_level_draws(m: int, cur: int) -> None
 
 
 def test_plausible_max_file_bytes_shapes(base: str, tmp_path: Path) -> None:
-    assert plausible_max_file_bytes(tmp_path / "missing") == 1 << 30
+    # A fresh directory still leaves room for SQLite to grow by growth_elements records.
+    assert plausible_max_file_bytes(tmp_path / "missing") == 2 * 10**6 * 65536
+    assert plausible_max_file_bytes(tmp_path / "missing", growth_elements=0) == 1 << 30
     small = plausible_max_file_bytes(base, growth_elements=0, min_bytes=0, headroom=1.0)
     largest = max(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(base) for f in fs)
     assert small >= largest
