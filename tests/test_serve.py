@@ -298,6 +298,19 @@ def test_config_ignores_inherited_chroma_variables(tmp_path: Path) -> None:
         wait_heartbeat(port, proc=proc)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", decoy)) != 0
+        assert _listening_addresses(port) == {"127.0.0.1"}  # not 0.0.0.0
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    out = set()
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            cols = row.split()
+            addr, hexport = cols[1].split(":")
+            if cols[3] == "0A" and int(hexport, 16) == port:
+                out.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    return out
