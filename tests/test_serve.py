@@ -279,6 +279,43 @@ def _kids(serve: Serve) -> list[int]:
     return children(serve.proc.pid)
 
 
+def test_server_in_python_reports_events_and_states(template: str, tmp_path: Path) -> None:
+    """The supervision without the command line: ``Server(path, ServeOptions(...)).run()``."""
+    from safechroma import Event
+    from safechroma.server import ServeOptions, Server, State
+
+    path = _copy(template, tmp_path / "db")
+    events: list[Event] = []
+    server = Server(path, ServeOptions(port=free_port(), on_event=events.append))
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        give_up = time.monotonic() + 60
+        while server.state is not State.SERVING and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert server.state is State.SERVING, (failure, events)
+        client = SafeHttpClient("127.0.0.1", server.options.port, settings=no_telemetry())
+        try:
+            assert client.get_collection("coll", embedding_function=None).count() == N
+        finally:
+            client.close()
+    finally:
+        server.stop()
+        thread.join(30)
+    assert not failure and server.state is State.STOPPED
+    kinds = [e.kind for e in events]
+    assert kinds[:4] == ["serving", "validated", "chroma_started", "chroma_ready"], kinds
+    assert kinds[-2:] == ["stopping", "stopped"], kinds
+
+
 def test_config_ignores_inherited_chroma_variables(tmp_path: Path) -> None:
     """CHROMA_* variables override YAML keys in Chroma; serve's child never sees them."""
     path = str(tmp_path / "db")
