@@ -383,6 +383,10 @@ def test_429_and_503_back_off_and_writes_are_not_resent_on_503() -> None:
         ("PUT", "/api/v2/t/collections/c1", b"{}", ("modify_collection", "idempotent")),
         ("DELETE", "/api/v2/t/collections/a", b"", ("delete_collection", "write")),
         ("POST", "/api/v2/reset", b"", ("reset", "write")),
+        ("GET", "/api/v2/tenants/t/databases/d/collections", b"", ("list_collections", "read")),
+        ("GET", "/api/v2/tenants/t/databases/d/collections/c", b"", ("get_collection", "read")),
+        ("GET", "/api/v2/tenants/t", b"", ("get_tenant", "read")),
+        ("GET", "/api/v2/auth/identity", b"", ("get_user_identity", "read")),
         ("POST", "/api/v2/tenants", b"{}", ("POST /tenants", "write")),
     ],
 )
