@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from chromadb.config import Settings
+from chromadb.errors import InvalidArgumentError, NotFoundError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs  # noqa: E402
@@ -82,6 +83,10 @@ def test_sigsegv_under_the_client_next_read_answers_and_writes_land(served: Serv
     try:
         col = client.get_collection("coll", embedding_function=None)
         assert col.count() == N
+        with pytest.raises(NotFoundError):  # Chroma's own errors stay chromadb's types
+            client.get_collection("missing")
+        with pytest.raises(InvalidArgumentError):
+            col.add(ids=["bad"], embeddings=[[0.0] * (DIM + 1)])
         first = served.chroma_pid
         os.kill(first, signal.SIGSEGV)
         _wait_dead(first)
