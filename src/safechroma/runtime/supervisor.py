@@ -57,6 +57,7 @@ from .._errors import (
     signal_name,
 )
 from .._policy import Event, HookContext, Options, Stats
+from ..storage import wal
 from .breaker import Breaker
 from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
 from .transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
@@ -422,14 +423,22 @@ class Supervisor:
         code = worker.wait(2.0)
         if code is None:  # socket closed but still running: it is of no use any more
             worker.kill()
-            code = worker.popen.returncode
+        return self._death(
+            worker,
+            operation,
+            f"during {operation}. Your process is fine; the next call starts a fresh worker "
+            "after checking the directory. Reads are retried; a write in flight may or may not "
+            "have been applied.",
+        )
+
+    def _death(self, worker: WorkerProcess, operation: str, what_next: str) -> WorkerCrashedError:
+        """Describe a reaped worker's death as an error, and count it."""
+        code = worker.popen.returncode
         sig = signal_name(code)
         tail = worker.log_tail()
         how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
         error = WorkerCrashedError(
-            f"safechroma worker (pid {worker.pid}) for {self.path} {how} during {operation}. "
-            "Your process is fine; the next call starts a fresh worker after checking the "
-            "directory. Reads are retried; a write in flight may or may not have been applied."
+            f"safechroma worker (pid {worker.pid}) for {self.path} {how} {what_next}"
             + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
             pid=worker.pid,
             exitcode=code,
@@ -645,6 +654,7 @@ class Supervisor:
         self._emit("recovered", None, report=result)
 
     def _start(self) -> WorkerProcess:
+        wal.maintain(self.path)  # no worker has the directory open: compact the kept WAL
         worker = self._take_standby() or self._spawn()
         settings, tenant, database = self.primary
         try:
@@ -736,23 +746,11 @@ class Supervisor:
         return rss is not None and rss > ceiling
 
     def _died_idle(self, worker: WorkerProcess) -> None:
-        code = worker.popen.returncode
-        sig = signal_name(code)
-        tail = worker.log_tail()
-        how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
-        error = WorkerCrashedError(
-            f"safechroma worker (pid {worker.pid}) for {self.path} {how} between calls; it was "
-            "replaced before the next call, which no caller noticed."
-            + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
-            pid=worker.pid,
-            exitcode=code,
-            signal=sig,
-            operation=None,
-            crash_log=tail,
-            outcome_unknown=False,
+        self._death(
+            worker,
+            "no call (between calls)",
+            "between calls; it was replaced before the next call, which no caller noticed.",
         )
-        self._drop(worker)
-        self._record_death(sig or "exit", worker, error, "no call (between calls)")
 
     def _take_standby(self) -> WorkerProcess | None:
         standby, self.standby = self.standby, None
@@ -784,6 +782,7 @@ class Supervisor:
                 self.standby.kill()
                 self.standby.close()
                 self.standby = None
+            wal.maintain(self.path)  # the worker is gone, the lock still held
             os.close(self.lock_fd)
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -825,11 +824,13 @@ _RSS_CHECK_EVERY: Final = 1.0
 def file_size_limit(path: str, setting: int | str | None) -> int | None:
     """The largest file the worker may write (``RLIMIT_FSIZE``), from ``Options.max_file_bytes``.
 
-    ``"auto"``: the largest file in the directory now plus half the free space of its file
-    system (at least 64 MiB more), so that a runaway write (chroma-core/chroma#7510: a
-    ``link_lists.bin`` grown to 231 GiB) fails in the worker with ``EFBIG`` instead of filling
-    the disk, while legitimate growth within one worker's life has room. Each new worker
-    recomputes it.
+    ``"auto"``: the smaller of two bounds, so that a runaway write (chroma-core/chroma#7510: a
+    ``link_lists.bin`` grown to 231 GiB) kills the worker instead of filling the disk, while
+    legitimate growth within one worker's life has room. One is what the index geometry can
+    explain (:func:`safechroma.storage.limits.plausible_max_file_bytes`: a million more
+    records, twice over); the other keeps the disk: the largest file in the directory now plus
+    half the free space of its file system (at least 64 MiB more). Each new worker recomputes
+    it.
     """
     if setting is None:
         return None
@@ -842,12 +843,14 @@ def file_size_limit(path: str, setting: int | str | None) -> int | None:
                 largest = max(largest, os.path.getsize(os.path.join(root, name)))
             except OSError:
                 continue
+    from ..storage.limits import plausible_max_file_bytes
+
     try:
         st = os.statvfs(path)
         free = st.f_bavail * st.f_frsize
     except OSError:
         return None
-    return largest + max(64 << 20, free // 2)
+    return min(largest + max(64 << 20, free // 2), plausible_max_file_bytes(path))
 
 
 # Exchanges that are not a caller's call: a worker that only did these made no progress.

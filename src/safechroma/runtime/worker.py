@@ -30,6 +30,7 @@ import time
 import traceback
 from typing import Any, Final
 
+from ..storage import wal
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
 
@@ -124,6 +125,7 @@ class _Worker:
         client = chromadb.PersistentClient(
             path=path, settings=settings, tenant=tenant, database=database
         )
+        wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
         handle = self.next_handle
         self.next_handle += 1
         self.handles[handle] = client
@@ -243,18 +245,25 @@ def _watch_parent(ppid: int, worker: _Worker) -> None:
     os._exit(0)
 
 
-def _limit_memory(limit: int | None) -> None:
+def _set_limit(which: int, limit: int | None) -> None:
+    """Lower the soft limit ``which`` to ``limit`` (never above the hard limit)."""
     if not limit:
         return
+    import resource
+
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(which, (limit, hard))
+
+
+def _limit_memory(limit: int | None) -> None:
     import resource
 
     # An address-space ceiling turns a runaway allocation (a corrupt header with huge counts
     # makes hnswlib allocate without bound, CHROMA_FACTS.md section 3) into a failed malloc in
     # this process instead of memory pressure on the whole machine.
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    _set_limit(resource.RLIMIT_AS, limit)
 
 
 def _limit_file_size(limit: int | None) -> None:
@@ -266,10 +275,7 @@ def _limit_file_size(limit: int | None) -> None:
     # disk keeps its free space. CPython starts with SIGXFSZ ignored, which would turn the
     # signal into an EFBIG that hnswlib does not check (a silently torn file): restore the
     # default action, so the supervisor sees a death and validates the directory.
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    _set_limit(resource.RLIMIT_FSIZE, limit)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 

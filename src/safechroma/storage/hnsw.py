@@ -33,12 +33,15 @@ __all__ = [
     "HnswHeader",
     "SegmentReport",
     "Salvage",
+    "LiveElements",
     "UnsafePickleError",
     "check_segment",
     "max_plausible_level",
     "plausible_link_lists_bytes",
     "read_header",
     "read_index_metadata",
+    "read_label_map",
+    "read_live_elements",
     "salvage_vectors",
 ]
 
@@ -994,59 +997,41 @@ class Salvage:
     unmapped_labels: int = 0
 
 
-def salvage_vectors(
-    path: str | os.PathLike[str],
-    *,
-    space: str,
-    dim: int | None = None,
-    m: int = 16,
-    label_map_file: str | os.PathLike[str] | None = None,
-) -> Salvage:
-    """Read every structurally intact, live vector from a segment and map it to its id.
+@dataclass
+class LiveElements:
+    """Every structurally intact, live element of ``data_level0.bin``, in label order.
 
-    "Intact" means: the element's bytes are fully inside ``data_level0.bin``, its deleted flag
-    is clear, all components are finite, its label is unique and the pickle maps it to an id.
-    When the header is unusable, the layout is recomputed from ``dim`` and ``m`` (the
-    collection's dimension and ``max_neighbors`` from SQLite) and every slot is tried.
+    Attributes:
+        labels: uint64 labels, ascending and unique (a label stored twice is dropped: it is
+            ambiguous).
+        vectors: float32 ``(len(labels), dim)``, rescaled by ``length.bin`` for cosine.
+        stored: the vectors exactly as the index stores them (normalised for cosine), for
+            comparing with a WAL vector.
+        cur: ``cur_element_count`` of a usable header, or ``None`` (layout recomputed).
+        skipped: Reason -> number of slots not read.
+    """
 
-    Args:
-        path: Segment directory.
-        space: ``"l2"``, ``"cosine"`` or ``"ip"``.
-        dim: Collection dimension (fallback when the header is unusable).
-        m: HNSW ``M`` (fallback when the header is unusable).
-        label_map_file: An older copy of this segment's ``index_metadata.pickle``, used when
-            the segment's own pickle is unreadable. chromadb 1.5.9 rewrites the pickle in place
-            (truncate, then write, no fsync), so a kill in between leaves it empty and every
-            label unmappable (issue 7 soak: 664 records). An older map is safe for the labels
-            it has: labels are never reassigned (updates keep their label, a re-add gets a new
-            one, measured), and a deleted element's slot is skipped by its flag; labels newer
-            than the copy stay unmapped (``Salvage.unmapped_labels``).
+    labels: npt.NDArray[np.uint64]
+    vectors: npt.NDArray[np.float32]
+    stored: npt.NDArray[np.float32]
+    cur: int | None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def read_live_elements(
+    path: str | os.PathLike[str], *, space: str, dim: int | None = None, m: int = 16
+) -> LiveElements | None:
+    """Read every intact, live element of a segment (no label map needed).
+
+    "Intact": the element's bytes are fully inside ``data_level0.bin``, its deleted flag is
+    clear and all its components are finite. When the header is unusable the layout is
+    recomputed from ``dim`` and ``m`` and every slot is tried.
 
     Returns:
-        A :class:`Salvage`; empty when the pickle is unreadable (labels cannot be mapped).
+        The elements, or ``None`` when no layout or no data file is available.
     """
     seg = os.fspath(path)
     skipped: dict[str, int] = {}
-    empty = Salvage(ids=[], vectors=np.zeros((0, dim or 0), np.float32), skipped=skipped)
-    label_to_id: dict[Any, Any] | None = None
-    for n, source in enumerate([os.path.join(seg, PICKLE_FILE), label_map_file]):
-        if source is None:
-            continue
-        try:
-            meta = read_index_metadata(source)
-            label_to_id = meta["label_to_id"]
-            if not isinstance(label_to_id, dict):
-                raise ValueError("label_to_id is not a dict")
-        except Exception:  # noqa: BLE001 - untrusted file: any failure means "no mapping"
-            label_to_id = None
-            continue
-        if n:
-            skipped["snapshot_label_map"] = 1
-        break
-    if label_to_id is None:
-        skipped["no_label_map"] = -1
-        return empty
-
     header: HnswHeader | None
     try:
         header = read_header(os.path.join(seg, HEADER_FILE))
@@ -1069,14 +1054,11 @@ def salvage_vectors(
         sdpe = lab_off + 8
         limit = None
     else:
-        skipped["no_layout"] = -1
-        return empty
-
+        return None
     try:
         dsize = os.stat(os.path.join(seg, DATA_FILE)).st_size
     except OSError:
-        skipped["no_data_file"] = -1
-        return empty
+        return None
     slots = dsize // sdpe
     if limit is not None and limit > slots:
         skipped["beyond_end_of_file"] = limit - slots
@@ -1090,11 +1072,9 @@ def salvage_vectors(
         except OSError:
             norms = None
 
-    ids: list[str] = []
-    vecs: list[npt.NDArray[np.float32]] = []
-    seen: dict[int, int] = {}
-    dup_labels: set[int] = set()
-    unmapped = 0
+    lab_parts: list[npt.NDArray[np.uint64]] = []
+    vec_parts: list[npt.NDArray[np.float32]] = []
+    raw_parts: list[npt.NDArray[np.float32]] = []
     with open(os.path.join(seg, DATA_FILE), "rb") as f:
         for start in range(0, n, _CHUNK_ELEMENTS):
             k = min(_CHUNK_ELEMENTS, n - start)
@@ -1103,12 +1083,13 @@ def salvage_vectors(
             if k == 0:
                 break
             flags = _strided(buf, k, sdpe, 2, "u1")
-            vec = np.array(_strided(buf, k, sdpe, off, "<f4", d), dtype=np.float32)
+            raw = np.array(_strided(buf, k, sdpe, off, "<f4", d), dtype=np.float32)
             labels = np.array(_strided(buf, k, sdpe, lab_off, "<u8"), dtype=np.uint64)
             alive = (flags & 1) == 0
-            finite = np.isfinite(vec).all(axis=1)
+            finite = np.isfinite(raw).all(axis=1)
             skipped["deleted"] = skipped.get("deleted", 0) + int((~alive).sum())
             skipped["non_finite"] = skipped.get("non_finite", 0) + int((alive & ~finite).sum())
+            vec = raw.copy()
             if norms is not None:
                 nn = norms[start : start + k]
                 if nn.size == k:
@@ -1119,25 +1100,110 @@ def salvage_vectors(
                         scaled = vec * nn[:, None]
                     good &= np.isfinite(scaled).all(axis=1)
                     vec[good] = scaled[good]
-            for i in np.flatnonzero(alive & finite):
-                lab = int(labels[i])
-                ident = label_to_id.get(lab)
-                if not isinstance(ident, str):
-                    unmapped += 1
-                    continue
-                if lab in seen:
-                    dup_labels.add(lab)
-                    continue
-                seen[lab] = len(ids)
-                ids.append(ident)
-                vecs.append(vec[i])
-    if dup_labels:
-        # A label stored twice is ambiguous: keep neither copy.
-        drop = {seen[lab] for lab in dup_labels}
-        ids = [x for i, x in enumerate(ids) if i not in drop]
-        vecs = [v for i, v in enumerate(vecs) if i not in drop]
-        skipped["duplicate_label"] = len(drop)
-    # Two labels mapping to one id (pickle inconsistent): keep the last one written.
+            keep = alive & finite
+            lab_parts.append(labels[keep])
+            vec_parts.append(vec[keep])
+            raw_parts.append(raw[keep])
+    labels_all = np.concatenate(lab_parts) if lab_parts else np.zeros(0, np.uint64)
+    vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, d), np.float32)
+    raws = np.concatenate(raw_parts) if raw_parts else np.zeros((0, d), np.float32)
+    order = np.argsort(labels_all, kind="stable")
+    labels_all, vecs, raws = labels_all[order], vecs[order], raws[order]
+    if labels_all.size > 1:
+        same = labels_all[1:] == labels_all[:-1]
+        if same.any():
+            # A label stored twice is ambiguous: keep neither copy.
+            dup = np.zeros(labels_all.size, dtype=bool)
+            dup[1:] |= same
+            dup[:-1] |= same
+            skipped["duplicate_label"] = int(dup.sum())
+            labels_all, vecs, raws = labels_all[~dup], vecs[~dup], raws[~dup]
+    return LiveElements(
+        labels=labels_all,
+        vectors=vecs,
+        stored=raws,
+        cur=limit,
+        skipped={k: v for k, v in skipped.items() if v},
+    )
+
+
+def read_label_map(path: str | os.PathLike[str]) -> dict[int, str] | None:
+    """``label_to_id`` of a pickle, or ``None`` when it is missing, unreadable or not a map."""
+    try:
+        meta = read_index_metadata(path)
+        l2i = meta["label_to_id"]
+        if not isinstance(l2i, dict):
+            return None
+        return {int(k): v for k, v in l2i.items() if isinstance(v, str)}
+    except Exception:  # noqa: BLE001 - untrusted file: any failure means "no mapping"
+        return None
+
+
+def salvage_vectors(
+    path: str | os.PathLike[str],
+    *,
+    space: str,
+    dim: int | None = None,
+    m: int = 16,
+    label_map_file: str | os.PathLike[str] | None = None,
+    label_to_id: dict[int, str] | None = None,
+) -> Salvage:
+    """Read every structurally intact, live vector from a segment and map it to its id.
+
+    Intact elements are those of :func:`read_live_elements`. Labels are mapped through the
+    segment's own ``index_metadata.pickle``, else ``label_map_file``, else ``label_to_id``.
+
+    Args:
+        path: Segment directory.
+        space: ``"l2"``, ``"cosine"`` or ``"ip"``.
+        dim: Collection dimension (fallback when the header is unusable).
+        m: HNSW ``M`` (fallback when the header is unusable).
+        label_map_file: An older copy of this segment's ``index_metadata.pickle``, used when
+            the segment's own pickle is unreadable. chromadb 1.5.9 rewrites the pickle in place
+            (truncate, then write, no fsync), so a kill in between leaves it empty and every
+            label unmappable (issue 7 soak: 664 records). An older map is safe for the labels
+            it has: labels are never reassigned (updates keep their label, a re-add gets a new
+            one, measured), and a deleted element's slot is skipped by its flag; labels newer
+            than the copy stay unmapped (``Salvage.unmapped_labels``).
+        label_to_id: A map built by the caller (for example a proven rebuild from the metadata
+            segment); when given it is used as is and the files above are not read.
+
+    Returns:
+        A :class:`Salvage`; empty when no label map is available.
+    """
+    seg = os.fspath(path)
+    skipped: dict[str, int] = {}
+    empty = Salvage(ids=[], vectors=np.zeros((0, dim or 0), np.float32), skipped=skipped)
+    mapping = label_to_id
+    if mapping is None:
+        for n, source in enumerate([os.path.join(seg, PICKLE_FILE), label_map_file]):
+            if source is None:
+                continue
+            mapping = read_label_map(source)
+            if mapping is None:
+                continue
+            if n:
+                skipped["snapshot_label_map"] = 1
+            break
+    if mapping is None:
+        skipped["no_label_map"] = -1
+        return empty
+    el = read_live_elements(seg, space=space, dim=dim, m=m)
+    if el is None:
+        skipped["no_layout_or_data"] = -1
+        return empty
+    skipped.update(el.skipped)
+    ids: list[str] = []
+    rows: list[int] = []
+    unmapped = 0
+    for i, lab in enumerate(el.labels.tolist()):
+        ident = mapping.get(lab)
+        if ident is None:
+            unmapped += 1
+            continue
+        ids.append(ident)
+        rows.append(i)
+    # Two labels mapping to one id (map inconsistent): keep the last one written.
     by_id: dict[str, int] = {}
     for pos, x in enumerate(ids):
         by_id[x] = pos
@@ -1145,11 +1211,15 @@ def salvage_vectors(
         skipped["duplicate_id"] = len(ids) - len(by_id)
         keep = sorted(by_id.values())
         ids = [ids[i] for i in keep]
-        vecs = [vecs[i] for i in keep]
-    arr = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, d), np.float32)
+        rows = [rows[i] for i in keep]
+    arr = (
+        el.vectors[np.asarray(rows, dtype=np.int64)]
+        if rows
+        else np.zeros((0, el.vectors.shape[1]), np.float32)
+    )
     return Salvage(
         ids=ids,
-        vectors=arr,
+        vectors=arr.astype(np.float32),
         skipped={k: v for k, v in skipped.items() if v},
         unmapped_labels=unmapped,
     )
