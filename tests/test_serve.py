@@ -88,6 +88,34 @@ def test_segfaulting_directory_is_repaired_before_serving(template: str, tmp_pat
     assert "died" not in log, log
 
 
+def test_damage_found_after_a_death_is_repaired_before_the_restart(
+    template: str, tmp_path: Path
+) -> None:
+    """The index is broken on disk while Chroma runs, then Chroma is killed: serve validates
+    before restarting, repairs, and the restarted server answers every query correctly."""
+    path = _copy(template, tmp_path / "db")
+    with Serve(path, free_port(), tmp_path) as serve:
+        chroma = serve.chroma_pid
+        os.kill(chroma, signal.SIGSTOP)
+        _break_level0(chroma_dirs.segment_dir(path))
+        os.kill(chroma, signal.SIGKILL)
+        serve.wait_serving()
+        client = SafeHttpClient("127.0.0.1", serve.port, settings=no_telemetry())
+        try:
+            col = client.get_collection("coll", embedding_function=None)
+            assert _first_hits(col) == chroma_dirs.record_ids("coll", N)
+        finally:
+            client.close()
+        log = serve.stderr()
+    assert "died: SIGKILL" in log and "before restart: damaged" in log, log
+    assert "repaired" in log, log
+
+
+def _first_hits(col: Any) -> list[str]:
+    res = col.query(query_embeddings=chroma_dirs.vectors("coll", N, DIM), n_results=1)
+    return [hit[0] for hit in res["ids"]]
+
+
 def test_sigterm_stops_within_the_grace_period_and_releases_the_directory(
     template: str, tmp_path: Path
 ) -> None:
