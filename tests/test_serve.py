@@ -94,7 +94,8 @@ def test_damage_found_after_a_death_is_repaired_before_the_restart(
     """The index is broken on disk while Chroma runs, then Chroma is killed: serve validates
     before restarting, repairs, and the restarted server answers every query correctly."""
     path = _copy(template, tmp_path / "db")
-    with Serve(path, free_port(), tmp_path) as serve:
+    chroma_log = tmp_path / "chroma-output.log"
+    with Serve(path, free_port(), tmp_path, "--chroma-log", str(chroma_log)) as serve:
         chroma = serve.chroma_pid
         os.kill(chroma, signal.SIGSTOP)
         _break_level0(chroma_dirs.segment_dir(path))
@@ -109,6 +110,7 @@ def test_damage_found_after_a_death_is_repaired_before_the_restart(
         log = serve.stderr()
     assert "died: SIGKILL" in log and "before restart: damaged" in log, log
     assert "repaired" in log, log
+    assert chroma_log.read_text().count("Saving data to") == 2  # both lives of Chroma
 
 
 def _first_hits(col: Any) -> list[str]:

@@ -122,6 +122,8 @@ class ServeOptions:
             first read of a collection loads its index).
         health_failures: consecutive failed rounds after which the server is restarted.
         stop_grace: seconds between SIGTERM and SIGKILL when stopping the server.
+        chroma_log: a file that Chroma's own output is appended to (None: a temporary file,
+            removed at exit; its tail is in each ``chroma_died`` event either way).
         on_event: called with each :class:`safechroma.Event`, in the thread that saw it.
     """
 
@@ -137,6 +139,7 @@ class ServeOptions:
     health_grace: float = 30.0
     health_failures: int = 3
     stop_grace: float = 10.0
+    chroma_log: str | None = None
     on_event: Callable[[Event], None] | None = None
 
 
@@ -452,7 +455,7 @@ class Server:
                 reason="port_in_use",
                 address=self.address,
             )
-        log_path = os.path.join(self._workdir, "chroma.log")
+        log_path = self.options.chroma_log or os.path.join(self._workdir, "chroma.log")
         log = open(log_path, "ab")
         try:
             assert self._lock_fd is not None
