@@ -784,7 +784,10 @@ class Supervisor:
                 self.standby.kill()
                 self.standby.close()
                 self.standby = None
-            wal.maintain(self.path)  # the worker is gone, the lock still held
+            if self.started_workers:
+                # The worker is gone, the lock still held. Never on a directory no worker ever
+                # opened (a refused one, e.g. written by a newer chromadb: nothing is written).
+                wal.maintain(self.path)
             os.close(self.lock_fd)
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
