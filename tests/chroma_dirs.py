@@ -601,6 +601,94 @@ def _child_slow_writer(p: dict[str, Any]) -> None:
     _child_extend(p)
 
 
+def _child_grow(p: dict[str, Any]) -> dict[str, Any]:
+    """Add ``batches`` x ``batch`` new records under an optional ``RLIMIT_FSIZE``.
+
+    SIGXFSZ gets its default action back (Python ignores it at start-up, so a write past the
+    limit would only fail with EFBIG and hnswlib does not check its writes): a write past the
+    limit kills the process, as it must kill a worker.
+    """
+    import resource
+    import signal
+
+    if p.get("fsize_limit"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        lim = int(p["fsize_limit"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))
+    col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
+    rng = np.random.default_rng(5)
+    for k in range(p["batches"]):
+        ids = [f"grow-{k}-{i}" for i in range(p["batch"])]
+        col.add(ids=ids, embeddings=rng.uniform(-1, 1, (p["batch"], p["dim"])).astype("f4"))
+    return {"count": col.count()}
+
+
+def grow(dest: str, *, batches: int, batch: int, dim: int = 8, fsize_limit: int = 0) -> int:
+    """Run :func:`_child_grow` in a plain chromadb child; returns its exit status."""
+    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
+    arg = {"path": dest, "batches": batches, "batch": batch, "dim": dim}
+    arg["fsize_limit"] = fsize_limit
+    proc = subprocess.run(
+        [sys.executable, HERE, "grow", json.dumps(arg)],
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+    return proc.returncode
+
+
+def _child_script(p: dict[str, Any]) -> dict[str, Any]:
+    """Run ``p["ops"]`` on collection ``coll``: each ``[op, ids, generation]``.
+
+    ``op`` is add / upsert / update / delete; vectors are ``vectors("ops", ...)`` of the given
+    generation, one per id number (ids are ``"coll-<n>"``), so the caller knows them.
+    """
+    col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
+    col.count()  # read first: the write-before-read bug of chromadb 1.5.9 (issue 13 part 3)
+    top = max((max(ids) for _op, ids, _g in p["ops"] if ids), default=0) + 1
+    for op, nums, gen in p["ops"]:
+        ids = [f"coll-{n}" for n in nums]
+        vec = vectors("ops", top, p["dim"], gen)[nums] if nums else None
+        if op == "delete":
+            col.delete(ids=ids)
+        else:
+            getattr(col, op)(
+                ids=ids, embeddings=vec, documents=[f"doc {op} {gen} {n}" for n in nums]
+            )
+    return {"count": col.count()}
+
+
+def run_ops(dest: str, ops: list[Any], *, dim: int = 8) -> dict[str, Any]:
+    """Apply ``ops`` (see :func:`_child_script`) with plain chromadb in a child."""
+    res: dict[str, Any] = _run_child("script", {"path": dest, "ops": ops, "dim": dim})
+    return res
+
+
+def _child_probe(p: dict[str, Any]) -> dict[str, Any]:
+    """What plain chromadb says about ``coll``: each call's result or its error."""
+    out: dict[str, Any] = {}
+
+    def attempt(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out[name + "_error"] = f"{type(e).__name__}: {e}"
+
+    col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
+    attempt("count", col.count)
+    attempt("ids", lambda: sorted(col.get(include=[])["ids"]))
+    attempt("embeddings", lambda: len(col.get(include=["embeddings"])["ids"]))
+    if p.get("near"):
+        attempt("near", lambda: col.query(query_embeddings=[p["near"]], n_results=1)["ids"][0])
+    return out
+
+
+def probe(dest: str, near: list[float] | None = None) -> dict[str, Any]:
+    """Run :func:`_child_probe` in a plain chromadb child (on ``dest`` itself: it may write)."""
+    res: dict[str, Any] = _run_child("probe", {"path": dest, "near": near})
+    return res
+
+
 def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
     client = _child_client(p["path"])
     out: dict[str, Any] = {}
@@ -720,6 +808,9 @@ if __name__ == "__main__":
         "slow_writer": _child_slow_writer,
         "readd": _child_readd,
         "verify": _child_verify,
+        "grow": _child_grow,
+        "script": _child_script,
+        "probe": _child_probe,
         "torn_flush": _child_torn_flush,
     }[cmd]
     res = fn(arg)

@@ -14,6 +14,7 @@ worker reach the caller as the same type; everything below is about the worker i
     │   └── PoisonRequestError               this exact call killed workers again and again
     ├── CrashLoopError                       too many deaths in a short time: breaker is open
     ├── RecoveryError                        the directory is damaged and recovery failed
+    ├── IncompatibleDirectoryError           a newer chromadb wrote it: not opened, not touched
     ├── ChromaPanicError                     Chroma's Rust core panicked (the worker is replaced)
     └── RemoteError                          an error of a type the caller will not rebuild
 
@@ -31,6 +32,7 @@ __all__ = [
     "ClientClosedError",
     "CrashLoopError",
     "DirectoryLockedError",
+    "IncompatibleDirectoryError",
     "PoisonRequestError",
     "ProtocolError",
     "RecoveryError",
@@ -185,6 +187,28 @@ class RecoveryError(SafeChromaError):
 
     path: str
     report: Any
+
+
+class IncompatibleDirectoryError(SafeChromaError):
+    """The directory was written by a newer chromadb than the installed one.
+
+    Its SQLite schema has migrations the installed chromadb does not know (chroma#5909).
+    chromadb 1.5.9 would open it anyway and write into a schema it does not understand, so no
+    worker is started, no repair is attempted and nothing in the directory is written.
+    Upgrade chromadb, or open the directory with the version that wrote it.
+
+    Attributes:
+        path: the persist directory.
+        installed_version: the installed chromadb's version.
+        directory_schema: highest migration version per migration dir in the directory.
+        unknown_migrations: the migrations the installed chromadb lacks
+            (``"dir version filename"``).
+    """
+
+    path: str
+    installed_version: str | None
+    directory_schema: dict[str, int]
+    unknown_migrations: list[str]
 
 
 class ChromaPanicError(SafeChromaError, RuntimeError):

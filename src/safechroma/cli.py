@@ -2,7 +2,8 @@
 
 Exit codes: 0 healthy / done, 1 damaged (``check``), repair incomplete, or records removed by
 the repair (their vectors existed nowhere; saved for re-adding), 2 cannot check
-(not a Chroma directory, SQLite busy, directory locked by another process).
+(not a Chroma directory, SQLite busy, directory locked by another process), 3 written by a
+newer chromadb than the installed one (nothing checked further, nothing changed).
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def _progress(step: str, details: dict[str, Any]) -> None:
 
 
 def _print_check(rep: DirectoryReport, out: TextIO) -> None:
-    mark = {"healthy": "OK", "damaged": "DAMAGED", "unknown": "UNKNOWN"}
+    mark = {
+        "healthy": "OK",
+        "damaged": "DAMAGED",
+        "unknown": "UNKNOWN",
+        "incompatible": "INCOMPATIBLE",
+    }
     out.write(
         f"{mark[rep.status]}  {rep.path}  ({rep.elapsed_s * 1000:.0f} ms, sqlite "
         f"{rep.sqlite_status})\n"
@@ -76,7 +82,7 @@ def _cmd_check(a: argparse.Namespace) -> int:
         print(json.dumps(rep.to_dict(), indent=1))
     else:
         _print_check(rep, sys.stdout)
-    return {"healthy": 0, "damaged": 1, "unknown": 2}[rep.status]
+    return {"healthy": 0, "damaged": 1, "unknown": 2, "incompatible": 3}[rep.status]
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
@@ -124,9 +130,9 @@ def _cmd_repair(a: argparse.Namespace) -> int:
         return 2
     try:
         before = check_directory(path, wal_coverage=True)
-        if before.status == "unknown":
+        if before.status in ("unknown", "incompatible"):
             _print_check(before, sys.stderr)
-            return 2
+            return 2 if before.status == "unknown" else 3
         rep = repair_directory(path, before, dry_run=a.dry_run, progress=_progress)
         pending = [] if a.dry_run else pending_salvage_files(path)
         applied: list[dict[str, Any]] = []

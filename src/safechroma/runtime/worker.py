@@ -264,13 +264,15 @@ def _limit_file_size(limit: int | None) -> None:
         return
     import resource
 
-    # A runaway write (chroma-core/chroma#7510) then fails with EFBIG in this process (CPython
-    # ignores SIGXFSZ, so the write raises instead of the signal killing the process), and the
-    # disk keeps its free space. The supervisor derives the limit from the directory.
+    # A runaway write (chroma-core/chroma#7510) then kills this process with SIGXFSZ, and the
+    # disk keeps its free space. CPython starts with SIGXFSZ ignored, which would turn the
+    # signal into an EFBIG that hnswlib does not check (a silently torn file): restore the
+    # default action, so the supervisor sees a death and validates the directory.
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
 def main(info: dict[str, Any]) -> None:

@@ -36,6 +36,8 @@ __all__ = [
     "LiveElements",
     "UnsafePickleError",
     "check_segment",
+    "max_plausible_level",
+    "plausible_link_lists_bytes",
     "read_header",
     "read_index_metadata",
     "read_label_map",
@@ -146,6 +148,11 @@ class SegmentReport:
     has_pickle: bool = False
     pickle_ids: int | None = None
     findings: list[Finding] = field(default_factory=list)
+    # Labels of the live elements in file order (deep check only), kept for the WAL replay
+    # check of safechroma.storage.validate; not part of the report's JSON.
+    _live_labels: npt.NDArray[np.uint64] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def healthy(self) -> bool:
@@ -421,7 +428,7 @@ def _check_segment(
         return rep
     rep.header = h
     rep.element_count = cur = h.cur_element_count
-    hf = _header_findings(h, hfile, expected_dim)
+    hf = _header_findings(h, hfile, expected_dim) or _level_bound_findings(h, hfile)
     rep.findings.extend(hf)
     if hf:
         # Offsets are wrong, so every later computation would read garbage: stop here.
@@ -462,6 +469,8 @@ def _check_segment(
                 lfile,
             )
         )
+    if kfile in sizes:
+        rep.findings.extend(_links_size_findings(h, sizes[kfile], kfile))
     if kfile in sizes and sizes[kfile] % 4:
         add(
             Finding(
@@ -536,6 +545,7 @@ def _check_segment(
         return rep
     deleted, too_many, first_bad, oob, first_oob, self_links, labels_all = scan
     rep.deleted_count = deleted
+    rep._live_labels = labels_all
     if too_many:
         add(
             Finding(
@@ -729,12 +739,25 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     """
     add = rep.findings.append
     cur = h.cur_element_count
+    limit = plausible_link_lists_bytes(cur, h.max_m)
     try:
         with open(kfile, "rb") as f:
-            words = np.frombuffer(f.read(), dtype="<u4")
+            # Never more than a healthy index of this size can hold (issue 13, chroma#7510): the
+            # size was checked against the same bound, this also covers a file grown meanwhile.
+            raw = f.read(limit + 1)
     except OSError as e:
         add(Finding("links_unreadable", f"cannot read link_lists.bin: {e}", kfile))
         return
+    if len(raw) > limit or len(raw) % 4:
+        add(
+            Finding(
+                "links_size_implausible",
+                f"link_lists.bin grew past {limit} bytes while it was read",
+                kfile,
+            )
+        )
+        return
+    words = np.frombuffer(raw, dtype="<u4")
     n = words.size
     slpe = h.size_links_per_element
     slpe_words = slpe // 4
@@ -819,6 +842,10 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     elem_ids = elem
     starts = heads + 1
     levels = head_bytes // slpe
+    over = _levels_over_header(levels, elem_ids, h)
+    if over is not None:
+        add(Finding("links_level", over, kfile))
+        return
 
     lv = np.asarray(levels, dtype=np.int64)
     max_level = int(lv.max()) if lv.size else 0
@@ -870,6 +897,86 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
                 kfile,
             )
         )
+
+
+# ---- bounds that hold for every index hnswlib can write (issue 13: chroma#7510) -------------
+#
+# hnswlib draws an element's level as ``int(-ln(U) * mult)`` with ``mult = 1/ln(M)`` (the header
+# check enforces it) and U uniform in (0, 1). U comes from a generator of at most 64 bits, so
+# ``-ln(U) <= 64 ln 2`` and no level exceeds ``64 ln 2 / ln M``. P(level >= l) = M**-l: the
+# number of upper-level blocks of ``cur`` elements is a sum of geometric variables with mean
+# ``cur/(M-1)`` and variance ``cur*M/(M-1)**2``. The bound below allows three times the mean
+# plus twenty standard deviations plus four maximal elements: a healthy index exceeds it with
+# a probability far below that of a disk error, a runaway record (chroma#7510: 231 GiB;
+# MemPalace#1046: one 2.5 GB ``linkListSize``) exceeds it at once.
+
+
+def max_plausible_level(m: int) -> int:
+    """The highest level hnswlib can give an element of an index with ``M = m`` (m >= 2)."""
+    return int(64 * math.log(2) / math.log(max(2, m))) + 1
+
+
+def plausible_link_lists_bytes(cur: int, m: int) -> int:
+    """Upper bound on the size of a healthy ``link_lists.bin`` holding ``cur`` elements.
+
+    Each element takes a 4-byte size word, plus ``maxM*4+4`` bytes per level above 0.
+    """
+    m = max(2, m)
+    mean = cur / (m - 1)
+    sd = math.sqrt(cur * m) / (m - 1)
+    blocks = int(3 * mean + 20 * sd) + 4 * max_plausible_level(m)
+    return 4 * cur + blocks * (m * 4 + 4)
+
+
+def _level_bound_findings(h: HnswHeader, hfile: str) -> list[Finding]:
+    """The header's ``maxlevel`` against the highest level hnswlib can draw."""
+    top = max_plausible_level(h.m)
+    if h.maxlevel > top:
+        return [
+            Finding(
+                "header_maxlevel",
+                f"maxlevel={h.maxlevel} is higher than any level hnswlib draws with M={h.m} "
+                f"(at most {top})",
+                hfile,
+            )
+        ]
+    return []
+
+
+def _links_size_findings(h: HnswHeader, size: int, kfile: str) -> list[Finding]:
+    """``link_lists.bin`` larger than any healthy index of ``cur`` elements: refuse to read it.
+
+    Checked from ``stat`` alone (shallow checks too), before anything reads the file: a runaway
+    file can be hundreds of GB, and hnswlib would allocate each bogus record when loading it.
+    """
+    limit = plausible_link_lists_bytes(h.cur_element_count, h.max_m)
+    if size > limit:
+        return [
+            Finding(
+                "links_size_implausible",
+                f"link_lists.bin is {size} bytes; {h.cur_element_count} elements with M={h.m} "
+                f"hold at most {limit}: a link-list size the header does not allow",
+                kfile,
+            )
+        ]
+    return []
+
+
+def _levels_over_header(
+    levels: npt.NDArray[Any], elem_ids: npt.NDArray[Any], h: HnswHeader
+) -> str | None:
+    """The first link list with more levels than the header's ``maxlevel`` allows, described."""
+    if not levels.size:
+        return None
+    bad = np.flatnonzero(levels > max(h.maxlevel, 0))
+    if not bad.size:
+        return None
+    i = int(bad[0])
+    return (
+        f"{bad.size} link lists have more levels than maxlevel={h.maxlevel} (first: element "
+        f"{int(elem_ids[i])}, {int(levels[i])} levels, {int(levels[i]) * h.size_links_per_element}"
+        " bytes)"
+    )
 
 
 @dataclass
