@@ -173,7 +173,7 @@ def take_over(path: str | os.PathLike[str]) -> None:
 
     Called by the worker right after it opened the directory and before it writes (Chroma
     reads ``embeddings_queue_config`` on every call, FACTS §3). Also notes which collections
-    have a complete WAL (never flushed yet, so nothing was purged).
+    have a complete WAL (never flushed yet, so nothing was purged). Never raises.
     """
     root = os.fspath(path)
     if retention_mode(root) == "chroma":
@@ -181,8 +181,13 @@ def take_over(path: str | os.PathLike[str]) -> None:
     db = os.path.join(root, SQLITE_FILE)
     if not os.path.isfile(db):
         return
-    _note_complete(root, db)
-    _set_purge(db, False)
+    try:
+        _note_complete(root, db)
+        _set_purge(db, False)
+    except (OSError, ValueError, sqlite3.Error):
+        # Never stop a worker from opening: the check and recovery deal with a bad database,
+        # and the next open tries again.
+        return
 
 
 def _note_complete(root: str, db: str) -> dict[str, Any]:
