@@ -31,6 +31,7 @@ a directory, and a fresh process is the clean reset):
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import json
 import os
@@ -688,7 +689,10 @@ def rebuild_label_map(
     prev_lab, prev_row = 0, -1
     for gi, (lab_b, row_b) in enumerate(bounds):
         tail = gi == len(bounds) - 1
-        g_labels = [x for x in labels if prev_lab < x < lab_b and x not in dead and x not in mapped]
+        # labels is ascending: slice the gap instead of scanning it (many known labels make
+        # many small gaps).
+        lo, hi = bisect.bisect_right(labels, prev_lab), bisect.bisect_left(labels, lab_b)
+        g_labels = [x for x in labels[lo:hi] if x not in dead and x not in mapped]
         g_rows = [
             k for k in range(prev_row + 1, row_b) if k not in anchor_rows and k not in dead_rows
         ]
