@@ -82,9 +82,15 @@ def test_torn_flush_loses_nothing(tmp_path: Path, seed: int, snapshot: bool) -> 
         assert c.get(ids=[rid], include=["documents"])["documents"] == [expected[rid][0]]
 
 
-@pytest.mark.parametrize("spec", ["l2", "cosine"])
 @pytest.mark.parametrize(
-    "kind", ["pickle_deleted", "pickle_garbled", "pickle_truncated", "pickle_missing_ids"]
+    "spec,kind",
+    [
+        ("l2", "pickle_deleted"),
+        ("l2", "pickle_garbled"),
+        ("l2", "pickle_truncated"),
+        ("l2", "pickle_missing_ids"),
+        ("cosine", "pickle_truncated"),  # normalised vectors: the WAL check compares directions
+    ],
 )
 def test_lost_label_map_comes_back_whole(
     base: dict[str, str], tmp_path: Path, spec: str, kind: str
