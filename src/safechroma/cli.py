@@ -1,4 +1,4 @@
-"""``safechroma`` command line: check, repair, info, demo. The only module that prints.
+"""``safechroma`` command line: check, repair, info, serve, demo. The only module that prints.
 
 Exit codes: 0 healthy / done, 1 damaged (``check``), repair incomplete, or records removed by
 the repair (their vectors existed nowhere; saved for re-adding), 2 cannot check
@@ -252,6 +252,89 @@ def _cmd_reembed(a: argparse.Namespace) -> int:
     return 1 if out["remaining"] else 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    """``safechroma serve PATH``: Chroma's server on PATH, supervised, until SIGTERM/SIGINT.
+
+    Exit 0 after a requested stop; 1 when it gave up (crash loop, damage it could not repair,
+    Chroma would not start); 2 when it could not begin (port in use, directory in use, a
+    directory written by a newer chromadb).
+    """
+    import datetime
+    import signal
+
+    from safechroma._errors import (
+        CrashLoopError,
+        DirectoryLockedError,
+        IncompatibleDirectoryError,
+        RecoveryError,
+        ServeError,
+    )
+    from safechroma._policy import Event
+    from safechroma.server import ServeOptions, Server, describe
+
+    def log(event: Event) -> None:
+        stamp = datetime.datetime.fromtimestamp(event.time, datetime.UTC)
+        sys.stderr.write(f"{stamp:%Y-%m-%dT%H:%M:%S}Z safechroma serve: {describe(event)}\n")
+        if event.kind == "chroma_died" and event.detail.get("log_tail", "").strip():
+            for line in event.detail["log_tail"].strip().splitlines()[-15:]:
+                sys.stderr.write(f"    | {line}\n")
+        sys.stderr.flush()
+        if event.kind == "chroma_ready":
+            print(f"serving {a.path} at {event.detail['address']}", flush=True)
+
+    options = ServeOptions(
+        host=a.host,
+        port=a.port,
+        stop_grace=a.stop_grace,
+        health_interval=a.health_interval,
+        health_timeout=a.health_timeout,
+        health_grace=a.health_grace,
+        health_failures=a.health_failures,
+        on_event=log,
+    )
+    server = Server(a.path, options)
+    previous = {
+        sig: signal.signal(sig, lambda _signo, _frame: server.stop())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        server.run()
+    except (DirectoryLockedError, IncompatibleDirectoryError, ServeError) as exc:
+        print(f"safechroma serve: error: {exc}", file=sys.stderr)
+        return 1 if getattr(exc, "reason", None) == "start_failed" else 2
+    except (CrashLoopError, RecoveryError) as exc:
+        print(f"safechroma serve: gave up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="run Chroma's server on a directory, supervised (repair, restart, watchdog)",
+    )
+    s.add_argument("path")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--stop-grace", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
+    s.add_argument(
+        "--health-interval", type=float, default=5.0, help="seconds between health checks"
+    )
+    s.add_argument(
+        "--health-timeout", type=float, default=10.0, help="seconds one health check may take"
+    )
+    s.add_argument(
+        "--health-grace", type=float, default=30.0, help="seconds after a start not counted"
+    )
+    s.add_argument(
+        "--health-failures", type=int, default=3, help="failed checks in a row before a restart"
+    )
+    s.set_defaults(fn=_cmd_serve)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -294,5 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_cmd_reembed)
     sub.add_parser("demo", help="run the crash-safety demo")
+    _add_serve(sub)
     a = ap.parse_args(args)
     return int(a.fn(a))
