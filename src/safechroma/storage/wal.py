@@ -249,7 +249,7 @@ def _seq(v: Any) -> int:
     return int(v)
 
 
-def compact_wal(path: str | os.PathLike[str]) -> CompactReport:
+def compact_wal(path: str | os.PathLike[str], *, vacuum: bool = False) -> CompactReport:
     """Compact the kept WAL of ``path`` to one row per live id below the purge watermark.
 
     The caller must own the directory (hold its lock; no Chroma process has it open). Per
@@ -260,7 +260,16 @@ def compact_wal(path: str | os.PathLike[str]) -> CompactReport:
     the metadata segment applied to it; the others are deleted, in one transaction. The replay
     must agree with the metadata segment (every live id whose last write is at or below the
     watermark is present in the replay with that last write); otherwise the collection is left
-    as it is.
+    as it is. A collection adopted with a purged history is summarised per id from its last
+    ``upsert`` or ``delete`` only (see the module docstring).
+
+    SQLite keeps the pages the compaction frees and reuses them for later writes, so the file
+    stays at its high-water mark (the live rows plus one session's writes).
+
+    Args:
+        path: The persist directory.
+        vacuum: Then run ``VACUUM`` to give the freed pages back (it rewrites the whole file:
+            seconds per GB; not done by :func:`maintain`).
 
     Returns:
         A :class:`CompactReport`.
@@ -291,6 +300,8 @@ def compact_wal(path: str | os.PathLike[str]) -> CompactReport:
             mark = min(marks.get(vseg, 0), marks.get(mseg, 0))
             complete = status.get(cid) == "complete"
             out.collections[cid] = _compact_one(con, cid, mseg, mark, complete)
+        if vacuum:
+            con.execute("VACUUM")
     finally:
         con.close()
     out.rows_after, out.bytes_after = wal_bytes(root)
