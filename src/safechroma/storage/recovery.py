@@ -361,6 +361,12 @@ def repair_directory(
             _fsync_dir(root)
             cr.action = "quarantine"
             cr.quarantined_to = dest
+            snap = _label_map_path(root, rep.segment_id or "")
+            if os.path.isfile(snap):
+                # Chroma starts the index over in the same segment directory, with labels from
+                # 1 again: the old snapshot would map them to the wrong ids. It goes with the
+                # old index.
+                os.rename(snap, dest + ".labelmap.pickle")
             out.steps.append(f"quarantine {src} -> {dest}")
             note("quarantine", {"collection": cr.name, "to": dest})
     _write_atomic(os.path.join(final, "repair.json"), json.dumps(out.to_dict(), indent=1).encode())
