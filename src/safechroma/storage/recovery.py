@@ -361,14 +361,15 @@ def repair_directory(
             _fsync_dir(root)
             cr.action = "quarantine"
             cr.quarantined_to = dest
-            snap = _label_map_path(root, rep.segment_id or "")
-            if os.path.isfile(snap):
-                # Chroma starts the index over in the same segment directory, with labels from
-                # 1 again: the old snapshot would map them to the wrong ids. It goes with the
-                # old index.
-                os.rename(snap, dest + ".labelmap.pickle")
             out.steps.append(f"quarantine {src} -> {dest}")
             note("quarantine", {"collection": cr.name, "to": dest})
+        snap = _label_map_path(root, rep.segment_id or "")
+        if rep.segment_id and os.path.isfile(snap):
+            # Chroma starts the index over in the same segment directory, with labels from 1
+            # again: the old snapshot would map them to the wrong ids. It goes with the old
+            # index.
+            os.makedirs(qdir, exist_ok=True)
+            os.rename(snap, os.path.join(qdir, rep.segment_id + ".labelmap.pickle"))
     _write_atomic(os.path.join(final, "repair.json"), json.dumps(out.to_dict(), indent=1).encode())
     out.status = "repaired"
     lost = len(out.not_recovered)
@@ -804,6 +805,12 @@ def snapshot_label_maps(
             continue
         src = os.path.join(c.segment_path, PICKLE_FILE)
         dest = _label_map_path(root, c.segment_id)
+        if not os.path.exists(src) and os.path.exists(dest):
+            # A healthy index without a pickle is a fresh one (nothing flushed: FACTS §1), or
+            # Chroma is about to start one: its labels restart at 1, so an older copy belongs
+            # to an index that is gone and would map them to the wrong ids.
+            os.remove(dest)
+            continue
         try:
             st = os.stat(src)
             old = os.stat(dest) if os.path.exists(dest) else None
