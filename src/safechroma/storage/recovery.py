@@ -433,6 +433,7 @@ def _salvage_one(
                 dim=c.dimension,
                 m=c.max_neighbors,
                 label_to_id=mapping,
+                elements=el,
             )
             skipped = s.skipped
             wanted = set(need)
@@ -690,7 +691,7 @@ def rebuild_label_map(
         vec = current.get(ident)
         if vec is None:
             return None
-        return _same_vector(elements.stored[pos[lab]], vec, c.space)
+        return _same_vector(elements.stored_of(pos[lab]), vec, c.space)
 
     bounds = anchors + [(labels[-1] + 1, len(rows))]
     prev_lab, prev_row = 0, -1
@@ -737,7 +738,7 @@ def rebuild_label_map(
                 for lab, k in zip(g_labels, g_rows, strict=True):
                     ident = rows[k][1]
                     verdict = _matches_wal(
-                        elements.stored[pos[lab]],
+                        elements.stored_of(pos[lab]),
                         wal.get(ident, []),
                         cur_seq[ident],
                         v_seq,
