@@ -313,8 +313,10 @@ class Supervisor:
         """The worker died with ``call`` in flight; if it is now poison, say so instead.
 
         Only with a validator: it is what tells a call that kills healthy workers from a
-        damaged directory that kills every worker (a recovery then forgives every strike)."""
-        if self.options.validator is None:
+        damaged directory that kills every worker (a recovery then forgives every strike). And
+        only for deaths a call can cause (a crash signal, an exit): a SIGKILL or SIGTERM comes
+        from outside (the OOM killer, an operator), so it says nothing about the call."""
+        if self.options.validator is None or crash.signal in _NOT_SELF_INFLICTED:
             return
         digest = call.digest()
         if not self.breaker.strike(digest):
@@ -816,6 +818,12 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - a broken callback must not break the client
                 logger.exception("safechroma on_event callback failed")
 
+
+# Signals a worker does not raise by running a call: they come from outside (the OOM killer, an
+# operator, a container runtime), so a death by one is never a strike against the call in flight.
+_NOT_SELF_INFLICTED: Final = frozenset(
+    {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGPIPE", "SIGUSR1", "SIGUSR2"}
+)
 
 # How often a worker's resident memory is read when max_worker_rss is set (seconds).
 _RSS_CHECK_EVERY: Final = 1.0
