@@ -172,7 +172,8 @@ def _cmd_repair(a: argparse.Namespace) -> int:
                     f"  wrote back {s['recovered']} vectors to {s['collection']}; "
                     f"{s.get('reembedded', 0)} re-embedded; {len(removed)} removed "
                     f"(their vectors exist nowhere; documents and metadata saved in "
-                    f"{s['salvage_file']}.removed.json: re-add them with embeddings)"
+                    f"{s['salvage_file']}.removed.json: put them back with `safechroma reembed "
+                    f"{path} --collection {s['collection']} --embedding-function MODULE:FN`)"
                 )
                 for r in s["not_recovered"][:10]:
                     print(f"      {r['id']}: {str(r['document'])[:60]!r}")
@@ -187,6 +188,68 @@ def _cmd_repair(a: argparse.Namespace) -> int:
         return 0
     finally:
         os.close(fd)
+
+
+def _cmd_reembed(a: argparse.Namespace) -> int:
+    """``safechroma reembed PATH --collection NAME [--embedding-function module:fn]``.
+
+    Puts back the records a repair saved because their vectors existed nowhere: re-embedded
+    with the given function (or the collection's recorded one, if it works offline), after
+    checking that it reproduces vectors that survived. Exit 0 all restored, 1 some remain
+    (no document to embed), 2 nothing done (locked, no usable function, check failed).
+    """
+    from safechroma.storage.recovery import saved_records
+
+    path = a.path
+    if not os.path.isfile(os.path.join(path, "chroma.sqlite3")):
+        print(f"error: {path} is not a Chroma directory (no chroma.sqlite3)", file=sys.stderr)
+        return 2
+    if not saved_records(path, a.collection):
+        print(f"nothing to restore for {a.collection!r} in {path}")
+        return 0
+    fd = _lock(path)
+    if fd is None:
+        print(f"error: {path} is in use: another process holds {LOCK_NAME}", file=sys.stderr)
+        return 2
+    code = (
+        "import json, sys\n"
+        "import chromadb\n"
+        "from safechroma.storage.recovery import restore_saved_records\n"
+        "client = chromadb.PersistentClient(sys.argv[1])\n"
+        "spec = sys.argv[3] or None\n"
+        "out = restore_saved_records(client, sys.argv[1], sys.argv[2], spec)\n"
+        "print('RESULT ' + json.dumps(out), flush=True)\n"
+    )
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", code, path, a.collection, a.embedding_function or ""],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        os.close(fd)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        print(
+            f"error: re-embedding failed (rc={p.returncode})\n{p.stderr[-2000:]}", file=sys.stderr
+        )
+        return 2
+    out = json.loads(lines[-1][7:])
+    if a.json:
+        print(json.dumps(out, indent=1))
+    elif out["error"]:
+        print(f"error: nothing restored: {out['error']}", file=sys.stderr)
+    else:
+        print(
+            f"restored {len(out['restored'])} records to {a.collection}; "
+            f"{len(out['already_present'])} were present again; "
+            f"{len(out['remaining'])} remain (no document to embed)"
+        )
+        for rid in out["remaining"][:10]:
+            print(f"      {rid}")
+    if out["error"]:
+        return 2
+    return 1 if out["remaining"] else 0
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -303,6 +366,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
+    e = sub.add_parser(
+        "reembed", help="re-embed and put back the records a repair saved (vectors lost)"
+    )
+    e.add_argument("path")
+    e.add_argument("--collection", required=True)
+    e.add_argument(
+        "--embedding-function",
+        metavar="MODULE:FN",
+        help="documents -> embeddings; default: the collection's recorded one, if offline",
+    )
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_cmd_reembed)
     sub.add_parser("demo", help="run the crash-safety demo")
     _add_serve(sub)
     a = ap.parse_args(args)
