@@ -525,7 +525,12 @@ class Supervisor:
         self.death_counts[kind] = self.death_counts.get(kind, 0) + 1
         self.last_crash = error
         what = f"pid {worker.pid}: {kind} during {operation} after {worker.served} calls"
-        opened = self.breaker.record(now, what, served=worker.served)
+        # A worker that had opened the directory and was then killed from outside (SIGKILL,
+        # SIGTERM: the OOM killer, an operator) did not fail by itself: bad luck, like a death
+        # after serving calls. The same signal while opening still counts (an index that
+        # cannot be loaded within the memory it has is a crash loop).
+        external = worker.opened and kind in _NOT_SELF_INFLICTED
+        opened = self.breaker.record(now, what, served=worker.served, external=external)
         self.pending_reason = "crash"
         self.pending_crash = error
         if kind not in ("damage", "timeout", "protocol", "panic"):
@@ -681,6 +686,7 @@ class Supervisor:
         except Exception:
             self._retire(worker, "open failed")
             raise
+        worker.opened = True
         self.primary_handle = int(ref[1])
         self.chroma_version = str(ref[2])
         self.worker = worker
