@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
-from chromadb.api import ClientAPI
 from chromadb.api.client import Client
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
@@ -87,7 +86,11 @@ _READS = frozenset(
 )
 
 
-class SafeClient(ClientAPI, _Remote):
+# SafeClient subclasses chromadb's concrete ``Client`` (not only ``ClientAPI``) because
+# frameworks check for it: mem0's pydantic config declares ``client: chromadb.api.client.Client``.
+# Every method of ``Client`` that touches ``self._server`` is overridden below; ``__init__`` is
+# ours, so no chromadb System is ever created in the caller's process.
+class SafeClient(Client, _Remote):
     """A drop-in ``chromadb.PersistentClient`` whose calls run in a supervised worker process.
 
     Args:
@@ -107,6 +110,10 @@ class SafeClient(ClientAPI, _Remote):
 
     Every ``SafeClient`` and ``SafeCollection`` on the same path in one process shares one
     worker. Thread-safe. Use it as a context manager or call :meth:`close`.
+
+    ``copy.copy(client)`` is another handle on the same worker (closing one leaves the other
+    open); ``copy.deepcopy`` and ``pickle`` raise ``TypeError`` as chromadb's client does, so
+    code that deep-copies a config holding a client (mem0) falls back to sharing it.
     """
 
     tenant: str
@@ -324,6 +331,26 @@ class SafeClient(ClientAPI, _Remote):
         if not self._closed:
             self._closed = True
             self._finalizer()
+
+    def __copy__(self) -> SafeClient:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if not self._closed:
+            # One more reference on the same supervisor: the worker and the lock stay the same.
+            sup = _supervisor.acquire(self._path, self._sup.options, self._sup.primary)
+            if sup is not self._sup:  # pragma: no cover - an open client keeps its supervisor
+                _supervisor.release(sup)
+                raise RuntimeError(f"the worker of {self._path} changed while copying")
+            new._finalizer = weakref.finalize(new, _supervisor.release, sup)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SafeClient:
+        # chromadb's client raises TypeError here (its Rust bindings do not pickle); a deep copy
+        # would need a second worker on the same directory, which must never exist.
+        raise TypeError(f"cannot deepcopy {type(self).__name__!r} object: use copy.copy()")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
     def __enter__(self) -> SafeClient:
         return self
