@@ -23,8 +23,8 @@ import pytest
 from chromadb.api import ClientAPI
 from chromadb.api.client import Client
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from conftest import HashEmbedding, child_pids, vectors  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from _support import HashEmbedding, child_pids, vectors  # noqa: E402
 
 from safechroma import SafeClient, SafeCollection  # noqa: E402
 
