@@ -54,7 +54,8 @@ READS = frozenset(
 # idempotent), replayed only with replay_writes=True.
 REPLAYABLE = frozenset({"add", "upsert", "update", "delete"})
 OTHER_WRITES = frozenset({"modify", "fork", "attach_function", "detach_function"})
-PROXIED = READS | REPLAYABLE | OTHER_WRITES
+# Only what this chromadb's Collection has (fork_count came in 1.5.x, search and fork earlier).
+PROXIED = frozenset(n for n in READS | REPLAYABLE | OTHER_WRITES if hasattr(Collection, n))
 
 
 def _proxy(name: str) -> Callable[..., Any]:
