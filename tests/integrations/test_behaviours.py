@@ -38,7 +38,8 @@ def client(tmp_path: Path) -> SafeClient:
 _DIRECT_ADD = """
 import json, sys
 import chromadb
-col = chromadb.PersistentClient(sys.argv[1]).get_or_create_collection("values", embedding_function=None)
+client = chromadb.PersistentClient(sys.argv[1])
+col = client.get_or_create_collection("values", embedding_function=None)
 try:
     col.add(ids=["a"], embeddings=[[0.0, 1.0]], metadatas=[json.loads(sys.argv[2])])
 except Exception as exc:
