@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,9 +31,10 @@ import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -52,12 +54,39 @@ LOCK_NAME = ".safechroma.lock"
 
 # Runs in a short-lived child: the CLI process itself never opens the directory with Chroma
 # (FACTS §4: one owner per directory; a fresh process is the clean reset after a repair).
+# The child reports the records to write and each upsert on stdout, for the progress bar.
 _APPLY = """
 import json, sys
 import chromadb
 from safechroma.storage.recovery import apply_salvage
-client = chromadb.PersistentClient(sys.argv[1])
-out = [apply_salvage(client, f) for f in sys.argv[2:]]
+
+
+class Counting:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def upsert(self, ids, **kwargs):
+        out = self._inner.upsert(ids=ids, **kwargs)
+        print("PROGRESS " + str(len(ids)), flush=True)
+        return out
+
+
+class Client(Counting):
+    def get_collection(self, *args, **kwargs):
+        return Counting(self._inner.get_collection(*args, **kwargs))
+
+
+files = sys.argv[2:]
+total = 0
+for f in files:
+    with open(f[: -len(".npz")] + ".json", "rb") as side:
+        total += len(json.loads(side.read())["ids"])
+print("TOTAL " + str(total), flush=True)
+client = Client(chromadb.PersistentClient(sys.argv[1]))
+out = [apply_salvage(client, f) for f in files]
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -108,9 +137,21 @@ def _stderr() -> Console:
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
+class _Count(ProgressColumn):
+    """``done/total`` with thousands separators; nothing while the total is unknown."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        return Text(f"{int(task.completed):,}/{int(task.total):,}", style="progress.download")
+
+
 @contextmanager
-def _progress_bar(total: int | None, unit: str) -> Iterator[Progress | None]:
-    """A progress bar on stderr with count, rate and elapsed time; None when not a terminal."""
+def _progress_bar() -> Iterator[Progress | None]:
+    """A progress bar on stderr (count, percentage, a detail such as a rate, elapsed time).
+
+    None when stderr is not a terminal: piped and redirected runs show no progress at all.
+    """
     if not _is_terminal(sys.stderr):
         yield None
         return
@@ -118,8 +159,8 @@ def _progress_bar(total: int | None, unit: str) -> Iterator[Progress | None]:
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn() if total else TextColumn(""),
-        TaskProgressColumn() if total else TextColumn(""),
+        _Count(),
+        TaskProgressColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
     ]
@@ -195,7 +236,7 @@ def render_check(rep: DirectoryReport, console: Console) -> None:
 
 def _checked(path: str, **kwargs: Any) -> DirectoryReport:
     """check_directory with a progress bar over collections (records and rate) in a terminal."""
-    with _progress_bar(None, "collections") as bar:
+    with _progress_bar() as bar:
         if bar is None:
             return check_directory(path, **kwargs)
         task = bar.add_task("reading SQLite", total=None, detail="")
@@ -391,7 +432,7 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
     if before.status == "unknown":
         _plain_check(before, sys.stderr)
         return 2
-    with _progress_bar(None, "steps") as bar:
+    with _progress_bar() as bar:
         task = bar.add_task("repairing", total=None, detail="") if bar is not None else None
 
         def note(step: str, details: dict[str, Any]) -> None:
@@ -404,14 +445,11 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
         applied: list[dict[str, Any]] = []
         if pending:
             note("write-back", {"files": len(pending)})
-            p = subprocess.run(
-                [sys.executable, "-c", _APPLY, path, *pending], capture_output=True, text=True
-            )
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            if p.returncode != 0 or not lines:
+            rc, lines, err = _write_back(path, pending, bar, task)
+            if rc != 0 or not lines:
                 _error(
-                    f"write-back of salvaged vectors failed (rc={p.returncode}); the backup is "
-                    f"in {rep.backup_dir}; run repair again\n{p.stderr[-2000:]}"
+                    f"write-back of salvaged vectors failed (rc={rc}); the backup is "
+                    f"in {rep.backup_dir}; run repair again\n{err[-2000:]}"
                 )
                 return 1
             applied = json.loads(lines[-1][7:])
@@ -435,6 +473,37 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
     if any(s.get("removed") for s in applied):
         return 1  # healthy again, but records are gone until the caller re-adds them
     return 0
+
+
+def _write_back(
+    path: str, pending: list[str], bar: Progress | None, task: Any
+) -> tuple[int, list[str], str]:
+    """Run the write-back child; returns its exit code, its RESULT lines and its stderr."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _APPLY, path, *pending],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        assert proc.stdout is not None
+        results: list[str] = []
+        t0 = time.perf_counter()
+        done = 0
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                results.append(line)
+            elif bar is not None and line.startswith("TOTAL "):
+                bar.update(
+                    task, total=int(line.split()[1]), completed=0, description="writing back"
+                )
+            elif bar is not None and line.startswith("PROGRESS "):
+                done += int(line.split()[1])
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, completed=done, detail=f"{rate:,.0f} vectors/s")
+        rc = proc.wait()
+        err.seek(0)
+        return rc, results, err.read()
 
 
 def _print_repair(rep: Any, applied: list[dict[str, Any]], after: DirectoryReport | None) -> None:
