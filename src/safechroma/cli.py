@@ -513,23 +513,28 @@ def _print_repair(rep: Any, applied: list[dict[str, Any]], after: DirectoryRepor
     )
     lines.append(Text.assemble((rep.status.upper(), style), f": {rep.message}"))
     for c in rep.collections:
+        covers = {True: "yes", False: "no", None: "unknown"}[c.wal_covers_all]
         lines.append(
             Text(
-                f"  {c.name}: {', '.join(c.reasons)} -> {c.action}; WAL covers all: "
-                f"{c.wal_covers_all}; salvaged {c.salvaged}; not recoverable "
-                f"{len(c.not_recovered)}"
+                f"  {c.name}: {', '.join(c.reasons)} -> {c.action}; salvaged {c.salvaged:,}; "
+                f"not recoverable {len(c.not_recovered):,}; WAL covers all: {covers}"
             )
         )
     for s in applied:
         removed = s.get("removed") or []
-        lines.append(
-            Text(
-                f"  wrote back {s['recovered']} vectors to {s['collection']}; "
-                f"{s.get('reembedded', 0)} re-embedded; {len(removed)} removed "
-                f"(their vectors exist nowhere; documents and metadata saved in "
-                f"{s['salvage_file']}.removed.json: re-add them with embeddings)"
+        done = f"  wrote back {s['recovered']:,} vectors to {s['collection']}"
+        if s.get("reembedded"):
+            done += f"; {s['reembedded']:,} re-embedded"
+        lines.append(Text(done))
+        if removed:
+            lines.append(
+                Text.assemble(
+                    ("  removed ", "bold yellow"),
+                    f"{len(removed):,} records whose vectors exist nowhere; their documents and "
+                    f"metadata are saved in {s['salvage_file']}.removed.json: re-add them with "
+                    "embeddings",
+                )
             )
-        )
         for r in s["not_recovered"][:10]:
             lines.append(Text(f"      {r['id']}: {str(r['document'])[:60]!r}"))
     if after is not None:
