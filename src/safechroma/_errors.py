@@ -10,9 +10,11 @@ worker reach the caller as the same type; everything below is about the worker i
     │   ├── WorkerCrashedError               it died (signal or exit) while serving a call
     │   │   └── WorkerStartError             it died (or hung) while opening the directory
     │   ├── WorkerTimeoutError (TimeoutError)  a call passed its deadline; the worker was killed
-    │   └── ProtocolError                    it sent bytes the caller refuses to decode
+    │   ├── ProtocolError                    it sent bytes the caller refuses to decode
+    │   └── PoisonRequestError               this exact call killed workers again and again
     ├── CrashLoopError                       too many deaths in a short time: breaker is open
     ├── RecoveryError                        the directory is damaged and recovery failed
+    ├── IncompatibleDirectoryError           a newer chromadb wrote it: not opened, not touched
     ├── ChromaPanicError                     Chroma's Rust core panicked (the worker is replaced)
     └── RemoteError                          an error of a type the caller will not rebuild
 
@@ -30,6 +32,8 @@ __all__ = [
     "ClientClosedError",
     "CrashLoopError",
     "DirectoryLockedError",
+    "IncompatibleDirectoryError",
+    "PoisonRequestError",
     "ProtocolError",
     "RecoveryError",
     "RemoteError",
@@ -137,6 +141,26 @@ class ProtocolError(WorkerError):
     """The worker sent a malformed or forbidden message; it was killed and will be replaced."""
 
 
+class PoisonRequestError(WorkerError):
+    """This exact call (same collection, method and arguments) killed two workers on a
+    directory the validator calls healthy, so it is not sent again; other calls are served.
+
+    Raised for the call whose second death made it poison (then ``sent`` is True, and a write's
+    ``outcome_unknown`` is True as for any death), and for every later identical call, which is
+    refused before it reaches a worker (``sent`` False). ``reset_breaker()`` forgets it, and so
+    does a recovery that found the directory damaged.
+
+    Attributes:
+        fingerprint: a hex digest naming the call (target, method, arguments).
+        deaths: descriptions of the deaths it caused, oldest first.
+        sent: whether this attempt reached a worker.
+    """
+
+    fingerprint: str
+    deaths: list[str]
+    sent: bool
+
+
 class CrashLoopError(SafeChromaError):
     """The worker died too often in a short time, so no new one is started.
 
@@ -163,6 +187,28 @@ class RecoveryError(SafeChromaError):
 
     path: str
     report: Any
+
+
+class IncompatibleDirectoryError(SafeChromaError):
+    """The directory was written by a newer chromadb than the installed one.
+
+    Its SQLite schema has migrations the installed chromadb does not know (chroma#5909).
+    chromadb 1.5.9 would open it anyway and write into a schema it does not understand, so no
+    worker is started, no repair is attempted and nothing in the directory is written.
+    Upgrade chromadb, or open the directory with the version that wrote it.
+
+    Attributes:
+        path: the persist directory.
+        installed_version: the installed chromadb's version.
+        directory_schema: highest migration version per migration dir in the directory.
+        unknown_migrations: the migrations the installed chromadb lacks
+            (``"dir version filename"``).
+    """
+
+    path: str
+    installed_version: str | None
+    directory_schema: dict[str, int]
+    unknown_migrations: list[str]
 
 
 class ChromaPanicError(SafeChromaError, RuntimeError):

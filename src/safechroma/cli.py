@@ -2,8 +2,9 @@
 
 Exit codes: 0 healthy / done, 1 damaged (``check``), repair incomplete, or records removed by
 the repair (their vectors existed nowhere; saved for re-adding), 2 cannot check
-(not a Chroma directory, SQLite busy, directory locked by another process), 2 also for a
-usage error.
+(not a Chroma directory, SQLite busy, directory locked by another process), 3 written by a
+newer chromadb than the installed one (nothing checked further, nothing changed), 2 also for
+a usage error.
 
 Presentation, with ``typer`` and ``rich`` (both come with chromadb): in a terminal, colour,
 tables and progress bars on stderr; piped or redirected, plain text lines and no progress;
@@ -99,7 +100,8 @@ app = typer.Typer(
         "  safechroma info ./chroma-data\n\n"
         "  safechroma repair ./chroma-data --dry-run\n\n"
         "  safechroma demo\n\n"
-        "Exit codes: 0 healthy or done, 1 damaged or repair incomplete, 2 cannot check."
+        "Exit codes: 0 healthy or done, 1 damaged or repair incomplete, 2 cannot check, "
+        "3 written by a newer chromadb."
     ),
     rich_markup_mode="rich",
     no_args_is_help=True,
@@ -116,8 +118,19 @@ JsonOpt = Annotated[
 
 # -- presentation helpers ----------------------------------------------------------------------
 
-_STATUS_STYLE = {"healthy": "bold green", "damaged": "bold red", "unknown": "bold yellow"}
-_STATUS_WORD = {"healthy": "OK", "damaged": "DAMAGED", "unknown": "UNKNOWN"}
+_STATUS_STYLE = {
+    "healthy": "bold green",
+    "damaged": "bold red",
+    "unknown": "bold yellow",
+    "incompatible": "bold magenta",
+}
+_STATUS_WORD = {
+    "healthy": "OK",
+    "damaged": "DAMAGED",
+    "unknown": "UNKNOWN",
+    "incompatible": "INCOMPATIBLE",
+}
+_EXIT = {"healthy": 0, "damaged": 1, "unknown": 2, "incompatible": 3}
 _SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
 
 
@@ -282,7 +295,8 @@ def _lock(path: str) -> int | None:
         "  safechroma check ./chroma-data\n\n"
         "  safechroma check ./chroma-data --quick\n\n"
         "  safechroma check ./chroma-data --json | jq .status\n\n"
-        "Exit codes: 0 healthy, 1 damaged, 2 cannot check (not a Chroma directory, SQLite busy)."
+        "Exit codes: 0 healthy, 1 damaged, 2 cannot check (not a Chroma directory, SQLite busy), "
+        "3 written by a newer chromadb."
     )
 )
 def check(
@@ -302,7 +316,7 @@ def check(
             render_check(rep, _stdout())
         else:
             _plain_check(rep, sys.stdout)
-    return {"healthy": 0, "damaged": 1, "unknown": 2}[rep.status]
+    return _EXIT[rep.status]
 
 
 def _index_bytes(segment_path: str | None) -> int:
@@ -398,7 +412,7 @@ def _error(message: str) -> None:
         "  safechroma repair ./chroma-data\n\n"
         "Stop every program using the directory first: repair takes the directory lock.\n\n"
         "Exit codes: 0 repaired or nothing to do, 1 incomplete or records removed, 2 cannot "
-        "start."
+        "start, 3 written by a newer chromadb."
     )
 )
 def repair(
@@ -429,9 +443,9 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
     before = (
         check_directory(path, wal_coverage=True) if json_out else _checked(path, wal_coverage=True)
     )
-    if before.status == "unknown":
+    if before.status in ("unknown", "incompatible"):
         _plain_check(before, sys.stderr)
-        return 2
+        return _EXIT[before.status]
     with _progress_bar() as bar:
         task = bar.add_task("repairing", total=None, detail="") if bar is not None else None
 

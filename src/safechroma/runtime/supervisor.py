@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import atexit
 import builtins
-import collections
 import enum
 import errno
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -45,6 +45,7 @@ from .._errors import (
     ClientClosedError,
     CrashLoopError,
     DirectoryLockedError,
+    PoisonRequestError,
     ProtocolError,
     RecoveryError,
     RemoteError,
@@ -56,6 +57,8 @@ from .._errors import (
     signal_name,
 )
 from .._policy import Event, HookContext, Options, Stats
+from ..storage import wal
+from .breaker import Breaker
 from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
 from .transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
 
@@ -119,9 +122,7 @@ class Supervisor:
         self.primary_handle = 0
         self.log_dir = tempfile.mkdtemp(prefix="safechroma-")
         self.lock_fd = self._lock_directory()
-        self.deaths: collections.deque[tuple[float, str]] = collections.deque()
-        self.consecutive = 0
-        self.breaker_until = 0.0
+        self.breaker = Breaker(options.breaker)
         self.pending_reason: str | None = "start"
         self.pending_crash: BaseException | None = None
         self.pending_salvage: list[str] = []
@@ -228,7 +229,9 @@ class Supervisor:
         read: bool,
     ) -> Any:
         with self.lock:
-            worker = self._ready_worker()
+            poison = _Fingerprint(owner, method, args, kwargs, by_value)
+            worker = self._ready_worker()  # an open breaker says more than a poison refusal
+            self._refuse_poison(poison, method)
             handle = self._handle_of(worker, owner)
             request = (Op.CALL, (handle, method, args, kwargs))
             try:
@@ -237,8 +240,10 @@ class Supervisor:
                 # Only a failure after the request was sent leaves a write's outcome unknown;
                 # failures while starting or reopening happen before anything was sent.
                 exc.outcome_unknown = exc._facts["outcome_unknown"] = not read
+                if isinstance(exc, WorkerCrashedError):
+                    self._strike(poison, exc)
                 raise
-            self.consecutive = 0  # a served call ends a run of consecutive deaths
+            self.breaker.served()  # a served call ends a run of deaths without progress
             if self.standby is None:
                 self._refill_standby()
             # Collections come back as ("collection", handle, model): tag them with the worker
@@ -257,9 +262,61 @@ class Supervisor:
     def run(self, owner: _Remote, fn: Any, args: tuple[Any, ...], timeout: float | None) -> Any:
         """Run ``fn(chroma_client, *args)`` in the worker (fn is carried by cloudpickle)."""
         with self.lock:
+            name = getattr(fn, "__name__", "run")
+            poison = _Fingerprint(owner, "run_in_worker", (fn, *args), {}, True)
             worker = self._ready_worker()
+            self._refuse_poison(poison, name)
             request = (Op.RUN, (self._handle_of(worker, owner), fn, args))
-            return self._exchange(worker, request, getattr(fn, "__name__", "run"), timeout, True)
+            try:
+                result = self._exchange(worker, request, name, timeout, True)
+            except WorkerCrashedError as exc:
+                self._strike(poison, exc)
+                raise
+            self.breaker.served()
+            return result
+
+    # -- poison requests -------------------------------------------------------------------
+
+    def _refuse_poison(self, call: _Fingerprint, operation: str) -> None:
+        if self.breaker.poison and self.breaker.is_poison(call.digest()):
+            raise PoisonRequestError(
+                f"{operation} on {self.path} was not sent: this exact call (same target, method "
+                f"and arguments) killed {self.options.breaker.poison_strikes} workers while "
+                "the directory checked healthy, so it would likely kill the next one too. "
+                "Other calls are served. reset_breaker() forgets it.",
+                pid=None,
+                operation=operation,
+                outcome_unknown=False,
+                fingerprint=call.digest().hex(),
+                deaths=self.breaker.recent(time.monotonic()),
+                sent=False,
+            )
+
+    def _strike(self, call: _Fingerprint, crash: WorkerCrashedError) -> None:
+        """The worker died with ``call`` in flight; if it is now poison, say so instead.
+
+        Only with a validator: it is what tells a call that kills healthy workers from a
+        damaged directory that kills every worker (a recovery then forgives every strike)."""
+        if self.options.validator is None:
+            return
+        digest = call.digest()
+        if not self.breaker.strike(digest):
+            return
+        unknown = "It was a write: it may or may not have been applied. "
+        raise PoisonRequestError(
+            f"{crash.operation} on {self.path} killed the worker again (pid {crash.pid}, "
+            f"{crash.signal or 'exit ' + str(crash.exitcode)}): this exact call killed "
+            f"{self.options.breaker.poison_strikes} workers while the directory checked "
+            "healthy, so it is not retried or sent again. Other calls are served. "
+            + (unknown if crash.outcome_unknown else "")
+            + "reset_breaker() forgets it.",
+            pid=crash.pid,
+            operation=crash.operation,
+            outcome_unknown=crash.outcome_unknown,
+            fingerprint=digest.hex(),
+            deaths=self.breaker.recent(time.monotonic()),
+            sent=True,
+        ) from crash
 
     def ping(self) -> float:
         """One empty round trip; returns the seconds the worker spent (transport check)."""
@@ -319,6 +376,8 @@ class Supervisor:
                 raise ValueError(f"malformed error report {payload!r:.100}")
         except Exception as exc:  # noqa: BLE001 - any undecodable reply is a protocol error
             raise self._misbehaved(worker, operation, f"undecodable reply: {exc!r}") from None
+        if operation not in _NOT_CALLS:
+            worker.served += 1  # progress, for the breaker: it answered a call
         if status is Status.OK:
             self.calls += 1
             return payload
@@ -416,6 +475,19 @@ class Supervisor:
             pass
         if worker.wait(5.0) is None:
             worker.kill()
+        code = worker.popen.returncode
+        if code:
+            # Chroma's runtime can abort while the interpreter exits (chroma-core/chroma#6852).
+            # The worker had finished its work: log it, never raise it, never count it as a
+            # death (a clean stop is not a crash loop).
+            self._emit(
+                "worker_exit_abnormal",
+                worker.pid,
+                why=why,
+                exitcode=code,
+                signal=signal_name(code),
+                log=worker.log_tail(1000),
+            )
         self._drop(worker)
         self._emit("worker_retired", worker.pid, why=why)
 
@@ -425,11 +497,8 @@ class Supervisor:
         now = time.monotonic()
         self.death_counts[kind] = self.death_counts.get(kind, 0) + 1
         self.last_crash = error
-        self.consecutive += 1
-        self.deaths.append((now, f"pid {worker.pid}: {kind} during {operation}"))
-        policy = self.options.breaker
-        while self.deaths and now - self.deaths[0][0] > policy.window:
-            self.deaths.popleft()
+        what = f"pid {worker.pid}: {kind} during {operation} after {worker.served} calls"
+        opened = self.breaker.record(now, what, served=worker.served)
         self.pending_reason = "crash"
         self.pending_crash = error
         if kind not in ("damage", "timeout", "protocol", "panic"):
@@ -439,17 +508,33 @@ class Supervisor:
                 operation=operation,
                 signal=kind,
                 exitcode=worker.popen.returncode,
+                served=worker.served,
             )
-        if len(self.deaths) >= policy.max_deaths:
+        if opened:
             self.state = State.BROKEN
-            self.breaker_until = now + policy.cooldown
-            self._emit("breaker_open", None, deaths=[d for _, d in self.deaths])
+            self._emit(
+                "breaker_open",
+                None,
+                why=self.breaker.reason(now),
+                deaths=self.breaker.recent(now),
+            )
 
     # -- starting a worker -----------------------------------------------------------------
 
     def _ready_worker(self) -> WorkerProcess:
-        if self.state is State.READY and self.worker is not None and self.owner == os.getpid():
-            return self.worker
+        worker = self.worker
+        if self.state is State.READY and worker is not None and self.owner == os.getpid():
+            if not worker.alive():
+                # It died between calls (chroma-core/chroma#6984: a background thread that
+                # segfaults with no call running). Nothing was in flight, so no caller gets an
+                # error: count the death and replace it before this call is sent.
+                self._died_idle(worker)
+            elif self._worn_out(worker):
+                self._retire(worker, "recycled")
+                self._emit("worker_recycled", worker.pid, served=worker.served)
+                self.pending_reason = "recycle"
+            else:
+                return worker
         if self.owner != os.getpid():
             # A forked child shares the parent's socket: a call from it would interleave
             # frames with the parent's and hand replies to the wrong process.
@@ -461,22 +546,24 @@ class Supervisor:
             raise ClientClosedError(f"the safechroma client for {self.path} is closed")
         if self.state is State.BROKEN:
             now = time.monotonic()
-            if now < self.breaker_until:
+            blocked = self.breaker.blocked_for(now)
+            if blocked is not None:
                 raise CrashLoopError(
-                    f"the worker for {self.path} died {len(self.deaths)} times in "
-                    f"{self.options.breaker.window:.0f} s, so no new worker is started for "
-                    f"{self.breaker_until - now:.1f} s more. Check the directory with "
+                    f"the worker for {self.path} is in a crash loop "
+                    f"({self.breaker.reason(now)}), so no new worker is started for "
+                    f"{blocked:.1f} s more. Check the directory with "
                     f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
                     path=self.path,
-                    deaths=[d for _, d in self.deaths],
-                    retry_after=self.breaker_until - now,
+                    deaths=self.breaker.recent(now),
+                    retry_after=blocked,
                 )
             self.state = State.NO_WORKER
             self._emit("breaker_reset", None, why="cooldown")
-        if self.consecutive > 1:
-            # Back off between consecutive respawns (the first one is immediate).
+        if self.breaker.consecutive > 1:
+            # Back off between consecutive respawns of workers that made no progress (the
+            # first respawn is immediate; a worker that served calls ends the run).
             state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-            state.attempt_number = self.consecutive - 1
+            state.attempt_number = self.breaker.consecutive - 1
             self.options.sleep(float(self.options.respawn_wait(state)))
         self._check_and_recover()
         return self._start()
@@ -484,6 +571,8 @@ class Supervisor:
     def _check_and_recover(self) -> None:
         validator = self.options.validator
         reason = self.pending_reason or "crash"
+        if reason == "recycle":
+            return  # the old worker stopped cleanly between calls: nothing to suspect
         if reason == "start" and self.options.recovery is not None:
             # A repair interrupted between quarantine and write-back left its salvage file
             # behind (safechroma.storage.recovery); finish it with the first worker.
@@ -494,8 +583,14 @@ class Supervisor:
             )
         if validator is None:
             return
-        ctx = HookContext(self.path, reason, self.pending_crash, max(1, self.consecutive))  # type: ignore[arg-type]
+        attempt = max(1, self.breaker.consecutive)
+        ctx = HookContext(self.path, reason, self.pending_crash, attempt)  # type: ignore[arg-type]
         report = validator(ctx)
+        if getattr(report, "status", None) == "incompatible":
+            # A newer chromadb wrote it (chroma#5909): no worker, no repair, nothing written.
+            from ..storage.validate import incompatible_error
+
+            raise incompatible_error(report)
         healthy = not _is_damaged(report)
         self._emit("validated", None, healthy=healthy, report=report, reason=reason)
         if healthy:
@@ -527,12 +622,14 @@ class Supervisor:
                 report=report,
             )
         self.recoveries += 1
+        self.breaker.forgive()  # the damage explains the deaths: no call is poison for them
         for salvage in getattr(result, "salvage_files", None) or []:
             if salvage not in self.pending_salvage:
                 self.pending_salvage.append(salvage)
         self._emit("recovered", None, report=result)
 
     def _start(self) -> WorkerProcess:
+        wal.maintain(self.path)  # no worker has the directory open: compact the kept WAL
         worker = self._take_standby() or self._spawn()
         settings, tenant, database = self.primary
         try:
@@ -603,7 +700,44 @@ class Supervisor:
             lock_fd=self.lock_fd,
             memory_limit=self.options.memory_limit,
             max_reply_bytes=self.options.max_reply_bytes,
+            file_limit=file_size_limit(self.path, self.options.max_file_bytes),
         )
+
+    # -- recycling (gunicorn's max_requests; a resident-memory ceiling) --------------------
+
+    def _worn_out(self, worker: WorkerProcess) -> bool:
+        """Whether to replace a healthy worker between calls (no caller sees it)."""
+        max_requests = self.options.max_requests
+        if max_requests is not None and worker.served >= max_requests:
+            return True
+        ceiling = self.options.max_worker_rss
+        if ceiling is None:
+            return False
+        now = time.monotonic()
+        if now - worker.rss_checked < _RSS_CHECK_EVERY:
+            return False  # reading /proc costs ~20 us: not on every call
+        worker.rss_checked = now
+        rss = worker.rss_bytes()
+        return rss is not None and rss > ceiling
+
+    def _died_idle(self, worker: WorkerProcess) -> None:
+        code = worker.popen.returncode
+        sig = signal_name(code)
+        tail = worker.log_tail()
+        how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
+        error = WorkerCrashedError(
+            f"safechroma worker (pid {worker.pid}) for {self.path} {how} between calls; it was "
+            "replaced before the next call, which no caller noticed."
+            + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
+            pid=worker.pid,
+            exitcode=code,
+            signal=sig,
+            operation=None,
+            crash_log=tail,
+            outcome_unknown=False,
+        )
+        self._drop(worker)
+        self._record_death(sig or "exit", worker, error, "no call (between calls)")
 
     def _take_standby(self) -> WorkerProcess | None:
         standby, self.standby = self.standby, None
@@ -616,8 +750,7 @@ class Supervisor:
     def reset_breaker(self) -> None:
         """Close the crash-loop breaker: the next call may start a worker at once."""
         with self.lock:
-            self.deaths.clear()
-            self.consecutive = 0
+            self.breaker.reset()
             if self.state is State.BROKEN:
                 self.state = State.NO_WORKER
                 self._emit("breaker_reset", None, why="manual")
@@ -636,6 +769,7 @@ class Supervisor:
                 self.standby.kill()
                 self.standby.close()
                 self.standby = None
+            wal.maintain(self.path)  # the worker is gone, the lock still held
             os.close(self.lock_fd)
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -670,6 +804,45 @@ class Supervisor:
                 logger.exception("safechroma on_event callback failed")
 
 
+# How often a worker's resident memory is read when max_worker_rss is set (seconds).
+_RSS_CHECK_EVERY: Final = 1.0
+
+
+def file_size_limit(path: str, setting: int | str | None) -> int | None:
+    """The largest file the worker may write (``RLIMIT_FSIZE``), from ``Options.max_file_bytes``.
+
+    ``"auto"``: the smaller of two bounds, so that a runaway write (chroma-core/chroma#7510: a
+    ``link_lists.bin`` grown to 231 GiB) kills the worker instead of filling the disk, while
+    legitimate growth within one worker's life has room. One is what the index geometry can
+    explain (:func:`safechroma.storage.limits.plausible_max_file_bytes`: a million more
+    records, twice over); the other keeps the disk: the largest file in the directory now plus
+    half the free space of its file system (at least 64 MiB more). Each new worker recomputes
+    it.
+    """
+    if setting is None:
+        return None
+    if isinstance(setting, int):
+        return setting
+    largest = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                largest = max(largest, os.path.getsize(os.path.join(root, name)))
+            except OSError:
+                continue
+    from ..storage.limits import plausible_max_file_bytes
+
+    try:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+    return min(largest + max(64 << 20, free // 2), plausible_max_file_bytes(path))
+
+
+# Exchanges that are not a caller's call: a worker that only did these made no progress.
+_NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})
+
 _LOUD: Final = frozenset(
     {
         "worker_died",
@@ -680,6 +853,36 @@ _LOUD: Final = frozenset(
         "recovered",
     }
 )
+
+
+class _Fingerprint:
+    """Names one call by its target, method and arguments, for the poison-request ledger.
+
+    The digest is computed only when it is needed: when the worker died with the call in
+    flight, or when some call is already poison (then every call is checked)."""
+
+    __slots__ = ("_parts", "_digest")
+
+    def __init__(
+        self, owner: _Remote, method: str, args: tuple[Any, ...], kwargs: Any, by_value: bool
+    ) -> None:
+        self._parts = (owner, method, args, kwargs, by_value)
+        self._digest: bytes | None = None
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            owner, method, args, kwargs, by_value = self._parts
+            target = (type(owner).__name__, str(getattr(owner, "id", "")))
+            h = hashlib.blake2b(digest_size=16)
+            try:
+                data, buffers = encode((target, method, args, kwargs), by_value=by_value)
+                h.update(data)
+                for buf in buffers:
+                    h.update(buf)
+            except Exception:  # noqa: BLE001 - an unencodable call never reached a worker
+                h.update(repr((target, method, args, kwargs)).encode())
+            self._digest = h.digest()
+        return self._digest
 
 
 class _DamageRetry(Exception):

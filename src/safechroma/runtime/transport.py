@@ -152,6 +152,7 @@ class WorkerProcess:
             held as long as any of our processes lives.
         memory_limit: address-space ceiling in bytes for the worker, or None.
         max_reply_bytes: largest reply frame the caller accepts.
+        file_limit: largest file the worker may write (``RLIMIT_FSIZE``), or None.
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class WorkerProcess:
         lock_fd: int | None,
         memory_limit: int | None,
         max_reply_bytes: int,
+        file_limit: int | None = None,
     ) -> None:
         self.serial = next(_serial)
         self.log_path = os.path.join(log_dir, f"worker-{self.serial}.log")
@@ -176,6 +178,7 @@ class WorkerProcess:
             "log": self.log_path,
             "ppid": os.getpid(),
             "memory_limit": memory_limit,
+            "file_limit": file_limit,
         }
         pass_fds = [child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
         with open(self.log_path, "wb") as log:
@@ -203,6 +206,8 @@ class WorkerProcess:
             self._poll.register(self._pidfd, select.POLLIN)
         self.opened = False
         self.closed = False
+        self.served = 0  # calls answered (results or Chroma errors): the breaker's "progress"
+        self.rss_checked = self.started  # when max_worker_rss last read /proc
 
     # -- talking ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import time
 import traceback
 from typing import Any, Final
 
+from ..storage import wal
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
 
@@ -124,6 +125,7 @@ class _Worker:
         client = chromadb.PersistentClient(
             path=path, settings=settings, tenant=tenant, database=database
         )
+        wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
         handle = self.next_handle
         self.next_handle += 1
         self.handles[handle] = client
@@ -164,11 +166,11 @@ def _is_collection(obj: Any) -> bool:
 def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``col.add(...)`` exactly as chromadb does it, minus the ids the collection already has.
 
-    Chroma ignores an ``add`` of an existing id, but the ignored record still goes into its WAL,
-    and after a worker death the replay of such a row has been seen to give the record the
-    ignored write's vector while its document stays (the chaos soak caught a read of it). Not
-    sending ids that exist keeps those rows out of the WAL; everything the caller sees is the
-    same: validation, embedding and errors are chromadb's own steps, in chromadb's order.
+    Chroma ignores an ``add`` of an existing id, but the ignored row still goes into its WAL,
+    where a re-application (chromadb's vector swap, see :mod:`safechroma.runtime.guard`) can
+    give the record the ignored write's vector. Not sending ids that exist keeps the WAL to rows
+    that took effect; everything the caller sees is the same: validation, embedding and errors
+    are chromadb's own steps, in chromadb's order.
     """
     try:
         bound = _add_signature().bind(col, *args, **kwargs)
@@ -257,12 +259,29 @@ def _limit_memory(limit: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+def _limit_file_size(limit: int | None) -> None:
+    if not limit:
+        return
+    import resource
+
+    # A runaway write (chroma-core/chroma#7510) then kills this process with SIGXFSZ, and the
+    # disk keeps its free space. CPython starts with SIGXFSZ ignored, which would turn the
+    # signal into an EFBIG that hnswlib does not check (a silently torn file): restore the
+    # default action, so the supervisor sees a death and validates the directory.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+
+
 def main(info: dict[str, Any]) -> None:
     """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT``)."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)
     _limit_memory(info.get("memory_limit"))
+    _limit_file_size(info.get("file_limit"))
     sock = socket.socket(fileno=info["fd"])
     worker = _Worker(sock)
     threading.Thread(
@@ -274,6 +293,9 @@ def main(info: dict[str, Any]) -> None:
     # Warm up while the caller does other things: a standby worker is ready when promoted.
     import chromadb  # noqa: F401
 
+    from .guard import install as install_guard
+
+    install_guard()
     try:
         worker.serve()
     finally:
