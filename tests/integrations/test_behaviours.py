@@ -11,7 +11,6 @@ import asyncio
 import copy
 import gc
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -23,10 +22,9 @@ import pytest
 from chromadb.api import ClientAPI
 from chromadb.api.client import Client
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _support import HashEmbedding, child_pids, vectors  # noqa: E402
+from safechroma import SafeClient, SafeCollection
 
-from safechroma import SafeClient, SafeCollection  # noqa: E402
+from ._support import HashEmbedding, child_pids, vectors
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ collection (here a deterministic one, which runs in the worker).
 from __future__ import annotations
 
 import contextvars
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +20,9 @@ from crewai.rag.chromadb.config import ChromaDBConfig
 from crewai.rag.config.utils import get_rag_client, set_rag_config
 from crewai.rag.factory import register_rag_client_factory, unregister_rag_client_factory
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _support import HashEmbedding  # noqa: E402
+from safechroma import SafeClient
 
-from safechroma import SafeClient  # noqa: E402
+from ._support import HashEmbedding
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +19,9 @@ from llama_index.core.vector_stores.types import (
 )
 from llama_index.vector_stores.chroma import ChromaVectorStore
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _support import embed_text  # noqa: E402
+from safechroma import SafeClient, SafeCollection
 
-from safechroma import SafeClient, SafeCollection  # noqa: E402
+from ._support import embed_text
 
 DIM = 8
 

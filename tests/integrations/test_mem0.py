@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,10 +21,9 @@ from mem0 import Memory
 from mem0.configs.base import MemoryConfig
 from mem0.memory.main import _safe_deepcopy_config
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _support import child_pids, embed_text  # noqa: E402
+from safechroma import SafeClient
 
-from safechroma import SafeClient  # noqa: E402
+from ._support import child_pids, embed_text
 
 DIM = 16
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
+from chromadb.api import ClientAPI
 from chromadb.api.client import Client
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
@@ -86,11 +87,7 @@ _READS = frozenset(
 )
 
 
-# SafeClient subclasses chromadb's concrete ``Client`` (not only ``ClientAPI``) because
-# frameworks check for it: mem0's pydantic config declares ``client: chromadb.api.client.Client``.
-# Every method of ``Client`` that touches ``self._server`` is overridden below; ``__init__`` is
-# ours, so no chromadb System is ever created in the caller's process.
-class SafeClient(Client, _Remote):
+class SafeClient(ClientAPI, _Remote):
     """A drop-in ``chromadb.PersistentClient`` whose calls run in a supervised worker process.
 
     Args:
@@ -360,3 +357,9 @@ class SafeClient(Client, _Remote):
 
     def __repr__(self) -> str:
         return f"SafeClient(path={self._path!r})"
+
+
+# Frameworks check for chromadb's concrete client: mem0's pydantic config declares
+# ``client: chromadb.api.client.Client``. A virtual subclass passes ``isinstance`` without
+# inheriting any of Client's methods, which would reach for a chromadb System in this process.
+Client.register(SafeClient)
