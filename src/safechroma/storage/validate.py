@@ -266,7 +266,13 @@ def _parse_config(row: dict[str, Any], meta: dict[str, Any]) -> tuple[str, int]:
             space = space or vi.get("space")
             m = m or (vi.get("hnsw") or {}).get("max_neighbors")
         else:
-            h = cfg.get("hnsw") or cfg.get("hnsw_configuration") or {}
+            # chromadb 1.0-1.2 (no schema_str) nest it: {"vector_index": {"hnsw": {...}}}.
+            h = (
+                cfg.get("hnsw")
+                or cfg.get("hnsw_configuration")
+                or (cfg.get("vector_index") or {}).get("hnsw")
+                or {}
+            )
             if isinstance(h, dict):
                 space = space or h.get("space")
                 m = m or h.get("max_neighbors") or h.get("M")
