@@ -25,6 +25,7 @@ __version__ = "0.1.0.dev0"
 _EXPORTS = {
     "AsyncSafeClient": ".api.aio",
     "AsyncSafeCollection": ".api.aio",
+    "AsyncSafeHttpClient": ".api.http",
     "BreakerPolicy": "._policy",
     "ChromaPanicError": "._errors",
     "ClientClosedError": "._errors",
@@ -35,6 +36,7 @@ _EXPORTS = {
     "Event": "._policy",
     "Finding": ".storage.hnsw",
     "HookContext": "._policy",
+    "HttpStats": ".api.http",
     "IncompatibleDirectoryError": "._errors",
     "Options": "._policy",
     "PoisonRequestError": "._errors",
@@ -45,6 +47,11 @@ _EXPORTS = {
     "SafeChromaError": "._errors",
     "SafeClient": ".api.client",
     "SafeCollection": ".api.collection",
+    "SafeHttpClient": ".api.http",
+    "ServeError": "._errors",
+    "ServerError": "._errors",
+    "ServerTimeoutError": "._errors",
+    "ServerUnavailableError": "._errors",
     "Stats": "._policy",
     "WorkerCrashedError": "._errors",
     "WorkerError": "._errors",
@@ -60,6 +67,7 @@ _EXPORTS = {
 __all__ = [
     "AsyncSafeClient",
     "AsyncSafeCollection",
+    "AsyncSafeHttpClient",
     "BreakerPolicy",
     "ChromaPanicError",
     "ClientClosedError",
@@ -70,6 +78,7 @@ __all__ = [
     "Event",
     "Finding",
     "HookContext",
+    "HttpStats",
     "IncompatibleDirectoryError",
     "Options",
     "PoisonRequestError",
@@ -80,6 +89,11 @@ __all__ = [
     "SafeChromaError",
     "SafeClient",
     "SafeCollection",
+    "SafeHttpClient",
+    "ServeError",
+    "ServerError",
+    "ServerTimeoutError",
+    "ServerUnavailableError",
     "Stats",
     "WorkerCrashedError",
     "WorkerError",
@@ -119,6 +133,10 @@ if _typing.TYPE_CHECKING:
         RecoveryError,
         RemoteError,
         SafeChromaError,
+        ServeError,
+        ServerError,
+        ServerTimeoutError,
+        ServerUnavailableError,
         WorkerCrashedError,
         WorkerError,
         WorkerStartError,
@@ -128,6 +146,7 @@ if _typing.TYPE_CHECKING:
     from .api.aio import AsyncSafeClient, AsyncSafeCollection
     from .api.client import SafeClient
     from .api.collection import SafeCollection
+    from .api.http import AsyncSafeHttpClient, HttpStats, SafeHttpClient
     from .storage.hnsw import Finding
     from .storage.recovery import RepairReport, apply_salvage, keep_full_wal, repair_directory
     from .storage.validate import CollectionReport, DirectoryReport, check_directory

@@ -1,4 +1,4 @@
-"""``safechroma`` command line: check, info, repair, demo. The only module that prints.
+"""``safechroma`` command line: check, info, repair, serve, demo. The only module that prints.
 
 Exit codes: 0 healthy / done, 1 damaged (``check``), repair incomplete, or records removed by
 the repair (their vectors existed nowhere; saved for re-adding), 2 cannot check
@@ -17,6 +17,7 @@ Adding a subcommand: one function decorated with ``@app.command()`` whose parame
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -99,6 +100,7 @@ app = typer.Typer(
         "  safechroma check ./chroma-data\n\n"
         "  safechroma info ./chroma-data\n\n"
         "  safechroma repair ./chroma-data --dry-run\n\n"
+        "  safechroma serve ./chroma-data --port 8000\n\n"
         "  safechroma demo\n\n"
         "Exit codes: 0 healthy or done, 1 damaged or repair incomplete, 2 cannot check, "
         "3 written by a newer chromadb."
@@ -560,6 +562,111 @@ def _print_repair(rep: Any, applied: list[dict[str, Any]], after: DirectoryRepor
     else:
         for line in lines:
             print(line.plain)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    """``safechroma serve PATH``: Chroma's server on PATH, supervised, until SIGTERM/SIGINT.
+
+    Exit 0 after a requested stop; 1 when it gave up (crash loop, damage it could not repair,
+    Chroma would not start); 2 when it could not begin (port in use, directory in use, a
+    directory written by a newer chromadb).
+    """
+    import datetime
+    import signal
+
+    from safechroma._errors import (
+        CrashLoopError,
+        DirectoryLockedError,
+        IncompatibleDirectoryError,
+        RecoveryError,
+        ServeError,
+    )
+    from safechroma._policy import Event
+    from safechroma.server import ServeOptions, Server, describe
+
+    def log(event: Event) -> None:
+        stamp = datetime.datetime.fromtimestamp(event.time, datetime.UTC)
+        sys.stderr.write(f"{stamp:%Y-%m-%dT%H:%M:%S}Z safechroma serve: {describe(event)}\n")
+        if event.kind == "chroma_died" and event.detail.get("log_tail", "").strip():
+            for line in event.detail["log_tail"].strip().splitlines()[-15:]:
+                sys.stderr.write(f"    | {line}\n")
+        sys.stderr.flush()
+        if event.kind == "chroma_ready":
+            print(f"serving {a.path} at {event.detail['address']}", flush=True)
+
+    options = ServeOptions(
+        host=a.host,
+        port=a.port,
+        stop_grace=a.stop_grace,
+        health_interval=a.health_interval,
+        health_timeout=a.health_timeout,
+        health_grace=a.health_grace,
+        health_failures=a.health_failures,
+        chroma_log=a.chroma_log,
+        on_event=log,
+    )
+    server = Server(a.path, options)
+    previous = {
+        sig: signal.signal(sig, lambda _signo, _frame: server.stop())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        server.run()
+    except (DirectoryLockedError, IncompatibleDirectoryError, ServeError) as exc:
+        print(f"safechroma serve: error: {exc}", file=sys.stderr)
+        return 1 if getattr(exc, "reason", None) == "start_failed" else 2
+    except (CrashLoopError, RecoveryError) as exc:
+        print(f"safechroma serve: gave up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  safechroma serve ./chroma-data\n\n"
+        "  safechroma serve ./chroma-data --host 0.0.0.0 --port 8000 --chroma-log chroma.log\n\n"
+        "Exit codes: 0 after a requested stop (SIGTERM, SIGINT), 1 gave up (crash loop, damage "
+        "it could not repair, Chroma would not start), 2 could not begin (port or directory in "
+        "use, a directory written by a newer chromadb)."
+    )
+)
+def serve(
+    path: PathArg,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    stop_grace: Annotated[float, typer.Option(help="Seconds from SIGTERM to SIGKILL.")] = 10.0,
+    health_interval: Annotated[float, typer.Option(help="Seconds between health checks.")] = 5.0,
+    health_timeout: Annotated[
+        float, typer.Option(help="Seconds one health check may take.")
+    ] = 10.0,
+    health_grace: Annotated[
+        float, typer.Option(help="Seconds after a start that are not counted.")
+    ] = 30.0,
+    health_failures: Annotated[
+        int, typer.Option(help="Failed checks in a row before a restart.")
+    ] = 3,
+    chroma_log: Annotated[
+        str | None, typer.Option(help="Append Chroma's own output to this file.")
+    ] = None,
+) -> int:
+    """Run Chroma's server on a directory, supervised (repair, restart, watchdog)."""
+    return _cmd_serve(
+        argparse.Namespace(
+            path=path,
+            host=host,
+            port=port,
+            stop_grace=stop_grace,
+            health_interval=health_interval,
+            health_timeout=health_timeout,
+            health_grace=health_grace,
+            health_failures=health_failures,
+            chroma_log=chroma_log,
+        )
+    )
 
 
 @app.command(

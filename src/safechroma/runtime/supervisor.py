@@ -157,6 +157,23 @@ class Supervisor:
                 if time.monotonic() >= give_up:
                     os.close(fd)
                     shutil.rmtree(self.log_dir, ignore_errors=True)
+                    # `safechroma serve` writes "<pid>\nserve <url>\n" into the lock file.
+                    try:
+                        with open(lock_path) as f:
+                            holder = f.read().split("\n")
+                    except OSError:
+                        holder = []
+                    served = [ln[6:] for ln in holder if ln.startswith("serve ")]
+                    if served:
+                        raise DirectoryLockedError(
+                            f"{self.path} is served by `safechroma serve` at {served[0]} "
+                            f"(pid {holder[0]}); connect to it with "
+                            "safechroma.SafeHttpClient(host, port) instead of opening the "
+                            "directory (Chroma is not safe with two owners).",
+                            path=self.path,
+                            lock_path=lock_path,
+                            address=served[0],
+                        ) from None
                     raise DirectoryLockedError(
                         f"{self.path} is in use by another process (it holds {lock_path}); "
                         "Chroma is not safe with two owners. Close the other program, or pass "
@@ -296,8 +313,10 @@ class Supervisor:
         """The worker died with ``call`` in flight; if it is now poison, say so instead.
 
         Only with a validator: it is what tells a call that kills healthy workers from a
-        damaged directory that kills every worker (a recovery then forgives every strike)."""
-        if self.options.validator is None:
+        damaged directory that kills every worker (a recovery then forgives every strike). And
+        only for deaths a call can cause (a crash signal, an exit): a SIGKILL or SIGTERM comes
+        from outside (the OOM killer, an operator), so it says nothing about the call."""
+        if self.options.validator is None or crash.signal in _NOT_SELF_INFLICTED:
             return
         digest = call.digest()
         if not self.breaker.strike(digest):
@@ -406,14 +425,22 @@ class Supervisor:
         code = worker.wait(2.0)
         if code is None:  # socket closed but still running: it is of no use any more
             worker.kill()
-            code = worker.popen.returncode
+        return self._death(
+            worker,
+            operation,
+            f"during {operation}. Your process is fine; the next call starts a fresh worker "
+            "after checking the directory. Reads are retried; a write in flight may or may not "
+            "have been applied.",
+        )
+
+    def _death(self, worker: WorkerProcess, operation: str, what_next: str) -> WorkerCrashedError:
+        """Describe a reaped worker's death as an error, and count it."""
+        code = worker.popen.returncode
         sig = signal_name(code)
         tail = worker.log_tail()
         how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
         error = WorkerCrashedError(
-            f"safechroma worker (pid {worker.pid}) for {self.path} {how} during {operation}. "
-            "Your process is fine; the next call starts a fresh worker after checking the "
-            "directory. Reads are retried; a write in flight may or may not have been applied."
+            f"safechroma worker (pid {worker.pid}) for {self.path} {how} {what_next}"
             + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
             pid=worker.pid,
             exitcode=code,
@@ -721,23 +748,11 @@ class Supervisor:
         return rss is not None and rss > ceiling
 
     def _died_idle(self, worker: WorkerProcess) -> None:
-        code = worker.popen.returncode
-        sig = signal_name(code)
-        tail = worker.log_tail()
-        how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
-        error = WorkerCrashedError(
-            f"safechroma worker (pid {worker.pid}) for {self.path} {how} between calls; it was "
-            "replaced before the next call, which no caller noticed."
-            + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
-            pid=worker.pid,
-            exitcode=code,
-            signal=sig,
-            operation=None,
-            crash_log=tail,
-            outcome_unknown=False,
+        self._death(
+            worker,
+            "no call (between calls)",
+            "between calls; it was replaced before the next call, which no caller noticed.",
         )
-        self._drop(worker)
-        self._record_death(sig or "exit", worker, error, "no call (between calls)")
 
     def _take_standby(self) -> WorkerProcess | None:
         standby, self.standby = self.standby, None
@@ -769,7 +784,10 @@ class Supervisor:
                 self.standby.kill()
                 self.standby.close()
                 self.standby = None
-            wal.maintain(self.path)  # the worker is gone, the lock still held
+            if self.started_workers:
+                # The worker is gone, the lock still held. Never on a directory no worker ever
+                # opened (a refused one, e.g. written by a newer chromadb: nothing is written).
+                wal.maintain(self.path)
             os.close(self.lock_fd)
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -803,6 +821,12 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - a broken callback must not break the client
                 logger.exception("safechroma on_event callback failed")
 
+
+# Signals a worker does not raise by running a call: they come from outside (the OOM killer, an
+# operator, a container runtime), so a death by one is never a strike against the call in flight.
+_NOT_SELF_INFLICTED: Final = frozenset(
+    {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGPIPE", "SIGUSR1", "SIGUSR2"}
+)
 
 # How often a worker's resident memory is read when max_worker_rss is set (seconds).
 _RSS_CHECK_EVERY: Final = 1.0

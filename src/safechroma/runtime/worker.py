@@ -245,18 +245,25 @@ def _watch_parent(ppid: int, worker: _Worker) -> None:
     os._exit(0)
 
 
-def _limit_memory(limit: int | None) -> None:
+def _set_limit(which: int, limit: int | None) -> None:
+    """Lower the soft limit ``which`` to ``limit`` (never above the hard limit)."""
     if not limit:
         return
+    import resource
+
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(which, (limit, hard))
+
+
+def _limit_memory(limit: int | None) -> None:
     import resource
 
     # An address-space ceiling turns a runaway allocation (a corrupt header with huge counts
     # makes hnswlib allocate without bound, CHROMA_FACTS.md section 3) into a failed malloc in
     # this process instead of memory pressure on the whole machine.
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    _set_limit(resource.RLIMIT_AS, limit)
 
 
 def _limit_file_size(limit: int | None) -> None:
@@ -268,10 +275,7 @@ def _limit_file_size(limit: int | None) -> None:
     # disk keeps its free space. CPython starts with SIGXFSZ ignored, which would turn the
     # signal into an EFBIG that hnswlib does not check (a silently torn file): restore the
     # default action, so the supervisor sees a death and validates the directory.
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    _set_limit(resource.RLIMIT_FSIZE, limit)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
