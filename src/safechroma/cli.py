@@ -1,4 +1,5 @@
-"""``safechroma`` command line: check, info, repair, serve, demo. The only module that prints.
+"""``safechroma`` command line: check, info, repair, reembed, serve, demo; the only module that
+prints.
 
 Exit codes: 0 healthy / done, 1 damaged (``check``), repair incomplete, or records removed by
 the repair (their vectors existed nowhere; saved for re-adding), 2 cannot check
@@ -481,7 +482,7 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
         }
         print(json.dumps(result, indent=1))
     else:
-        _print_repair(rep, applied, after)
+        _print_repair(path, rep, applied, after)
     if rep.status == "not_repairable":
         return 1
     if after is not None and after.status != "healthy":
@@ -522,7 +523,9 @@ def _write_back(
         return rc, results, err.read()
 
 
-def _print_repair(rep: Any, applied: list[dict[str, Any]], after: DirectoryReport | None) -> None:
+def _print_repair(
+    path: str, rep: Any, applied: list[dict[str, Any]], after: DirectoryReport | None
+) -> None:
     lines: list[Text] = []
     style = {"repaired": "bold green", "nothing_to_do": "bold green", "planned": "bold cyan"}.get(
         rep.status, "bold red"
@@ -547,8 +550,9 @@ def _print_repair(rep: Any, applied: list[dict[str, Any]], after: DirectoryRepor
                 Text.assemble(
                     ("  removed ", "bold yellow"),
                     f"{len(removed):,} records whose vectors exist nowhere; their documents and "
-                    f"metadata are saved in {s['salvage_file']}.removed.json: re-add them with "
-                    "embeddings",
+                    f"metadata are saved in {s['salvage_file']}.removed.json: put them back with "
+                    f"`safechroma reembed {path} --collection {s['collection']} "
+                    "--embedding-function MODULE:FN`",
                 )
             )
         for r in s["not_recovered"][:10]:
@@ -562,6 +566,141 @@ def _print_repair(rep: Any, applied: list[dict[str, Any]], after: DirectoryRepor
     else:
         for line in lines:
             print(line.plain)
+
+
+# The re-embedding child reports each add on stdout, for the progress bar (as _APPLY does).
+_REEMBED = """
+import json, sys
+import chromadb
+from safechroma.storage.recovery import restore_saved_records
+
+
+class Counting:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def add(self, ids, **kwargs):
+        out = self._inner.add(ids=ids, **kwargs)
+        print("PROGRESS " + str(len(ids)), flush=True)
+        return out
+
+    def upsert(self, ids, **kwargs):
+        out = self._inner.upsert(ids=ids, **kwargs)
+        print("PROGRESS " + str(len(ids)), flush=True)
+        return out
+
+
+class Client(Counting):
+    def get_collection(self, *args, **kwargs):
+        return Counting(self._inner.get_collection(*args, **kwargs))
+
+
+client = Client(chromadb.PersistentClient(sys.argv[1]))
+spec = sys.argv[3] or None
+out = restore_saved_records(client, sys.argv[1], sys.argv[2], spec)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _run_counting(
+    args: list[str], bar: Progress | None, task: Any, unit: str
+) -> tuple[int, list[str], str]:
+    """Run a child that prints PROGRESS/TOTAL/RESULT lines; returns rc, RESULT lines, stderr."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        results: list[str] = []
+        t0 = time.perf_counter()
+        done = 0
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                results.append(line)
+            elif bar is not None and line.startswith("TOTAL "):
+                bar.update(task, total=int(line.split()[1]), completed=0)
+            elif bar is not None and line.startswith("PROGRESS "):
+                done += int(line.split()[1])
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, completed=done, detail=f"{done:,} {unit} · {rate:,.0f} {unit}/s")
+        rc = proc.wait()
+        err.seek(0)
+        return rc, results, err.read()
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  safechroma reembed ./db --collection docs --embedding-function myapp.emb:embed\n\n"
+        "  safechroma reembed ./db --collection docs     # the collection's own function\n\n"
+        "Exit codes: 0 all restored (or nothing to restore), 1 some remain (no document to "
+        "embed), 2 nothing done (directory in use, no usable function, check failed)."
+    )
+)
+def reembed(
+    path: PathArg,
+    collection: Annotated[str, typer.Option("--collection", help="The collection to restore.")],
+    embedding_function: Annotated[
+        str | None,
+        typer.Option(
+            "--embedding-function",
+            metavar="MODULE:FN",
+            help="Documents -> embeddings; default: the collection's recorded one, if offline.",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """Re-embed and put back the records a repair saved because their vectors were lost.
+
+    The function is first checked against vectors that survived: it must reproduce them.
+    """
+    from safechroma.storage.recovery import saved_records
+
+    if not os.path.isfile(os.path.join(path, "chroma.sqlite3")):
+        _error(f"{path} is not a Chroma directory (no chroma.sqlite3)")
+        return 2
+    if not saved_records(path, collection):
+        print(f"nothing to restore for {collection!r} in {path}")
+        return 0
+    fd = _lock(path)
+    if fd is None:
+        _error(f"{path} is in use: another process holds {LOCK_NAME}")
+        return 2
+    try:
+        with _progress_bar() as bar:
+            task = (
+                bar.add_task(f"re-embedding {collection}", total=None, detail="")
+                if bar is not None
+                else None
+            )
+            rc, lines, err = _run_counting(
+                [sys.executable, "-c", _REEMBED, path, collection, embedding_function or ""],
+                bar,
+                task,
+                "records",
+            )
+    finally:
+        os.close(fd)
+    if rc != 0 or not lines:
+        _error(f"re-embedding failed (rc={rc})\n{err[-2000:]}")
+        return 2
+    out = json.loads(lines[-1][7:])
+    if json_out:
+        print(json.dumps(out, indent=1))
+    elif out["error"]:
+        _error(f"nothing restored: {out['error']}")
+    else:
+        print(
+            f"restored {len(out['restored']):,} records to {collection}; "
+            f"{len(out['already_present']):,} were present again; "
+            f"{len(out['remaining']):,} remain (no document to embed)"
+        )
+        for rid in out["remaining"][:10]:
+            print(f"      {rid}")
+    if out["error"]:
+        return 2
+    return 1 if out["remaining"] else 0
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:

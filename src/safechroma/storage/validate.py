@@ -748,15 +748,6 @@ def _check_replay(
         return  # pickle_missing: Chroma starts the index over; reported already
     if not i2l:
         i2l, total, start = None, 0, 0  # Chroma takes the segment for new (local_hnsw.rs)
-    # The files' labels are 1..cur (FACTS §1): the deleted ones are the rest. If the live
-    # labels say otherwise (reported by check_segment), deletes are not checked.
-    deleted: set[int] | None = None
-    n_live = int(live.size)
-    if n_live <= cur and (n_live == 0 or (int(live.min()) >= 1 and int(live.max()) <= cur)):
-        on = np.zeros(cur + 1, dtype=bool)
-        on[live.astype(np.int64)] = True
-        if int(on.sum()) == n_live:
-            deleted = {int(x) for x in np.flatnonzero(~on[1:]) + 1}
     mt_start = c.metadata_max_seq_id or 0
     rows = [
         (int(r[0]), str(r[1]), int(r[2]), bool(r[3]))
@@ -766,6 +757,20 @@ def _check_replay(
             (topic, min(start, mt_start)),
         )
     ]
+    if not rows:
+        # Nothing to replay (the common case): the index holds the pickle's ids, the metadata
+        # segment its rows; compare them without building either set.
+        _compare_without_replay(c, con, i2l or {})
+        return
+    # The files' labels are 1..cur (FACTS §1): the deleted ones are the rest. If the live
+    # labels say otherwise (reported by check_segment), deletes are not checked.
+    deleted: set[int] | None = None
+    n_live = int(live.size)
+    if n_live <= cur and (n_live == 0 or (int(live.min()) >= 1 and int(live.max()) <= cur)):
+        on = np.zeros(cur + 1, dtype=bool)
+        on[live.astype(np.int64)] = True
+        if int(on.sum()) == n_live:
+            deleted = {int(x) for x in np.flatnonzero(~on[1:]) + 1}
     index = replay_index(
         i2l,
         total,
@@ -799,8 +804,34 @@ def _check_replay(
         ),
         (r for r in rows if r[0] > mt_start),
     )
-    only_meta = meta_ids - index.ids
-    only_index = index.ids - meta_ids
+    _report_disagreement(c, meta_ids - index.ids, index.ids - meta_ids)
+
+
+def _compare_without_replay(c: CollectionReport, con: sqlite3.Connection, i2l: Any) -> None:
+    """:func:`_check_replay` when the WAL holds nothing to replay: one pass over the rows."""
+    n = 0
+    only_meta: set[str] = set()
+    for (ident,) in con.execute(
+        "SELECT embedding_id FROM embeddings WHERE segment_id = ?", (c.metadata_segment_id,)
+    ):
+        n += 1
+        if ident not in i2l:
+            only_meta.add(str(ident))
+    only_index: set[str] = set()
+    if len(i2l) != n - len(only_meta):
+        meta_ids = {
+            str(r[0])
+            for r in con.execute(
+                "SELECT embedding_id FROM embeddings WHERE segment_id = ?",
+                (c.metadata_segment_id,),
+            )
+        }
+        only_index = set(i2l) - meta_ids
+    _report_disagreement(c, only_meta, only_index)
+
+
+def _report_disagreement(c: CollectionReport, only_meta: set[str], only_index: set[str]) -> None:
+    add = c.findings.append
     if only_meta or only_index:
         parts = []
         if only_meta:
