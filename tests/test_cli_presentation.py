@@ -21,7 +21,7 @@ import chroma_dirs as cd  # noqa: E402
 from safechroma.cli import main, render_check, render_info  # noqa: E402
 from safechroma.storage.validate import check_directory  # noqa: E402
 
-COMMANDS = ["check", "info", "repair", "serve", "demo"]
+COMMANDS = ["check", "info", "repair", "reembed", "serve", "demo"]
 
 
 @pytest.fixture(scope="module")
