@@ -26,6 +26,7 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -265,7 +266,13 @@ def _parse_config(row: dict[str, Any], meta: dict[str, Any]) -> tuple[str, int]:
             space = space or vi.get("space")
             m = m or (vi.get("hnsw") or {}).get("max_neighbors")
         else:
-            h = cfg.get("hnsw") or cfg.get("hnsw_configuration") or {}
+            # chromadb 1.0-1.2 (no schema_str) nest it: {"vector_index": {"hnsw": {...}}}.
+            h = (
+                cfg.get("hnsw")
+                or cfg.get("hnsw_configuration")
+                or (cfg.get("vector_index") or {}).get("hnsw")
+                or {}
+            )
             if isinstance(h, dict):
                 space = space or h.get("space")
                 m = m or h.get("max_neighbors") or h.get("M")
@@ -285,6 +292,7 @@ def check_directory(
     wal_coverage: bool = False,
     busy_timeout: float = 2.0,
     sqlite_time_limit: float = 60.0,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> DirectoryReport:
     """Check a Chroma persist directory; never raises for bad contents, never writes.
 
@@ -297,6 +305,9 @@ def check_directory(
         busy_timeout: Seconds to wait for a SQLite lock before reporting "busy".
         sqlite_time_limit: Upper bound on ``quick_check``; past it the SQLite verdict is
             "unknown" (a slow disk is not corruption).
+        progress: Called as ``progress(step, details)``: ``("sqlite", {})`` before the
+            SQLite check, ``("collections", {"total": n})`` once the catalog is read, then
+            ``("collection", {"name", "records", "done", "total"})`` after each one.
 
     Returns:
         A :class:`DirectoryReport`.
@@ -319,7 +330,7 @@ def check_directory(
         return rep
 
     try:
-        _check_with_sqlite(rep, db, deep, wal_coverage, busy_timeout, sqlite_time_limit)
+        _check_with_sqlite(rep, db, deep, wal_coverage, busy_timeout, sqlite_time_limit, progress)
     except _SqliteUnavailable as e:
         rep.sqlite_status = e.status
         rep.findings.append(e.finding)
@@ -385,8 +396,10 @@ def _check_with_sqlite(
     wal_coverage: bool,
     busy_timeout: float,
     time_limit: float,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> None:
     root = rep.path
+    note = progress or (lambda step, details: None)
     try:
         con = _connect_ro(db, busy_timeout)
     except sqlite3.Error as e:
@@ -400,12 +413,14 @@ def _check_with_sqlite(
         except sqlite3.Error as e:
             raise _classify(e, db) from None
         if deep:
+            note("sqlite", {})
             _quick_check(rep, con, db, time_limit)
         try:
             rep.wal_purge = _read_purge(con)
         except sqlite3.Error:
             rep.wal_purge = None
         known: set[str] = set()
+        note("collections", {"total": len(rows)})
         for row in rows:
             c = _collection_report(root, row)
             if c.segment_id:
@@ -428,6 +443,15 @@ def _check_with_sqlite(
                 )
                 c.status = "unknown"
             rep.collections.append(c)
+            note(
+                "collection",
+                {
+                    "name": c.name,
+                    "records": c.records,
+                    "done": len(rep.collections),
+                    "total": len(rows),
+                },
+            )
         _check_orphan_segments(rep, root, known, deep)
     finally:
         con.close()
