@@ -176,6 +176,7 @@ class Supervisor:
         self._gen: _Generation | None = None
         self.standby: WorkerProcess | None = None
         self._refilling = False
+        self._leased = 0  # leases out, over every generation
         self._replacements = 0  # finished attempts to start a worker
         self._replace_error: BaseException | None = None  # how the last attempt failed
         self.primary_handle = 0
@@ -194,6 +195,10 @@ class Supervisor:
         self.started_workers = 0
         self.last_crash: BaseException | None = None
         self.last_worker_seconds = 0.0
+
+    def calls_in_flight(self) -> int:
+        """Calls holding a channel of any worker, old or new, right now."""
+        return self._leased
 
     @property
     def lock_fd(self) -> int | None:
@@ -310,6 +315,7 @@ class Supervisor:
                 gen = self._gen
                 if self.state is State.READY and gen is not None and _usable(gen):
                     gen.inflight += 1
+                    self._leased += 1
                     break
                 seen = self._replacements
             self._replace_or_share(seen)
@@ -319,6 +325,7 @@ class Supervisor:
             # The worker is gone before anything was sent: a death like any other.
             with self._cond:
                 gen.inflight -= 1
+                self._leased -= 1
                 self._cond.notify_all()
             raise self._died(gen, "open") from None
 
@@ -330,6 +337,7 @@ class Supervisor:
             gen.pool.checkin(lease.channel)
         with self._cond:
             gen.inflight -= 1
+            self._leased -= 1
             if not gen.inflight:
                 self._cond.notify_all()
 
