@@ -544,12 +544,9 @@ def run_soak(path: str, cfg: SoakConfig) -> SoakReport:
     lock = threading.Lock()
     stop = threading.Event()
     last_fault = [0.0]
-    client = safechroma.SafeClient(
-        path,
-        timeout=cfg.call_timeout,
-        breaker=safechroma.BreakerPolicy(max_deaths=1000),
-        sleep=lambda _s: None,
-    )
+    # Default options but the deadline, which is what cuts a SIGSTOPped worker: the breaker
+    # must tell this workload (workers that serve calls, then are killed) from a crash loop.
+    client = safechroma.SafeClient(path, timeout=cfg.call_timeout)
     start = time.monotonic()
     try:
         col = client.create_collection(

@@ -50,7 +50,11 @@ def _assert_all_records_intact(path: str, spec: dict[str, Any]) -> None:
 def test_segfaulting_query_without_hooks_ends_at_the_breaker(
     healthy_template: tuple[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    """count works, query segfaults in every new worker: the breaker stops the loop."""
+    """count works, query segfaults in every new worker: the breaker stops the loop.
+
+    The first worker served count() before its query killed it (progress: bad luck); the two
+    retries die at their first call (no progress: 2 of max_deaths=3). count() is still served
+    (a worker that does not touch the damage), and the next query's deaths open the breaker."""
     path = _copy(healthy_template, tmp_path / "db")
     _break_level0(chroma_dirs.segment_dir(path))
     policy = BreakerPolicy(max_deaths=3, window=60, cooldown=600)
@@ -63,6 +67,9 @@ def test_segfaulting_query_without_hooks_ends_at_the_breaker(
             col.query(query_embeddings=chroma_dirs.vectors("coll", 1, DIM), n_results=3)
         assert info.value.signal == "SIGSEGV" and info.value.operation == "query"
         assert client.stats().deaths == {"SIGSEGV": 3}  # one try and two retries
+        assert col.count() == N
+        with pytest.raises(CrashLoopError):
+            col.query(query_embeddings=chroma_dirs.vectors("coll", 2, DIM), n_results=3)
         with pytest.raises(CrashLoopError):
             col.count()
 

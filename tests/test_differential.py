@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from twin import Op, run_ops
 
@@ -256,10 +256,125 @@ def _safe_ops(ops: list[Op]) -> list[Op]:
     return out
 
 
-def _compare(ops: list[Op], safe: list[Any], direct: list[Any]) -> None:
+def _compare(ops: list[Op], safe: list[Any], direct: list[Any]) -> list[int]:
+    """Assert the outcomes are equal call by call, except where chromadb itself is wrong.
+
+    chromadb 1.5.9 can return, for an id, the vector of an ``update`` it ignored earlier (the
+    bug ``safechroma.runtime.guard`` prevents, ``tests/test_guard.py``). A differing read is
+    accepted only when a model of the last write to each id says safechroma is right and
+    chromadb is wrong; those ops are returned, so the test says where chromadb was wrong."""
     assert len(safe) == len(direct) == len(ops)
+    model = _VectorModel()
+    chromadb_wrong: list[int] = []
     for i, (op, s, d) in enumerate(zip(ops, safe, direct, strict=False)):
-        assert s == d, f"op {i}: {op}\n safechroma: {s}\n chromadb:   {d}"
+        if s != d and model.explains(op, s, d):
+            chromadb_wrong.append(i)
+        else:
+            assert s == d, f"op {i}: {op}\n safechroma: {s}\n chromadb:   {d}"
+        model.apply(op, d)
+    return chromadb_wrong
+
+
+class _VectorModel:
+    """The vector each id must have after a sequence of calls: its last write that took effect
+    (add of a new id, upsert, update of an existing id, delete). A collection whose history it
+    cannot follow (a delete by filter) is left out."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[str, dict[str, list[float]] | None] = {}
+        self.cosine: set[str] = set()
+
+    def apply(self, op: Op, outcome: Any) -> None:
+        target, method, args, kwargs = op
+        if outcome[0] != "ok":
+            return
+        if target == "client":
+            name = args[0] if args else None
+            if method in ("create_collection", "get_or_create_collection"):
+                if name not in self.vectors:
+                    self.vectors[name] = {}
+                    if (kwargs.get("metadata") or {}).get("hnsw:space") == "cosine":
+                        self.cosine.add(name)
+            elif method == "delete_collection":
+                self.vectors.pop(name, None)
+                self.cosine.discard(name)
+            return
+        known = self.vectors.get(target)
+        if known is None:
+            return
+        ids, embeddings = kwargs.get("ids") or [], kwargs.get("embeddings")
+        if method == "add" and embeddings is not None:
+            for rid, emb in zip(ids, embeddings, strict=True):
+                known.setdefault(rid, list(emb))
+        elif method == "upsert" and embeddings is not None:
+            known.update({rid: list(emb) for rid, emb in zip(ids, embeddings, strict=True)})
+        elif method == "update" and embeddings is not None:
+            for rid, emb in zip(ids, embeddings, strict=True):
+                if rid in known:
+                    known[rid] = list(emb)
+        elif method == "delete":
+            if kwargs.get("where") is not None or kwargs.get("where_document") is not None:
+                self.vectors[target] = None
+            for rid in ids:
+                known.pop(rid, None)
+
+    def expected(self, target: str, rid: str) -> list[float] | None:
+        known = self.vectors.get(target)
+        if known is None or rid not in known:
+            return None
+        vec = known[rid]
+        if target in self.cosine:
+            norm = sum(v * v for v in vec) ** 0.5
+            vec = [v / norm for v in vec] if norm else vec
+        return [round(float(v), 4) for v in vec]
+
+    def explains(self, op: Op, safe: Any, direct: Any) -> bool:
+        """True when only embeddings differ, safechroma's match the model and chromadb's not."""
+        target, method = op[0], op[1]
+        if method != "get" or safe[0] != "ok" or direct[0] != "ok":
+            return False
+        s, d = safe[1], direct[1]
+        if {k: v for k, v in s.items() if k != "embeddings"} != {
+            k: v for k, v in d.items() if k != "embeddings"
+        }:
+            return False
+        expected = [self.expected(target, rid) for rid in s["ids"]]
+        close = _close_vectors
+        safe_right = all(
+            e is not None and close(v, e) for v, e in zip(s["embeddings"], expected, strict=True)
+        )
+        return safe_right and not all(
+            close(v, e) for v, e in zip(d["embeddings"], expected, strict=True) if e is not None
+        )
+
+
+def _close_vectors(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < 1e-3 for x, y in zip(a, b, strict=True))
+
+
+def _one_collection(prefix: str) -> list[Op]:
+    return [
+        (
+            "client",
+            "get_or_create_collection",
+            (f"{prefix}-a",),
+            {"embedding_function": None, "metadata": None},
+        )
+    ]
+
+
+# chromadb's vector swap (tests/test_guard.py) as a program: the first write comes before the
+# first read, an update of an absent id, then an add of it, a read and any write.
+SWAP = [
+    *_one_collection("p0"),
+    ("p0-a", "add", (), {"ids": ["a"], "embeddings": [[0.0, 0.0, 1.0]]}),
+    ("p0-a", "update", (), {"ids": ["b"], "embeddings": [[1.0, 0.0, 0.0]]}),
+    ("p0-a", "add", (), {"ids": ["b"], "embeddings": [[0.0, 1.0, 0.0]], "documents": ["doc b"]}),
+    ("p0-a", "get", (), {"ids": ["b"], "include": ["embeddings"]}),
+    ("p0-a", "upsert", (), {"ids": ["c"], "embeddings": [[0.5, 0.5, 0.0]]}),
+    ("p0-a", "get", (), {"ids": ["b"], "include": ["embeddings", "documents"]}),
+    ("p0-a", "count", (), {}),
+]
 
 
 # No shrinking: an example costs seconds (a child interpreter and a worker) and shrinking one
@@ -272,10 +387,14 @@ def _compare(ops: list[Op], safe: list[Any], direct: list[Any]) -> None:
     phases=(Phase.explicit, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+@example((SWAP, _one_collection("p1"), _one_collection("p2"), _one_collection("p3")))
 @given(st.tuples(*(program(f"p{k}") for k in range(4))))
 def test_safeclient_matches_chromadb_call_by_call(programs: tuple[list[Op], ...]) -> None:
     """Pins: for generated sequences of valid and invalid calls, SafeClient returns the same
-    results and raises the same exception types as chromadb.PersistentClient, call by call.
+    results and raises the same exception types as chromadb.PersistentClient, call by call,
+    except reads where chromadb itself returns a vector that was not the id's last write
+    (chromadb's vector swap): there safechroma must return the last write, and the explicit
+    example (SWAP) must show chromadb wrong, so the comparison cannot hide the bug.
 
     Ops on a collection not opened by get_or_create_collection are replaced by
     count_collections: twin.run_ops needs an opened target."""
@@ -284,7 +403,11 @@ def test_safeclient_matches_chromadb_call_by_call(programs: tuple[list[Op], ...]
         direct = _run_direct(ops, tmp)
         with SafeClient(os.path.join(tmp, "safe"), validator=None) as client:
             safe = run_ops(client, ops)
-    _compare(ops, safe, direct)
+    chromadb_wrong = _compare(ops, safe, direct)
+    if programs[0] is SWAP:
+        # The last read of b: chromadb returns the ignored update's vector, safechroma b's own.
+        assert chromadb_wrong == [SWAP.index(SWAP[-2])], chromadb_wrong
+        return
     # The generated calls really mix outcomes (guards against a generator that only errors).
     kinds = {o[0] for o in direct}
     assert kinds == {"ok", "error"} or len(ops) < 8

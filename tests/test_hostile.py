@@ -27,7 +27,6 @@ from conftest import DIM, vectors
 
 import safechroma
 from safechroma import (
-    BreakerPolicy,
     ProtocolError,
     SafeClient,
     WorkerCrashedError,
@@ -129,9 +128,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from conftest import child_pids
 
     before = child_pids()
-    with SafeClient(
-        path, validator=None, breaker=BreakerPolicy(max_deaths=1000), sleep=lambda _s: None
-    ) as c:
+    with SafeClient(path, validator=None, sleep=lambda _s: None) as c:
         yield c
     deadline = time.monotonic() + 5
     while child_pids() - before and time.monotonic() < deadline:
@@ -348,7 +345,7 @@ def test_malicious_index_metadata_pickle_runs_no_code(tmp_path: Path) -> None:
     assert b"system" in payload
     pickles[0].write_bytes(payload)
     outcomes: list[str] = []
-    with SafeClient(db, breaker=BreakerPolicy(max_deaths=100), sleep=lambda _s: None) as c:
+    with SafeClient(db, sleep=lambda _s: None) as c:
         col2 = c.get_collection("evil", embedding_function=None)
         for call in (
             col2.count,

@@ -10,7 +10,8 @@ worker reach the caller as the same type; everything below is about the worker i
     │   ├── WorkerCrashedError               it died (signal or exit) while serving a call
     │   │   └── WorkerStartError             it died (or hung) while opening the directory
     │   ├── WorkerTimeoutError (TimeoutError)  a call passed its deadline; the worker was killed
-    │   └── ProtocolError                    it sent bytes the caller refuses to decode
+    │   ├── ProtocolError                    it sent bytes the caller refuses to decode
+    │   └── PoisonRequestError               this exact call killed workers again and again
     ├── CrashLoopError                       too many deaths in a short time: breaker is open
     ├── RecoveryError                        the directory is damaged and recovery failed
     ├── ChromaPanicError                     Chroma's Rust core panicked (the worker is replaced)
@@ -30,6 +31,7 @@ __all__ = [
     "ClientClosedError",
     "CrashLoopError",
     "DirectoryLockedError",
+    "PoisonRequestError",
     "ProtocolError",
     "RecoveryError",
     "RemoteError",
@@ -135,6 +137,26 @@ class WorkerStartError(WorkerCrashedError):
 
 class ProtocolError(WorkerError):
     """The worker sent a malformed or forbidden message; it was killed and will be replaced."""
+
+
+class PoisonRequestError(WorkerError):
+    """This exact call (same collection, method and arguments) killed two workers on a
+    directory the validator calls healthy, so it is not sent again; other calls are served.
+
+    Raised for the call whose second death made it poison (then ``sent`` is True, and a write's
+    ``outcome_unknown`` is True as for any death), and for every later identical call, which is
+    refused before it reaches a worker (``sent`` False). ``reset_breaker()`` forgets it, and so
+    does a recovery that found the directory damaged.
+
+    Attributes:
+        fingerprint: a hex digest naming the call (target, method, arguments).
+        deaths: descriptions of the deaths it caused, oldest first.
+        sent: whether this attempt reached a worker.
+    """
+
+    fingerprint: str
+    deaths: list[str]
+    sent: bool
 
 
 class CrashLoopError(SafeChromaError):

@@ -30,17 +30,33 @@ def _default_memory_limit() -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class BreakerPolicy:
-    """When to stop respawning.
+    """When to stop respawning: a crash loop is workers that die without making progress.
+
+    A worker *made progress* when it answered at least ``progress_calls`` calls (a result or a
+    Chroma error) before it died. Deaths without progress (at start, during the first call)
+    are the crash loop; the death of a worker that served calls (the OOM killer, an operator's
+    SIGKILL) is bad luck and ends any backoff. See ``safechroma.runtime.breaker``.
 
     Attributes:
-        max_deaths: this many worker deaths within ``window`` seconds opens the breaker.
+        max_deaths: this many deaths without progress within ``window`` seconds open the
+            breaker.
         window: the sliding window in seconds.
         cooldown: seconds after which an open breaker lets one new attempt through.
+        progress_calls: calls a worker must have answered for its death not to count.
+        max_total_deaths: this many deaths of any kind within ``window`` also open it (a
+            service whose workers serve a call or two and die, over and over). The default is
+            two deaths a second for a minute, far above any fault rate a workload survives
+            usefully.
+        poison_strikes: a call that was in flight at this many deaths, with the validator
+            calling the directory healthy, is poison: it is refused, not retried.
     """
 
     max_deaths: int = 5
     window: float = 60.0
     cooldown: float = 30.0
+    progress_calls: int = 1
+    max_total_deaths: int = 120
+    poison_strikes: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +166,16 @@ class Options:
             ``removed`` in the ``salvage_applied`` event name them).
         worker_init: a callable run in each new worker before it opens the directory (logging,
             environment); carried by cloudpickle.
+        max_requests: replace the worker, between calls and with no error to anyone, after it
+            answered this many calls (gunicorn's ``max_requests``). None: never.
+        max_worker_rss: replace the worker between calls once its resident memory passes this
+            many bytes (read at most once a second), against native memory Chroma never gives
+            back (chroma-core/chroma#5843). None (the default): never; a worker at 10k x 384
+            records holds ~360 MiB, so a ceiling of a few GiB only catches a leak.
+        max_file_bytes: the largest file the worker may write (``RLIMIT_FSIZE``): ``"auto"``
+            (the default) allows the largest file of the directory plus half the free disk,
+            so a runaway write fails in the worker instead of filling the disk; an int sets
+            it; None: no limit.
         on_event: called with each :class:`Event` (in the thread that observed it).
         sleep: how to sleep between respawns (tests pass a recorder).
     """
@@ -171,6 +197,9 @@ class Options:
     standby: bool = True
     reembed: Callable[[list[str]], Any] | None = None
     worker_init: Callable[[], None] | None = None
+    max_requests: int | None = None
+    max_worker_rss: int | None = None
+    max_file_bytes: int | Literal["auto"] | None = "auto"
     on_event: Callable[[Event], None] | None = None
     sleep: Callable[[float], None] = time.sleep
 

@@ -1,71 +1,129 @@
-"""The crash-loop breaker: when to stop starting workers, and how long to wait between starts.
+"""The crash-loop breaker and the poison-request ledger: one directory's history of deaths.
 
-Owns the history of deaths of one directory's workers and nothing else: it never touches a
-process. The supervisor tells it about each death (once per death, whatever the number of calls
-in flight) and about each served call, and asks it before each start.
+What it owns: deciding, from the deaths it is told about, whether respawning goes on, how long
+to back off, and which requests are refused as poison. It never touches a process, a socket or
+a file, and keeps no clock of its own (it is handed ``now``), so it is tested as a pure object.
+
+**A crash loop is workers that die without making progress** (Kubernetes' CrashLoopBackOff
+resets after a container ran well; Erlang/OTP counts restarts against the child's own life).
+A worker *made progress* when it answered at least ``BreakerPolicy.progress_calls`` calls (any
+reply: a result or a Chroma error). So:
+
+- a death at start, or during a worker's first call, counts toward ``max_deaths`` within
+  ``window`` seconds, and consecutive ones back off (the first respawn is immediate);
+- the death of a worker that served calls (the OOM killer, an operator's SIGKILL, a container
+  runtime) is bad luck: it does not count toward ``max_deaths`` and ends a run of backoff;
+- a ceiling on all deaths (``max_total_deaths`` within ``window``) still stops a service whose
+  workers serve a call or two and die, again and again.
+
+**A poison request** is one call (same target, method and arguments) that killed two workers
+while the validator called the directory healthy: it is not sent again; its caller, and any
+later caller of the very same call, gets :class:`~safechroma.PoisonRequestError`. A recovery
+(the validator found damage) forgives every strike, since the damage explains the deaths.
 """
 
 from __future__ import annotations
 
 import collections
-import time
-
-import tenacity
+import dataclasses
+from typing import Final
 
 from .._policy import BreakerPolicy
 
+# A bound on the poison ledger: fingerprints are 16 bytes, so this is memory, not policy.
+_MAX_FINGERPRINTS: Final = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Death:
+    """One worker death, as the breaker counts it."""
+
+    at: float  # monotonic time
+    what: str  # "pid 123: SIGSEGV during query", for messages
+    progress: bool  # the worker had answered progress_calls calls
+
 
 class Breaker:
-    """Deaths within a sliding window; open after ``policy.max_deaths`` of them.
-
-    States: closed (starts allowed), open (``open_until`` in the future: starts refused), and
-    half-open once the cooldown passed (the next start is let through; a death re-opens it).
-    """
+    """The history of deaths of one directory's workers and what it implies."""
 
     def __init__(self, policy: BreakerPolicy) -> None:
         self.policy = policy
-        self.deaths: collections.deque[tuple[float, str]] = collections.deque()
-        self.consecutive = 0  # deaths since the last served call
-        self.open_until = 0.0
-        self.is_open = False
+        self.deaths: collections.deque[Death] = collections.deque()
+        self.consecutive = 0  # deaths without progress since the last worker that made progress
+        self.open_until: float | None = None
+        self.strikes: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self.poison: set[bytes] = set()
 
-    def record_death(self, what: str) -> bool:
-        """Count one death; returns True when this death opened the breaker."""
-        now = time.monotonic()
-        self.consecutive += 1
-        self.deaths.append((now, what))
-        while self.deaths and now - self.deaths[0][0] > self.policy.window:
-            self.deaths.popleft()
-        if len(self.deaths) >= self.policy.max_deaths and not self.is_open:
-            self.is_open = True
+    def made_progress(self, served: int) -> bool:
+        return served >= self.policy.progress_calls
+
+    def record(self, now: float, what: str, *, served: int) -> bool:
+        """Count one death; True when it opens the breaker."""
+        progress = self.made_progress(served)
+        self.deaths.append(Death(now, what, progress))
+        self._forget(now)
+        self.consecutive = 0 if progress else self.consecutive + 1
+        stalled = sum(1 for d in self.deaths if not d.progress)
+        if stalled >= self.policy.max_deaths or len(self.deaths) >= self.policy.max_total_deaths:
             self.open_until = now + self.policy.cooldown
             return True
         return False
 
-    def record_progress(self) -> None:
-        """A worker served a call: a run of consecutive deaths is over."""
+    def served(self) -> None:
+        """A worker answered a call: a run of deaths without progress is over."""
         self.consecutive = 0
 
-    def retry_after(self) -> float:
-        """Seconds left before the open breaker lets a start through (0: it may start now)."""
-        if not self.is_open:
-            return 0.0
-        return max(0.0, self.open_until - time.monotonic())
+    def blocked_for(self, now: float) -> float | None:
+        """Seconds the breaker stays open, or None when a worker may start."""
+        if self.open_until is None:
+            return None
+        if now < self.open_until:
+            return self.open_until - now
+        self.open_until = None  # cooldown over: one new attempt goes through
+        return None
 
-    def half_open(self) -> None:
-        """The cooldown passed: let the next start through."""
-        self.is_open = False
+    def recent(self, now: float) -> list[str]:
+        self._forget(now)
+        return [d.what for d in self.deaths]
+
+    def reason(self, now: float) -> str:
+        self._forget(now)
+        stalled = sum(1 for d in self.deaths if not d.progress)
+        window = f"{self.policy.window:.0f} s"
+        if stalled >= self.policy.max_deaths:
+            return f"{stalled} workers died without serving a call within {window}"
+        return f"{len(self.deaths)} workers died within {window}"
 
     def reset(self) -> None:
-        """Forget every death (``reset_breaker()``)."""
         self.deaths.clear()
         self.consecutive = 0
-        self.is_open = False
+        self.open_until = None
+        self.strikes.clear()
+        self.poison.clear()
 
-    def backoff(self, wait: tenacity.wait.wait_base) -> float:
-        """Seconds to wait before this start: 0 for the first respawn after a served call."""
-        if self.consecutive <= 1:
-            return 0.0
-        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        state.attempt_number = self.consecutive - 1
-        return float(wait(state))
+    # -- poison requests -----------------------------------------------------------------
+
+    def strike(self, fingerprint: bytes) -> bool:
+        """A worker died with this request in flight; True when it is now poison."""
+        count = self.strikes.pop(fingerprint, 0) + 1
+        self.strikes[fingerprint] = count
+        while len(self.strikes) > _MAX_FINGERPRINTS:
+            self.strikes.popitem(last=False)
+        if count >= self.policy.poison_strikes:
+            self.poison.add(fingerprint)
+            if len(self.poison) > _MAX_FINGERPRINTS:
+                self.poison.pop()
+            return True
+        return False
+
+    def is_poison(self, fingerprint: bytes) -> bool:
+        return fingerprint in self.poison
+
+    def forgive(self) -> None:
+        """The directory was found damaged and repaired: earlier strikes prove nothing."""
+        self.strikes.clear()
+        self.poison.clear()
+
+    def _forget(self, now: float) -> None:
+        while self.deaths and now - self.deaths[0].at > self.policy.window:
+            self.deaths.popleft()

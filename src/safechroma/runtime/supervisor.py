@@ -39,6 +39,7 @@ import collections
 import copy
 import enum
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -49,10 +50,13 @@ import threading
 import time
 from typing import Any, Final
 
+import tenacity
+
 from .._errors import (
     ChromaPanicError,
     ClientClosedError,
     CrashLoopError,
+    PoisonRequestError,
     ProtocolError,
     RecoveryError,
     RemoteError,
@@ -70,7 +74,7 @@ from .lock import LOCK_NAME, DirectoryLock
 from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
 from .transport import Channel, PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
 
-__all__ = ["LOCK_NAME", "Supervisor", "acquire", "rebuild_error", "release"]
+__all__ = ["LOCK_NAME", "Supervisor", "acquire", "file_size_limit", "rebuild_error", "release"]
 
 logger = logging.getLogger("safechroma")
 # A library does not configure logging; without a handler Python would print WARNINGs to
@@ -118,9 +122,16 @@ class _End:
     """How a worker's life ended: facts shared by every call that was in flight."""
 
     def __init__(
-        self, kind: str, exitcode: int | None, signal: str | None, tail: str, operation: str
+        self,
+        kind: str,
+        exitcode: int | None,
+        signal: str | None,
+        tail: str,
+        operation: str,
+        in_flight: int,
     ) -> None:
         self.kind = kind  # "SIGKILL", ..., "exit", "timeout", "protocol"
+        self.in_flight = in_flight  # calls holding a channel of the worker when it was seen
         self.exitcode = exitcode
         self.signal = signal
         self.tail = tail
@@ -172,6 +183,7 @@ class Supervisor:
         self._cond = threading.Condition(threading.RLock())
         self._life = threading.RLock()
         self._reopen = threading.RLock()
+        self._suspects = threading.Lock()  # retried calls run one at a time
         self.state = State.NO_WORKER
         self._gen: _Generation | None = None
         self.standby: WorkerProcess | None = None
@@ -234,9 +246,17 @@ class Supervisor:
             by_value: encode with cloudpickle (the call carries an embedding function).
         """
         attempts = 1 + max(0, retries) if (read or replay) else 1
+        poison = _Fingerprint(owner, method, args, kwargs, by_value)
         for attempt in range(1, attempts + 1):
             try:
-                return self._attempt(owner, method, args, kwargs, timeout, by_value, read)
+                if attempt == 1:
+                    return self._attempt(owner, method, args, kwargs, timeout, read, poison)
+                # A retry was in flight at a death: a suspect. Suspects go one at a time, so a
+                # call that kills every worker is told from the calls that were beside it.
+                with self._suspects:
+                    return self._attempt(
+                        owner, method, args, kwargs, timeout, read, poison, suspect=True
+                    )
             except (WorkerCrashedError, ProtocolError, _DamageRetry) as exc:
                 if attempt >= attempts:
                     if isinstance(exc, _DamageRetry):
@@ -252,20 +272,24 @@ class Supervisor:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
-        by_value: bool,
         read: bool,
+        poison: _Fingerprint,
+        *,
+        suspect: bool = False,
     ) -> Any:
         lease = self._lease()
         try:
+            self._refuse_poison(poison, method)
             handle = self._handle_of(lease, owner)
+            request = (Op.CALL, (handle, method, args, kwargs))
             try:
-                result = self._exchange(
-                    lease, (Op.CALL, (handle, method, args, kwargs)), method, timeout, by_value
-                )
+                result = self._exchange(lease, request, method, timeout, poison.by_value)
             except WorkerError as exc:
                 # Only a failure after the request was sent leaves a write's outcome unknown;
                 # failures while starting or reopening happen before anything was sent.
                 exc.outcome_unknown = exc._facts["outcome_unknown"] = not read
+                if isinstance(exc, WorkerCrashedError):
+                    self._strike(poison, exc, lease, suspect)
                 raise
         finally:
             self._give_back(lease)
@@ -285,10 +309,17 @@ class Supervisor:
 
     def run(self, owner: _Remote, fn: Any, args: tuple[Any, ...], timeout: float | None) -> Any:
         """Run ``fn(chroma_client, *args)`` in the worker (fn is carried by cloudpickle)."""
+        name = getattr(fn, "__name__", "run")
+        poison = _Fingerprint(owner, "run_in_worker", (fn, *args), {}, True)
         lease = self._lease()
         try:
+            self._refuse_poison(poison, name)
             request = (Op.RUN, (self._handle_of(lease, owner), fn, args))
-            result = self._exchange(lease, request, getattr(fn, "__name__", "run"), timeout, True)
+            try:
+                result = self._exchange(lease, request, name, timeout, True)
+            except WorkerCrashedError as exc:
+                self._strike(poison, exc, lease, False)
+                raise
         finally:
             self._give_back(lease)
         self._served()
@@ -305,19 +336,80 @@ class Supervisor:
             self._give_back(lease)
         return seconds
 
+    # -- poison requests -------------------------------------------------------------------
+
+    def _refuse_poison(self, call: _Fingerprint, operation: str) -> None:
+        if self.breaker.poison and self.breaker.is_poison(call.digest()):
+            raise PoisonRequestError(
+                f"{operation} on {self.path} was not sent: this exact call (same target, method "
+                f"and arguments) killed {self.options.breaker.poison_strikes} workers while "
+                "the directory checked healthy, so it would likely kill the next one too. "
+                "Other calls are served. reset_breaker() forgets it.",
+                pid=None,
+                operation=operation,
+                outcome_unknown=False,
+                fingerprint=call.digest().hex(),
+                deaths=self.breaker.recent(time.monotonic()),
+                sent=False,
+            )
+
+    def _strike(
+        self, call: _Fingerprint, crash: WorkerCrashedError, lease: Lease, suspect: bool
+    ) -> None:
+        """The worker died with ``call`` in flight; if it is now poison, say so instead.
+
+        Only with a validator: it is what tells a call that kills healthy workers from a
+        damaged directory that kills every worker (a recovery then forgives every strike).
+        With calls in parallel, a death strikes a call only when the call was alone on the
+        worker, or was a retry (retries of suspects run one at a time): the calls that merely
+        ran beside the culprit are not blamed. A death caused by a deadline or a bad reply
+        strikes nobody: its cause is known.
+        """
+        end = lease.gen.end
+        if self.options.validator is None or end is None or end.kind in ("timeout", "protocol"):
+            return
+        if not (suspect or end.in_flight <= 1):
+            return
+        digest = call.digest()
+        with self._cond:
+            poisoned = self.breaker.strike(digest)
+        if not poisoned:
+            return
+        unknown = "It was a write: it may or may not have been applied. "
+        raise PoisonRequestError(
+            f"{crash.operation} on {self.path} killed the worker again (pid {crash.pid}, "
+            f"{crash.signal or 'exit ' + str(crash.exitcode)}): this exact call killed "
+            f"{self.options.breaker.poison_strikes} workers while the directory checked "
+            "healthy, so it is not retried or sent again. Other calls are served. "
+            + (unknown if crash.outcome_unknown else "")
+            + "reset_breaker() forgets it.",
+            pid=crash.pid,
+            operation=crash.operation,
+            outcome_unknown=crash.outcome_unknown,
+            fingerprint=digest.hex(),
+            deaths=self.breaker.recent(time.monotonic()),
+            sent=True,
+        ) from crash
+
     # -- leases ----------------------------------------------------------------------------
 
     def _lease(self) -> Lease:
         """A channel of a ready worker; replaces the worker first if there is none."""
         while True:
+            stale: _Generation | None = None
             with self._cond:
                 self._check_usable()
                 gen = self._gen
                 if self.state is State.READY and gen is not None and _usable(gen):
-                    gen.inflight += 1
-                    self._leased += 1
-                    break
+                    if gen.process.alive() and not self._worn_out(gen.process):
+                        gen.inflight += 1
+                        self._leased += 1
+                        break
+                    stale = gen
                 seen = self._replacements
+            if stale is not None:
+                self._replace_stale(stale)
+                continue
             self._replace_or_share(seen)
         try:
             return Lease(gen, gen.pool.checkout())
@@ -328,6 +420,19 @@ class Supervisor:
                 self._leased -= 1
                 self._cond.notify_all()
             raise self._died(gen, "open") from None
+
+    def _replace_stale(self, gen: _Generation) -> None:
+        """The worker died between calls, or has served enough: have it replaced."""
+        if not gen.process.alive():
+            # It died between calls (chroma-core/chroma#6984: a background thread that
+            # segfaults with no call running). The death is counted once; this caller gets
+            # no error: the worker is replaced before its call is sent.
+            self._died_idle(gen)
+        elif self._retire(gen, "recycled"):
+            # Replaced between calls: calls in flight finish on it, no caller sees it.
+            self._emit("worker_recycled", gen.process.pid, served=gen.process.served)
+            with self._cond:
+                self.pending_reason = "recycle"
 
     def _give_back(self, lease: Lease) -> None:
         gen = lease.gen
@@ -344,7 +449,7 @@ class Supervisor:
     def _served(self) -> None:
         if self.breaker.consecutive:
             with self._cond:
-                self.breaker.record_progress()  # a served call ends a run of deaths
+                self.breaker.served()  # a served call ends a run of deaths without progress
         if self.options.standby and self.standby is None and not self._refilling:
             self._refill_standby()
 
@@ -434,6 +539,8 @@ class Supervisor:
             lease.broken = True
             raise self._misbehaved(gen, operation, f"undecodable reply: {exc!r}") from None
         self.last_worker_seconds = spent
+        if operation not in _NOT_CALLS:
+            gen.process.served += 1  # progress, for the breaker: it answered a call
         if status is Status.OK:
             self.calls += 1
             return spent if seconds else payload
@@ -468,7 +575,9 @@ class Supervisor:
                     process.kill()
                     code = process.returncode
                 sig = signal_name(code)
-                gen.end = _End(sig or "exit", code, sig, process.log_tail(), operation)
+                gen.end = _End(
+                    sig or "exit", code, sig, process.log_tail(), operation, gen.inflight
+                )
             end = gen.end
         assert end is not None
         if end.kind == "timeout":
@@ -500,6 +609,7 @@ class Supervisor:
                 operation=operation,
                 signal=end.kind,
                 exitcode=end.exitcode,
+                served=process.served,
             )
         return error
 
@@ -512,7 +622,7 @@ class Supervisor:
             if first:
                 process.kill()
                 code = process.returncode
-                gen.end = _End("timeout", code, signal_name(code), "", operation)
+                gen.end = _End("timeout", code, signal_name(code), "", operation, gen.inflight)
         if not first:  # it died (or another deadline killed it) before ours passed
             return self._died(gen, operation)
         with self._cond:
@@ -538,7 +648,7 @@ class Supervisor:
             if first:
                 process.kill()
                 code = process.returncode
-                gen.end = _End("protocol", code, signal_name(code), "", operation)
+                gen.end = _End("protocol", code, signal_name(code), "", operation, gen.inflight)
         if not first:
             return self._died(gen, operation)
         error = ProtocolError(
@@ -565,18 +675,58 @@ class Supervisor:
     def _record_death(
         self, kind: str, gen: _Generation, error: BaseException, operation: str
     ) -> None:
+        served = gen.process.served
+        why: str = ""
+        deaths: list[str] = []
         with self._cond:
+            now = time.monotonic()
             self.death_counts[kind] = self.death_counts.get(kind, 0) + 1
             self.last_crash = error
             self.pending_reason = "crash"
             self.pending_crash = error
-            opened = self.breaker.record_death(f"pid {gen.process.pid}: {kind} during {operation}")
+            what = f"pid {gen.process.pid}: {kind} during {operation} after {served} calls"
+            opened = self.breaker.record(now, what, served=served)
             if self._gen is gen and self.state is State.READY:
                 self.state = State.NO_WORKER
             if opened:
                 self.state = State.BROKEN
+                why, deaths = self.breaker.reason(now), self.breaker.recent(now)
         if opened:
-            self._emit("breaker_open", None, deaths=[d for _, d in self.breaker.deaths])
+            self._emit("breaker_open", None, why=why, deaths=deaths)
+
+    def _died_idle(self, gen: _Generation) -> None:
+        process = gen.process
+        with gen.end_lock:
+            if gen.end is not None:
+                return
+            code = process.wait(2.0)
+            if code is None:  # pragma: no cover - alive() said it had exited
+                process.kill()
+                code = process.returncode
+            sig = signal_name(code)
+            tail = process.log_tail()
+            gen.end = _End(sig or "exit", code, sig, tail, "no call (between calls)", 0)
+        how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
+        error = WorkerCrashedError(
+            f"safechroma worker (pid {process.pid}) for {self.path} {how} between calls; it was "
+            "replaced before the next call, which no caller noticed."
+            + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
+            pid=process.pid,
+            exitcode=code,
+            signal=sig,
+            operation=None,
+            crash_log=tail,
+            outcome_unknown=False,
+        )
+        self._record_death(sig or "exit", gen, error, "no call (between calls)")
+        self._emit(
+            "worker_died",
+            process.pid,
+            operation=None,
+            signal=sig or "exit",
+            exitcode=code,
+            served=process.served,
+        )
 
     # -- replacing the worker: one thread at a time, no call in flight ----------------------
 
@@ -610,28 +760,31 @@ class Supervisor:
             self._gen = None
         with self._cond:
             if self.state is State.BROKEN:
-                left = self.breaker.retry_after()
-                if left > 0:
+                now = time.monotonic()
+                blocked = self.breaker.blocked_for(now)
+                if blocked is not None:
                     raise CrashLoopError(
-                        f"the worker for {self.path} died {len(self.breaker.deaths)} times in "
-                        f"{self.options.breaker.window:.0f} s, so no new worker is started for "
-                        f"{left:.1f} s more. Check the directory with "
+                        f"the worker for {self.path} is in a crash loop "
+                        f"({self.breaker.reason(now)}), so no new worker is started for "
+                        f"{blocked:.1f} s more. Check the directory with "
                         f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
                         path=self.path,
-                        deaths=[d for _, d in self.breaker.deaths],
-                        retry_after=left,
+                        deaths=self.breaker.recent(now),
+                        retry_after=blocked,
                     )
-                self.breaker.half_open()
                 self.state = State.NO_WORKER
                 reset = True
             else:
                 reset = False
+            consecutive = self.breaker.consecutive
         if reset:
             self._emit("breaker_reset", None, why="cooldown")
-        wait = self.breaker.backoff(self.options.respawn_wait)
-        if wait:
-            # Back off between consecutive respawns (the first one is immediate).
-            self.options.sleep(wait)
+        if consecutive > 1:
+            # Back off between consecutive respawns of workers that made no progress (the
+            # first respawn is immediate; a worker that served calls ends the run).
+            state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+            state.attempt_number = consecutive - 1
+            self.options.sleep(float(self.options.respawn_wait(state)))
         self._check_and_recover()
         self._start()
 
@@ -649,7 +802,21 @@ class Supervisor:
                 pass
             if process.wait(5.0) is None:
                 process.kill()
-            self._emit("worker_retired", process.pid, why=gen.retiring or "replaced")
+            code = process.returncode
+            why = gen.retiring or "replaced"
+            if code:
+                # Chroma's runtime can abort while the interpreter exits (chroma-core/chroma
+                # #6852). The worker had finished its work: log it, never raise it, never count
+                # it as a death (a clean stop is not a crash loop).
+                self._emit(
+                    "worker_exit_abnormal",
+                    process.pid,
+                    why=why,
+                    exitcode=code,
+                    signal=signal_name(code),
+                    log=process.log_tail(1000),
+                )
+            self._emit("worker_retired", process.pid, why=why)
         else:
             process.wait(None) if process.returncode is None else None
         gen.pool.close()
@@ -658,6 +825,8 @@ class Supervisor:
     def _check_and_recover(self) -> None:
         validator = self.options.validator
         reason = self.pending_reason or "crash"
+        if reason == "recycle":
+            return  # the old worker stopped cleanly between calls: nothing to suspect
         if reason == "start" and self.options.recovery is not None:
             # A repair interrupted between quarantine and write-back left its salvage file
             # behind (safechroma.storage.recovery); finish it with the first worker.
@@ -706,6 +875,7 @@ class Supervisor:
                 report=report,
             )
         self.recoveries += 1
+        self.breaker.forgive()  # the damage explains the deaths: no call is poison for them
         for salvage in getattr(result, "salvage_files", None) or []:
             if salvage not in self.pending_salvage:
                 self.pending_salvage.append(salvage)
@@ -812,7 +982,25 @@ class Supervisor:
             lock_fd=self.lock_fd,
             memory_limit=self.options.memory_limit,
             max_reply_bytes=self.options.max_reply_bytes,
+            file_limit=file_size_limit(self.path, self.options.max_file_bytes),
         )
+
+    # -- recycling (gunicorn's max_requests; a resident-memory ceiling) --------------------
+
+    def _worn_out(self, worker: WorkerProcess) -> bool:
+        """Whether to replace a healthy worker between calls (no caller sees it)."""
+        max_requests = self.options.max_requests
+        if max_requests is not None and worker.served >= max_requests:
+            return True
+        ceiling = self.options.max_worker_rss
+        if ceiling is None:
+            return False
+        now = time.monotonic()
+        if now - worker.rss_checked < _RSS_CHECK_EVERY:
+            return False  # reading /proc costs ~20 us: not on every call
+        worker.rss_checked = now
+        rss = worker.rss_bytes()
+        return rss is not None and rss > ceiling
 
     def _take_standby(self) -> WorkerProcess | None:
         with self._cond:
@@ -906,6 +1094,73 @@ def _copy(error: BaseException) -> BaseException:
         return error
     dup.__cause__ = error.__cause__
     return dup
+
+
+# How often a worker's resident memory is read when max_worker_rss is set (seconds).
+_RSS_CHECK_EVERY: Final = 1.0
+
+
+def file_size_limit(path: str, setting: int | str | None) -> int | None:
+    """The largest file the worker may write (``RLIMIT_FSIZE``), from ``Options.max_file_bytes``.
+
+    ``"auto"``: the largest file in the directory now plus half the free space of its file
+    system (at least 64 MiB more), so that a runaway write (chroma-core/chroma#7510: a
+    ``link_lists.bin`` grown to 231 GiB) fails in the worker with ``EFBIG`` instead of filling
+    the disk, while legitimate growth within one worker's life has room. Each new worker
+    recomputes it.
+    """
+    if setting is None:
+        return None
+    if isinstance(setting, int):
+        return setting
+    largest = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                largest = max(largest, os.path.getsize(os.path.join(root, name)))
+            except OSError:
+                continue
+    try:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+    return largest + max(64 << 20, free // 2)
+
+
+# Exchanges that are not a caller's call: a worker that only did these made no progress.
+_NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})
+
+
+class _Fingerprint:
+    """Names one call by its target, method and arguments, for the poison-request ledger.
+
+    The digest is computed only when it is needed: when the worker died with the call in
+    flight, or when some call is already poison (then every call is checked)."""
+
+    __slots__ = ("_parts", "_digest", "by_value")
+
+    def __init__(
+        self, owner: _Remote, method: str, args: tuple[Any, ...], kwargs: Any, by_value: bool
+    ) -> None:
+        self._parts = (owner, method, args, kwargs, by_value)
+        self._digest: bytes | None = None
+        self.by_value = by_value
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            owner, method, args, kwargs, by_value = self._parts
+            target = (type(owner).__name__, str(getattr(owner, "id", "")))
+            h = hashlib.blake2b(digest_size=16)
+            try:
+                data, buffers = encode((target, method, args, kwargs), by_value=by_value)
+                h.update(data)
+                for buf in buffers:
+                    h.update(buf)
+            except Exception:  # noqa: BLE001 - an unencodable call never reached a worker
+                h.update(repr((target, method, args, kwargs)).encode())
+            self._digest = h.digest()
+        return self._digest
 
 
 _LOUD: Final = frozenset(

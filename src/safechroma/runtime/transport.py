@@ -290,6 +290,7 @@ class WorkerProcess:
             held as long as any of our processes lives.
         memory_limit: address-space ceiling in bytes for the worker, or None.
         max_reply_bytes: largest reply frame the caller accepts.
+        file_limit: largest file the worker may write (``RLIMIT_FSIZE``), or None.
         use_template: fork from the warm template when it is available.
     """
 
@@ -300,6 +301,7 @@ class WorkerProcess:
         lock_fd: int | None,
         memory_limit: int | None,
         max_reply_bytes: int,
+        file_limit: int | None = None,
         use_template: bool = True,
     ) -> None:
         self.serial = next(_serial)
@@ -314,6 +316,7 @@ class WorkerProcess:
             "log": self.log_path,
             "ppid": os.getpid(),
             "memory_limit": memory_limit,
+            "file_limit": file_limit,
         }
         fds = [child_ctl.fileno(), child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
         self.forked = False
@@ -336,6 +339,8 @@ class WorkerProcess:
         self._ctl_lock = threading.Lock()
         self.first_channel: Channel | None = Channel(parent_sock, proc.pidfd, max_reply_bytes)
         self.closed = False
+        self.served = 0  # calls answered (results or Chroma errors): the breaker's "progress"
+        self.rss_checked = self.started  # when max_worker_rss last read /proc
 
     def _spawn(self, info: dict[str, Any], fds: list[int]) -> _Process:
         with open(self.log_path, "wb") as log:

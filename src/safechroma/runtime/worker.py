@@ -208,11 +208,11 @@ def _is_collection(obj: Any) -> bool:
 def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``col.add(...)`` exactly as chromadb does it, minus the ids the collection already has.
 
-    Chroma ignores an ``add`` of an existing id, but the ignored record still goes into its WAL,
-    and after a worker death the replay of such a row has been seen to give the record the
-    ignored write's vector while its document stays (the chaos soak caught a read of it). Not
-    sending ids that exist keeps those rows out of the WAL; everything the caller sees is the
-    same: validation, embedding and errors are chromadb's own steps, in chromadb's order.
+    Chroma ignores an ``add`` of an existing id, but the ignored row still goes into its WAL,
+    where a re-application (chromadb's vector swap, see :mod:`safechroma.runtime.guard`) can
+    give the record the ignored write's vector. Not sending ids that exist keeps the WAL to rows
+    that took effect; everything the caller sees is the same: validation, embedding and errors
+    are chromadb's own steps, in chromadb's order.
     """
     try:
         bound = _add_signature().bind(col, *args, **kwargs)
@@ -316,6 +316,20 @@ def _limit_memory(limit: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+def _limit_file_size(limit: int | None) -> None:
+    if not limit:
+        return
+    import resource
+
+    # A runaway write (chroma-core/chroma#7510) then fails with EFBIG in this process (CPython
+    # ignores SIGXFSZ, so the write raises instead of the signal killing the process), and the
+    # disk keeps its free space. The supervisor derives the limit from the directory.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+
 def main(info: dict[str, Any]) -> None:
     """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT`` and
     ``safechroma.runtime.template``)."""
@@ -323,6 +337,7 @@ def main(info: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)
     _limit_memory(info.get("memory_limit"))
+    _limit_file_size(info.get("file_limit"))
     worker = _Worker()
     threading.Thread(
         target=_watch_parent,
@@ -331,10 +346,13 @@ def main(info: dict[str, Any]) -> None:
         daemon=True,
     ).start()
     ctl = socket.socket(fileno=info["ctl"])
-    worker.start_channel(socket.socket(fileno=info["fd"]))
     # Warm up while the caller does other things: a standby worker is ready when promoted.
     import chromadb  # noqa: F401
 
+    from .guard import install as install_guard
+
+    install_guard()  # before any request is served
+    worker.start_channel(socket.socket(fileno=info["fd"]))
     try:
         worker.accept(ctl)
         # The control socket closed: the parent closed this worker (it stops it right after)
