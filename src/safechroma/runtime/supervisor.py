@@ -528,6 +528,11 @@ class Supervisor:
         except PeerMisbehaved as exc:
             lease.broken = True
             raise self._misbehaved(gen, operation, str(exc)) from None
+        except BaseException:
+            # Interrupted mid-exchange (KeyboardInterrupt): the reply may still come; this
+            # channel must never carry another call, or that call would read this reply.
+            lease.broken = True
+            raise
         try:
             reply = decode_reply(*frame)
             status, payload, spent = reply
@@ -924,14 +929,20 @@ class Supervisor:
             self._stop(gen)
             raise
         with self._cond:
-            self._gen = gen
-            self.state = State.READY
-            self.started_workers += 1
-            if self.started_workers > 1:
-                self.respawns += 1
-            self.pending_reason = None
-            self.pending_crash = None
+            closed = self._closed()  # close() may have begun while this worker started
+            if not closed:
+                self._gen = gen
+                self.state = State.READY
+                self.started_workers += 1
+                if self.started_workers > 1:
+                    self.respawns += 1
+                self.pending_reason = None
+                self.pending_crash = None
             self._cond.notify_all()
+        if closed:
+            gen.retiring = "closed"
+            self._stop(gen)
+            raise ClientClosedError(f"the safechroma client for {self.path} is closed")
 
     def _write_back_salvage(self, lease: Lease) -> None:
         reembed = self.options.reembed
@@ -1181,6 +1192,9 @@ class _DamageRetry(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy.copy() for callers sharing a failed start
+        return (_DamageRetry, (self.error,))
 
 
 def _brief(detail: dict[str, Any]) -> str:

@@ -40,6 +40,17 @@ PARENT_GRACE: Final = 1.5
 _MAX_REQUEST: Final = 1 << 40
 
 
+_local = threading.local()
+
+
+def current_channel() -> socket.socket | None:
+    """The socket of the channel whose request this thread is serving (None outside a call).
+
+    For code run with ``run_in_worker`` that must reach below the protocol (the test suite's
+    hostile-worker tests write raw bytes on it)."""
+    return getattr(_local, "sock", None)
+
+
 class _Worker:
     """The worker's state, shared by the threads that serve its channels.
 
@@ -84,6 +95,7 @@ class _Worker:
     def serve(self, sock: socket.socket) -> None:
         """Serve one channel: one request, then its reply, until the parent closes it."""
         reader = FrameReader(sock, _MAX_REQUEST)
+        _local.sock = sock
         while True:
             try:
                 data, buffers = reader.read_frame()
