@@ -10,6 +10,8 @@ side of its own API, in a process of its own:
 - ``safechroma``: ``SafeClient`` in the driver (the caller); its worker is the driver's child.
 - ``http``: ``chromadb.HttpClient`` to a ``chroma run`` on loopback that the benchmark process
   started.
+- ``safe-http``: ``safechroma.SafeHttpClient`` to a server on loopback (``bench_http.py`` runs
+  it against ``safechroma serve`` and against a plain ``chroma run``).
 - ``process-per-call``: each call spawns ``python _oneshot.py`` (a fresh interpreter that imports
   chromadb, opens the PersistentClient, makes the one call).
 
@@ -334,6 +336,29 @@ class HttpMode(Mode):
         return out
 
 
+class SafeHttpMode(HttpMode):
+    """``safechroma.SafeHttpClient`` to a server on loopback (``safechroma serve`` or a plain
+    ``chroma run``, whichever the benchmark started): what the guarded transport adds."""
+
+    name = "safe-http"
+
+    def _open(self) -> None:
+        from chromadb.config import Settings
+
+        from safechroma import SafeHttpClient
+
+        self.client = SafeHttpClient(
+            host="127.0.0.1", port=self.cfg["port"], settings=Settings(anonymized_telemetry=False)
+        )
+        for dim in DIMS:
+            name = collection_name(dim)
+            self.cols[name] = self.client.get_collection(name, embedding_function=None)
+
+    def close(self) -> dict[str, Any]:
+        self.client.close()
+        return {}
+
+
 class SafechromaMode(Mode):
     name = "safechroma"
 
@@ -532,7 +557,7 @@ class ProcessPerCallMode(Mode):
 
 
 MODES: dict[str, type[Mode]] = {
-    m.name: m for m in (DirectMode, SafechromaMode, HttpMode, ProcessPerCallMode)
+    m.name: m for m in (DirectMode, SafechromaMode, HttpMode, SafeHttpMode, ProcessPerCallMode)
 }
 
 

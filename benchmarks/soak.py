@@ -64,13 +64,13 @@ def main() -> int:
         "",
         report.markdown(),
         "",
-        f"Verdict: {'PASS' if not report.problems and report.records_lost == 0 else 'FAIL'}",
+        f"Verdict: {'PASS' if report.passed else 'FAIL'}",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         args.out.write_text(text)
-    return 0 if not report.problems and report.records_lost == 0 else 1
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":

@@ -256,6 +256,15 @@ def _pickle(how: str) -> Callable[[str, str], None]:
             _overwrite("index_metadata.pickle", "random")(root, seg)
         elif how == "truncate":
             os.truncate(p, os.path.getsize(p) // 2)
+        elif how == "missing_ids":
+            # Readable, but half of the ids are gone from both maps (a partial rewrite).
+            with open(p, "rb") as f:
+                meta = pickle.loads(f.read())
+            drop = sorted(meta["id_to_label"])[::2]
+            for ident in drop:
+                meta["label_to_id"].pop(meta["id_to_label"].pop(ident), None)
+            with open(p, "wb") as f:
+                f.write(pickle.dumps(meta))
         elif how == "malicious":
             marker = os.path.join(root, "PWNED")
             with open(p, "wb") as f:
@@ -375,10 +384,21 @@ KINDS: dict[str, Kind] = {
 }
 
 
+# Damage that only the deep check sees, used by the repair tests (kept out of KINDS, whose
+# every entry the shallow check must also catch).
+REPAIR_KINDS: dict[str, Kind] = {
+    "pickle_missing_ids": Kind(
+        "index_metadata.pickle lost half of its ids",
+        _pickle("missing_ids"),
+        codes=("pickle_labels",),
+    ),
+}
+
+
 def corrupt(root: str, kind: str, collection: str = "coll") -> str:
-    """Apply ``KINDS[kind]`` to the directory ``root``; returns the segment dir it targeted."""
+    """Apply ``KINDS[kind]`` (or ``REPAIR_KINDS[kind]``) to ``root``; returns the segment dir."""
     seg = segment_dir(root, collection)
-    KINDS[kind].apply(root, seg)
+    (KINDS.get(kind) or REPAIR_KINDS[kind]).apply(root, seg)
     return seg
 
 
@@ -434,6 +454,48 @@ def make_two_writers_dir(dest: str, *, n: int = 300, dim: int = 8) -> dict[str, 
     a.wait(timeout=120)
     a.stdout.close()
     info["spec"]["collections"][0]["n"] = n + 400
+    return info
+
+
+def make_torn_flush_dir(
+    dest: str, *, seed: int = 1, snapshot: bool = True, ids: int = 150
+) -> dict[str, Any]:
+    """A kill during an index flush that tore ``index_metadata.pickle``, as the soak saw it.
+
+    chromadb 1.5.9 flushes the index (files, then the pickle rewritten in place) and only then
+    records the flush's ``max_seq_id``; Chroma purges the WAL below the recorded one. A kill
+    while the pickle is being written leaves: index files of the new flush ``T``, an empty
+    pickle, ``max_seq_id`` of the previous flush ``V`` and the WAL from ``V`` on. We build it
+    for real and deterministically: a mixed workload (add, upsert, update, delete; ``add`` of
+    existing ids included) through plain chromadb with the purge off, stopped right after a
+    flush; then ``max_seq_id`` is set back to ``V``, the WAL purged below ``V`` as Chroma would
+    have, the purge switched back on, and the pickle truncated. With ``snapshot`` the pickle of
+    the first flush is kept as safechroma's label-map snapshot (taken at an earlier worker
+    start), so records flushed between it and ``V`` are known to nothing but the index.
+
+    Returns:
+        ``{"expected": {id: [document, vector]}, "V": int, "T": int, "segment": str}``.
+    """
+    info: dict[str, Any] = _run_child(
+        "torn_flush", {"path": dest, "seed": seed, "snapshot": snapshot, "ids": ids}
+    )
+    seg = os.path.join(dest, info["segment"])
+    con = sqlite3.connect(os.path.join(dest, "chroma.sqlite3"))
+    with con:
+        con.execute(
+            "UPDATE max_seq_id SET seq_id = ? WHERE segment_id = ?", (info["V"], info["segment"])
+        )
+        con.execute("DELETE FROM embeddings_queue WHERE seq_id < ?", (info["V"],))
+        con.execute(
+            "UPDATE embeddings_queue_config SET config_json_str = ?",
+            (
+                json.dumps(
+                    {"automatically_purge": True, "_type": "EmbeddingsQueueConfigurationInternal"}
+                ),
+            ),
+        )
+    con.close()
+    os.truncate(os.path.join(seg, "index_metadata.pickle"), 0)
     return info
 
 
@@ -539,6 +601,94 @@ def _child_slow_writer(p: dict[str, Any]) -> None:
     _child_extend(p)
 
 
+def _child_grow(p: dict[str, Any]) -> dict[str, Any]:
+    """Add ``batches`` x ``batch`` new records under an optional ``RLIMIT_FSIZE``.
+
+    SIGXFSZ gets its default action back (Python ignores it at start-up, so a write past the
+    limit would only fail with EFBIG and hnswlib does not check its writes): a write past the
+    limit kills the process, as it must kill a worker.
+    """
+    import resource
+    import signal
+
+    if p.get("fsize_limit"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        lim = int(p["fsize_limit"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))
+    col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
+    rng = np.random.default_rng(5)
+    for k in range(p["batches"]):
+        ids = [f"grow-{k}-{i}" for i in range(p["batch"])]
+        col.add(ids=ids, embeddings=rng.uniform(-1, 1, (p["batch"], p["dim"])).astype("f4"))
+    return {"count": col.count()}
+
+
+def grow(dest: str, *, batches: int, batch: int, dim: int = 8, fsize_limit: int = 0) -> int:
+    """Run :func:`_child_grow` in a plain chromadb child; returns its exit status."""
+    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
+    arg = {"path": dest, "batches": batches, "batch": batch, "dim": dim}
+    arg["fsize_limit"] = fsize_limit
+    proc = subprocess.run(
+        [sys.executable, HERE, "grow", json.dumps(arg)],
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+    return proc.returncode
+
+
+def _child_script(p: dict[str, Any]) -> dict[str, Any]:
+    """Run ``p["ops"]`` on collection ``coll``: each ``[op, ids, generation]``.
+
+    ``op`` is add / upsert / update / delete; vectors are ``vectors("ops", ...)`` of the given
+    generation, one per id number (ids are ``"coll-<n>"``), so the caller knows them.
+    """
+    col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
+    col.count()  # read first: the write-before-read bug of chromadb 1.5.9 (issue 13 part 3)
+    top = max((max(ids) for _op, ids, _g in p["ops"] if ids), default=0) + 1
+    for op, nums, gen in p["ops"]:
+        ids = [f"coll-{n}" for n in nums]
+        vec = vectors("ops", top, p["dim"], gen)[nums] if nums else None
+        if op == "delete":
+            col.delete(ids=ids)
+        else:
+            getattr(col, op)(
+                ids=ids, embeddings=vec, documents=[f"doc {op} {gen} {n}" for n in nums]
+            )
+    return {"count": col.count()}
+
+
+def run_ops(dest: str, ops: list[Any], *, dim: int = 8) -> dict[str, Any]:
+    """Apply ``ops`` (see :func:`_child_script`) with plain chromadb in a child."""
+    res: dict[str, Any] = _run_child("script", {"path": dest, "ops": ops, "dim": dim})
+    return res
+
+
+def _child_probe(p: dict[str, Any]) -> dict[str, Any]:
+    """What plain chromadb says about ``coll``: each call's result or its error."""
+    out: dict[str, Any] = {}
+
+    def attempt(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out[name + "_error"] = f"{type(e).__name__}: {e}"
+
+    col = _child_client(p["path"]).get_collection("coll", embedding_function=None)
+    attempt("count", col.count)
+    attempt("ids", lambda: sorted(col.get(include=[])["ids"]))
+    attempt("embeddings", lambda: len(col.get(include=["embeddings"])["ids"]))
+    if p.get("near"):
+        attempt("near", lambda: col.query(query_embeddings=[p["near"]], n_results=1)["ids"][0])
+    return out
+
+
+def probe(dest: str, near: list[float] | None = None) -> dict[str, Any]:
+    """Run :func:`_child_probe` in a plain chromadb child (on ``dest`` itself: it may write)."""
+    res: dict[str, Any] = _run_child("probe", {"path": dest, "near": near})
+    return res
+
+
 def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
     client = _child_client(p["path"])
     out: dict[str, Any] = {}
@@ -580,6 +730,76 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _child_torn_flush(p: dict[str, Any]) -> dict[str, Any]:
+    dest = p["path"]
+    client = _child_client(dest)
+    client.heartbeat()
+    con = sqlite3.connect(os.path.join(dest, "chroma.sqlite3"))
+    con.execute(
+        "INSERT OR REPLACE INTO embeddings_queue_config (id, config_json_str) VALUES (1, ?)",
+        (
+            json.dumps(
+                {"automatically_purge": False, "_type": "EmbeddingsQueueConfigurationInternal"}
+            ),
+        ),
+    )
+    con.commit()
+    col = client.create_collection(
+        "coll",
+        configuration={"hnsw": {"sync_threshold": 50, "batch_size": 50}},
+        embedding_function=None,
+    )
+    col.count()  # read before the first write (issue 13: a first read after writes re-applies)
+    seg = con.execute(
+        "SELECT id FROM segments WHERE collection = ? AND scope = 'VECTOR'", (str(col.id),)
+    ).fetchone()[0]
+
+    def flushed() -> int:
+        row = con.execute("SELECT seq_id FROM max_seq_id WHERE segment_id = ?", (seg,)).fetchone()
+        return int(row[0]) if row else 0
+
+    rng = random.Random(p["seed"])
+    n_ids = p["ids"]
+
+    def vec(i: int, v: int) -> list[float]:
+        r = np.random.default_rng(zlib.crc32(f"{i}/{v}".encode()))
+        return [float(x) for x in r.uniform(-1, 1, 8).astype(np.float32)]
+
+    flushes: list[int] = []
+    v = 0
+    snap = os.path.join(dest, ".safechroma", "labelmaps", f"{seg}.pickle")
+    while len(flushes) < 4:
+        v += 1
+        op = rng.choices(["add", "upsert", "update", "delete"], [4, 3, 2, 1])[0]
+        batch = rng.sample(range(n_ids), rng.randint(1, 8))
+        rid = [f"r{i}" for i in batch]
+        if op == "delete":
+            col.delete(ids=rid)
+        else:
+            getattr(col, op)(
+                ids=rid,
+                embeddings=[vec(i, v) for i in batch],
+                documents=[f"r{i} v{v}" for i in batch],
+            )
+        f = flushed()
+        if not flushes or f != flushes[-1]:
+            if f:
+                flushes.append(f)
+                if len(flushes) == 1 and p["snapshot"]:
+                    os.makedirs(os.path.dirname(snap), exist_ok=True)
+                    with open(os.path.join(dest, seg, "index_metadata.pickle"), "rb") as src:
+                        data = src.read()
+                    with open(snap, "wb") as out:
+                        out.write(data)
+    got = col.get(include=["documents", "embeddings"])
+    expected = {
+        i: [d, [float(x) for x in e]]
+        for i, d, e in zip(got["ids"], got["documents"], got["embeddings"], strict=True)
+    }
+    con.close()
+    return {"expected": expected, "V": flushes[-2], "T": flushes[-1], "segment": seg}
+
+
 if __name__ == "__main__":
     cmd, arg = sys.argv[1], json.loads(sys.argv[2])
     fn = {
@@ -588,6 +808,10 @@ if __name__ == "__main__":
         "slow_writer": _child_slow_writer,
         "readd": _child_readd,
         "verify": _child_verify,
+        "grow": _child_grow,
+        "script": _child_script,
+        "probe": _child_probe,
+        "torn_flush": _child_torn_flush,
     }[cmd]
     res = fn(arg)
     print("RESULT " + json.dumps(res), flush=True)

@@ -25,6 +25,7 @@ __version__ = "0.1.0.dev0"
 _EXPORTS = {
     "AsyncSafeClient": ".api.aio",
     "AsyncSafeCollection": ".api.aio",
+    "AsyncSafeHttpClient": ".api.http",
     "BreakerPolicy": "._policy",
     "ChromaPanicError": "._errors",
     "ClientClosedError": "._errors",
@@ -35,6 +36,8 @@ _EXPORTS = {
     "Event": "._policy",
     "Finding": ".storage.hnsw",
     "HookContext": "._policy",
+    "HttpStats": ".api.http",
+    "IncompatibleDirectoryError": "._errors",
     "Options": "._policy",
     "PoisonRequestError": "._errors",
     "ProtocolError": "._errors",
@@ -44,6 +47,11 @@ _EXPORTS = {
     "SafeChromaError": "._errors",
     "SafeClient": ".api.client",
     "SafeCollection": ".api.collection",
+    "SafeHttpClient": ".api.http",
+    "ServeError": "._errors",
+    "ServerError": "._errors",
+    "ServerTimeoutError": "._errors",
+    "ServerUnavailableError": "._errors",
     "Stats": "._policy",
     "WorkerCrashedError": "._errors",
     "WorkerError": "._errors",
@@ -59,6 +67,7 @@ _EXPORTS = {
 __all__ = [
     "AsyncSafeClient",
     "AsyncSafeCollection",
+    "AsyncSafeHttpClient",
     "BreakerPolicy",
     "ChromaPanicError",
     "ClientClosedError",
@@ -69,6 +78,8 @@ __all__ = [
     "Event",
     "Finding",
     "HookContext",
+    "HttpStats",
+    "IncompatibleDirectoryError",
     "Options",
     "PoisonRequestError",
     "ProtocolError",
@@ -78,6 +89,11 @@ __all__ = [
     "SafeChromaError",
     "SafeClient",
     "SafeCollection",
+    "SafeHttpClient",
+    "ServeError",
+    "ServerError",
+    "ServerTimeoutError",
+    "ServerUnavailableError",
     "Stats",
     "WorkerCrashedError",
     "WorkerError",
@@ -111,11 +127,16 @@ if _typing.TYPE_CHECKING:
         ClientClosedError,
         CrashLoopError,
         DirectoryLockedError,
+        IncompatibleDirectoryError,
         PoisonRequestError,
         ProtocolError,
         RecoveryError,
         RemoteError,
         SafeChromaError,
+        ServeError,
+        ServerError,
+        ServerTimeoutError,
+        ServerUnavailableError,
         WorkerCrashedError,
         WorkerError,
         WorkerStartError,
@@ -125,6 +146,7 @@ if _typing.TYPE_CHECKING:
     from .api.aio import AsyncSafeClient, AsyncSafeCollection
     from .api.client import SafeClient
     from .api.collection import SafeCollection
+    from .api.http import AsyncSafeHttpClient, HttpStats, SafeHttpClient
     from .storage.hnsw import Finding
     from .storage.recovery import RepairReport, apply_salvage, keep_full_wal, repair_directory
     from .storage.validate import CollectionReport, DirectoryReport, check_directory

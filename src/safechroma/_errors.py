@@ -14,8 +14,15 @@ worker reach the caller as the same type; everything below is about the worker i
     │   └── PoisonRequestError               this exact call killed workers again and again
     ├── CrashLoopError                       too many deaths in a short time: breaker is open
     ├── RecoveryError                        the directory is damaged and recovery failed
+    ├── IncompatibleDirectoryError           a newer chromadb wrote it: not opened, not touched
     ├── ChromaPanicError                     Chroma's Rust core panicked (the worker is replaced)
-    └── RemoteError                          an error of a type the caller will not rebuild
+    ├── RemoteError                          an error of a type the caller will not rebuild
+    ├── ServerError                          a Chroma server broke under a SafeHttpClient
+    │   ├── ServerUnavailableError           it refused or dropped the connection
+    │   └── ServerTimeoutError (TimeoutError)  it did not answer within the deadline
+    └── ServeError                           `safechroma serve` could not start Chroma's server
+
+``CrashLoopError`` is also what a ``SafeHttpClient`` raises while its breaker is open.
 
 Every exception pickles, so it can cross process boundaries (``__reduce__`` rebuilds it from
 its constructor arguments).
@@ -31,11 +38,16 @@ __all__ = [
     "ClientClosedError",
     "CrashLoopError",
     "DirectoryLockedError",
+    "IncompatibleDirectoryError",
     "PoisonRequestError",
     "ProtocolError",
     "RecoveryError",
     "RemoteError",
     "SafeChromaError",
+    "ServeError",
+    "ServerError",
+    "ServerTimeoutError",
+    "ServerUnavailableError",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerStartError",
@@ -85,6 +97,8 @@ class DirectoryLockedError(SafeChromaError):
     Attributes:
         path: the persist directory.
         lock_path: the lock file that is held.
+        address: when ``safechroma serve`` holds it, the address it serves (connect with
+            ``safechroma.SafeHttpClient``); otherwise absent.
     """
 
     path: str
@@ -187,6 +201,28 @@ class RecoveryError(SafeChromaError):
     report: Any
 
 
+class IncompatibleDirectoryError(SafeChromaError):
+    """The directory was written by a newer chromadb than the installed one.
+
+    Its SQLite schema has migrations the installed chromadb does not know (chroma#5909).
+    chromadb 1.5.9 would open it anyway and write into a schema it does not understand, so no
+    worker is started, no repair is attempted and nothing in the directory is written.
+    Upgrade chromadb, or open the directory with the version that wrote it.
+
+    Attributes:
+        path: the persist directory.
+        installed_version: the installed chromadb's version.
+        directory_schema: highest migration version per migration dir in the directory.
+        unknown_migrations: the migrations the installed chromadb lacks
+            (``"dir version filename"``).
+    """
+
+    path: str
+    installed_version: str | None
+    directory_schema: dict[str, int]
+    unknown_migrations: list[str]
+
+
 class ChromaPanicError(SafeChromaError, RuntimeError):
     """Chroma's Rust core panicked (``pyo3_runtime.PanicException``) during the call.
 
@@ -208,3 +244,61 @@ class RemoteError(SafeChromaError):
     """
 
     type_name: str
+
+
+class ServerError(SafeChromaError):
+    """A Chroma server (``chroma run``, ``safechroma serve``, a distributed or cloud deployment)
+    failed a ``SafeHttpClient`` call; Chroma's own errors (``NotFoundError``, ...) are not this.
+
+    Attributes:
+        url: the server's API address.
+        operation: what was in flight, e.g. ``"query"`` or ``"add"``.
+        outcome_unknown: True when a write reached the server and no answer came back, so it
+            may or may not have been applied (writes are not replayed unless the client was
+            built with ``replay_writes=True``; check with ``get`` before retrying).
+        attempts: how many times the request was sent or tried.
+    """
+
+    url: str
+    operation: str
+    outcome_unknown: bool
+    attempts: int
+
+
+class ServerUnavailableError(ServerError):
+    """The server refused the connection for longer than the client waits for a restart, or
+    dropped it in the middle of a call.
+
+    Attributes:
+        cause: ``"refused"`` (nothing was sent: down, restarting, wrong address) or
+            ``"dropped"`` (the connection closed before the answer: the server died or was
+            restarted mid-call).
+    """
+
+    cause: str
+
+
+class ServerTimeoutError(ServerError, TimeoutError):
+    """No answer within the call's deadline (``timeout=`` or ``safechroma.call_timeout``).
+
+    The server may be hung (a stopped process, a locked SQLite) or just slow; the client
+    stays usable, and ``safechroma serve``'s health watchdog restarts a server that stays hung.
+
+    Attributes:
+        timeout: the deadline in seconds that passed.
+    """
+
+    timeout: float
+
+
+class ServeError(SafeChromaError):
+    """``safechroma serve`` could not run Chroma's server (``CrashLoopError`` and
+    ``RecoveryError`` say when it gave up after deaths or damage).
+
+    Attributes:
+        reason: ``"port_in_use"``, ``"start_failed"`` or ``"not_a_directory"``.
+        address: the address it was to serve, e.g. ``"http://127.0.0.1:8000"``.
+    """
+
+    reason: str
+    address: str

@@ -1,8 +1,9 @@
-"""``safechroma`` command line: check, repair, info, demo. The only module that prints.
+"""``safechroma`` command line: check, repair, info, serve, demo. The only module that prints.
 
 Exit codes: 0 healthy / done, 1 damaged (``check``), repair incomplete, or records removed by
 the repair (their vectors existed nowhere; saved for re-adding), 2 cannot check
-(not a Chroma directory, SQLite busy, directory locked by another process).
+(not a Chroma directory, SQLite busy, directory locked by another process), 3 written by a
+newer chromadb than the installed one (nothing checked further, nothing changed).
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def _progress(step: str, details: dict[str, Any]) -> None:
 
 
 def _print_check(rep: DirectoryReport, out: TextIO) -> None:
-    mark = {"healthy": "OK", "damaged": "DAMAGED", "unknown": "UNKNOWN"}
+    mark = {
+        "healthy": "OK",
+        "damaged": "DAMAGED",
+        "unknown": "UNKNOWN",
+        "incompatible": "INCOMPATIBLE",
+    }
     out.write(
         f"{mark[rep.status]}  {rep.path}  ({rep.elapsed_s * 1000:.0f} ms, sqlite "
         f"{rep.sqlite_status})\n"
@@ -76,7 +82,7 @@ def _cmd_check(a: argparse.Namespace) -> int:
         print(json.dumps(rep.to_dict(), indent=1))
     else:
         _print_check(rep, sys.stdout)
-    return {"healthy": 0, "damaged": 1, "unknown": 2}[rep.status]
+    return {"healthy": 0, "damaged": 1, "unknown": 2, "incompatible": 3}[rep.status]
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
@@ -124,9 +130,9 @@ def _cmd_repair(a: argparse.Namespace) -> int:
         return 2
     try:
         before = check_directory(path, wal_coverage=True)
-        if before.status == "unknown":
+        if before.status in ("unknown", "incompatible"):
             _print_check(before, sys.stderr)
-            return 2
+            return 2 if before.status == "unknown" else 3
         rep = repair_directory(path, before, dry_run=a.dry_run, progress=_progress)
         pending = [] if a.dry_run else pending_salvage_files(path)
         applied: list[dict[str, Any]] = []
@@ -183,6 +189,89 @@ def _cmd_repair(a: argparse.Namespace) -> int:
         os.close(fd)
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    """``safechroma serve PATH``: Chroma's server on PATH, supervised, until SIGTERM/SIGINT.
+
+    Exit 0 after a requested stop; 1 when it gave up (crash loop, damage it could not repair,
+    Chroma would not start); 2 when it could not begin (port in use, directory in use, a
+    directory written by a newer chromadb).
+    """
+    import datetime
+    import signal
+
+    from safechroma._errors import (
+        CrashLoopError,
+        DirectoryLockedError,
+        IncompatibleDirectoryError,
+        RecoveryError,
+        ServeError,
+    )
+    from safechroma._policy import Event
+    from safechroma.server import ServeOptions, Server, describe
+
+    def log(event: Event) -> None:
+        stamp = datetime.datetime.fromtimestamp(event.time, datetime.UTC)
+        sys.stderr.write(f"{stamp:%Y-%m-%dT%H:%M:%S}Z safechroma serve: {describe(event)}\n")
+        if event.kind == "chroma_died" and event.detail.get("log_tail", "").strip():
+            for line in event.detail["log_tail"].strip().splitlines()[-15:]:
+                sys.stderr.write(f"    | {line}\n")
+        sys.stderr.flush()
+        if event.kind == "chroma_ready":
+            print(f"serving {a.path} at {event.detail['address']}", flush=True)
+
+    options = ServeOptions(
+        host=a.host,
+        port=a.port,
+        stop_grace=a.stop_grace,
+        health_interval=a.health_interval,
+        health_timeout=a.health_timeout,
+        health_grace=a.health_grace,
+        health_failures=a.health_failures,
+        on_event=log,
+    )
+    server = Server(a.path, options)
+    previous = {
+        sig: signal.signal(sig, lambda _signo, _frame: server.stop())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        server.run()
+    except (DirectoryLockedError, IncompatibleDirectoryError, ServeError) as exc:
+        print(f"safechroma serve: error: {exc}", file=sys.stderr)
+        return 1 if getattr(exc, "reason", None) == "start_failed" else 2
+    except (CrashLoopError, RecoveryError) as exc:
+        print(f"safechroma serve: gave up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="run Chroma's server on a directory, supervised (repair, restart, watchdog)",
+    )
+    s.add_argument("path")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--stop-grace", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
+    s.add_argument(
+        "--health-interval", type=float, default=5.0, help="seconds between health checks"
+    )
+    s.add_argument(
+        "--health-timeout", type=float, default=10.0, help="seconds one health check may take"
+    )
+    s.add_argument(
+        "--health-grace", type=float, default=30.0, help="seconds after a start not counted"
+    )
+    s.add_argument(
+        "--health-failures", type=int, default=3, help="failed checks in a row before a restart"
+    )
+    s.set_defaults(fn=_cmd_serve)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -213,5 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
     sub.add_parser("demo", help="run the crash-safety demo")
+    _add_serve(sub)
     a = ap.parse_args(args)
     return int(a.fn(a))

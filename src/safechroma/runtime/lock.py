@@ -46,6 +46,18 @@ class DirectoryLock:
                     raise
                 if time.monotonic() >= give_up:
                     os.close(fd)
+                    served = _served_at(self.lock_path)
+                    if served is not None:
+                        pid, address = served
+                        raise DirectoryLockedError(
+                            f"{path} is served by `safechroma serve` at {address} "
+                            f"(pid {pid}); connect to it with "
+                            "safechroma.SafeHttpClient(host, port) instead of opening the "
+                            "directory (Chroma is not safe with two owners).",
+                            path=path,
+                            lock_path=self.lock_path,
+                            address=address,
+                        ) from None
                     raise DirectoryLockedError(
                         f"{path} is in use by another process (it holds {self.lock_path}); "
                         "Chroma is not safe with two owners. Close the other program, or pass "
@@ -63,3 +75,14 @@ class DirectoryLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _served_at(lock_path: str) -> tuple[str, str] | None:
+    """(pid, address) when ``safechroma serve`` holds the lock: it writes "<pid>\nserve <url>"."""
+    try:
+        with open(lock_path) as f:
+            holder = f.read().split("\n")
+    except OSError:
+        return None
+    served = [ln[6:] for ln in holder if ln.startswith("serve ")]
+    return (holder[0], served[0]) if served else None

@@ -68,6 +68,7 @@ from .._errors import (
     signal_name,
 )
 from .._policy import Event, HookContext, Options, Stats
+from ..storage import wal
 from .breaker import Breaker
 from .channels import ChannelPool
 from .lock import LOCK_NAME, DirectoryLock
@@ -727,7 +728,7 @@ class Supervisor:
         self._emit(
             "worker_died",
             process.pid,
-            operation=None,
+            operation="no call (between calls)",
             signal=sig or "exit",
             exitcode=code,
             served=process.served,
@@ -849,6 +850,11 @@ class Supervisor:
             max(1, self.breaker.consecutive),
         )
         report = validator(ctx)
+        if getattr(report, "status", None) == "incompatible":
+            # A newer chromadb wrote it (chroma#5909): no worker, no repair, nothing written.
+            from ..storage.validate import incompatible_error
+
+            raise incompatible_error(report)
         healthy = not _is_damaged(report)
         self._emit("validated", None, healthy=healthy, report=report, reason=reason)
         if healthy:
@@ -887,6 +893,7 @@ class Supervisor:
         self._emit("recovered", None, report=result)
 
     def _start(self) -> None:
+        wal.maintain(self.path)  # no worker has the directory open: compact the kept WAL
         process = self._take_standby() or self._spawn()
         gen = _Generation(process)
         settings, tenant, database = self.primary
@@ -1058,6 +1065,7 @@ class Supervisor:
             if standby is not None:
                 standby.kill()
                 standby.close()
+            wal.maintain(self.path)  # the worker is gone, the lock still held
             self.dir_lock.release()
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -1114,11 +1122,13 @@ _RSS_CHECK_EVERY: Final = 1.0
 def file_size_limit(path: str, setting: int | str | None) -> int | None:
     """The largest file the worker may write (``RLIMIT_FSIZE``), from ``Options.max_file_bytes``.
 
-    ``"auto"``: the largest file in the directory now plus half the free space of its file
-    system (at least 64 MiB more), so that a runaway write (chroma-core/chroma#7510: a
-    ``link_lists.bin`` grown to 231 GiB) fails in the worker with ``EFBIG`` instead of filling
-    the disk, while legitimate growth within one worker's life has room. Each new worker
-    recomputes it.
+    ``"auto"``: the smaller of two bounds, so that a runaway write (chroma-core/chroma#7510: a
+    ``link_lists.bin`` grown to 231 GiB) kills the worker instead of filling the disk, while
+    legitimate growth within one worker's life has room. One is what the index geometry can
+    explain (:func:`safechroma.storage.limits.plausible_max_file_bytes`: a million more
+    records, twice over); the other keeps the disk: the largest file in the directory now plus
+    half the free space of its file system (at least 64 MiB more). Each new worker recomputes
+    it.
     """
     if setting is None:
         return None
@@ -1131,12 +1141,14 @@ def file_size_limit(path: str, setting: int | str | None) -> int | None:
                 largest = max(largest, os.path.getsize(os.path.join(root, name)))
             except OSError:
                 continue
+    from ..storage.limits import plausible_max_file_bytes
+
     try:
         st = os.statvfs(path)
         free = st.f_bavail * st.f_frsize
     except OSError:
         return None
-    return largest + max(64 << 20, free // 2)
+    return min(largest + max(64 << 20, free // 2), plausible_max_file_bytes(path))
 
 
 # Exchanges that are not a caller's call: a worker that only did these made no progress.

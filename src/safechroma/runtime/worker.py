@@ -32,6 +32,7 @@ import time
 import traceback
 from typing import Any, Final
 
+from ..storage import wal
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
 
@@ -182,6 +183,7 @@ class _Worker:
             client = chromadb.PersistentClient(
                 path=path, settings=settings, tenant=tenant, database=database
             )
+            wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
         handle = self.next_handle
         self.handles[handle] = client
         return ("client", handle, str(chromadb.__version__))
@@ -314,18 +316,25 @@ def _exit() -> None:
     os._exit(0)
 
 
-def _limit_memory(limit: int | None) -> None:
+def _set_limit(which: int, limit: int | None) -> None:
+    """Lower the soft limit ``which`` to ``limit`` (never above the hard limit)."""
     if not limit:
         return
+    import resource
+
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(which, (limit, hard))
+
+
+def _limit_memory(limit: int | None) -> None:
     import resource
 
     # An address-space ceiling turns a runaway allocation (a corrupt header with huge counts
     # makes hnswlib allocate without bound, CHROMA_FACTS.md section 3) into a failed malloc in
     # this process instead of memory pressure on the whole machine.
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    _set_limit(resource.RLIMIT_AS, limit)
 
 
 def _limit_file_size(limit: int | None) -> None:
@@ -333,13 +342,12 @@ def _limit_file_size(limit: int | None) -> None:
         return
     import resource
 
-    # A runaway write (chroma-core/chroma#7510) then fails with EFBIG in this process (CPython
-    # ignores SIGXFSZ, so the write raises instead of the signal killing the process), and the
-    # disk keeps its free space. The supervisor derives the limit from the directory.
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    # A runaway write (chroma-core/chroma#7510) then kills this process with SIGXFSZ, and the
+    # disk keeps its free space. CPython starts with SIGXFSZ ignored, which would turn the
+    # signal into an EFBIG that hnswlib does not check (a silently torn file): restore the
+    # default action, so the supervisor sees a death and validates the directory.
+    _set_limit(resource.RLIMIT_FSIZE, limit)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
 def main(info: dict[str, Any]) -> None:

@@ -33,10 +33,15 @@ __all__ = [
     "HnswHeader",
     "SegmentReport",
     "Salvage",
+    "LiveElements",
     "UnsafePickleError",
     "check_segment",
+    "max_plausible_level",
+    "plausible_link_lists_bytes",
     "read_header",
     "read_index_metadata",
+    "read_label_map",
+    "read_live_elements",
     "salvage_vectors",
 ]
 
@@ -143,6 +148,11 @@ class SegmentReport:
     has_pickle: bool = False
     pickle_ids: int | None = None
     findings: list[Finding] = field(default_factory=list)
+    # Labels of the live elements in file order (deep check only), kept for the WAL replay
+    # check of safechroma.storage.validate; not part of the report's JSON.
+    _live_labels: npt.NDArray[np.uint64] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def healthy(self) -> bool:
@@ -418,7 +428,7 @@ def _check_segment(
         return rep
     rep.header = h
     rep.element_count = cur = h.cur_element_count
-    hf = _header_findings(h, hfile, expected_dim)
+    hf = _header_findings(h, hfile, expected_dim) or _level_bound_findings(h, hfile)
     rep.findings.extend(hf)
     if hf:
         # Offsets are wrong, so every later computation would read garbage: stop here.
@@ -459,6 +469,8 @@ def _check_segment(
                 lfile,
             )
         )
+    if kfile in sizes:
+        rep.findings.extend(_links_size_findings(h, sizes[kfile], kfile))
     if kfile in sizes and sizes[kfile] % 4:
         add(
             Finding(
@@ -533,6 +545,7 @@ def _check_segment(
         return rep
     deleted, too_many, first_bad, oob, first_oob, self_links, labels_all = scan
     rep.deleted_count = deleted
+    rep._live_labels = labels_all
     if too_many:
         add(
             Finding(
@@ -726,12 +739,25 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     """
     add = rep.findings.append
     cur = h.cur_element_count
+    limit = plausible_link_lists_bytes(cur, h.max_m)
     try:
         with open(kfile, "rb") as f:
-            words = np.frombuffer(f.read(), dtype="<u4")
+            # Never more than a healthy index of this size can hold (issue 13, chroma#7510): the
+            # size was checked against the same bound, this also covers a file grown meanwhile.
+            raw = f.read(limit + 1)
     except OSError as e:
         add(Finding("links_unreadable", f"cannot read link_lists.bin: {e}", kfile))
         return
+    if len(raw) > limit or len(raw) % 4:
+        add(
+            Finding(
+                "links_size_implausible",
+                f"link_lists.bin grew past {limit} bytes while it was read",
+                kfile,
+            )
+        )
+        return
+    words = np.frombuffer(raw, dtype="<u4")
     n = words.size
     slpe = h.size_links_per_element
     slpe_words = slpe // 4
@@ -816,6 +842,10 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
     elem_ids = elem
     starts = heads + 1
     levels = head_bytes // slpe
+    over = _levels_over_header(levels, elem_ids, h)
+    if over is not None:
+        add(Finding("links_level", over, kfile))
+        return
 
     lv = np.asarray(levels, dtype=np.int64)
     max_level = int(lv.max()) if lv.size else 0
@@ -869,6 +899,86 @@ def _walk_link_lists(kfile: str, h: HnswHeader, rep: SegmentReport) -> None:
         )
 
 
+# ---- bounds that hold for every index hnswlib can write (issue 13: chroma#7510) -------------
+#
+# hnswlib draws an element's level as ``int(-ln(U) * mult)`` with ``mult = 1/ln(M)`` (the header
+# check enforces it) and U uniform in (0, 1). U comes from a generator of at most 64 bits, so
+# ``-ln(U) <= 64 ln 2`` and no level exceeds ``64 ln 2 / ln M``. P(level >= l) = M**-l: the
+# number of upper-level blocks of ``cur`` elements is a sum of geometric variables with mean
+# ``cur/(M-1)`` and variance ``cur*M/(M-1)**2``. The bound below allows three times the mean
+# plus twenty standard deviations plus four maximal elements: a healthy index exceeds it with
+# a probability far below that of a disk error, a runaway record (chroma#7510: 231 GiB;
+# MemPalace#1046: one 2.5 GB ``linkListSize``) exceeds it at once.
+
+
+def max_plausible_level(m: int) -> int:
+    """The highest level hnswlib can give an element of an index with ``M = m`` (m >= 2)."""
+    return int(64 * math.log(2) / math.log(max(2, m))) + 1
+
+
+def plausible_link_lists_bytes(cur: int, m: int) -> int:
+    """Upper bound on the size of a healthy ``link_lists.bin`` holding ``cur`` elements.
+
+    Each element takes a 4-byte size word, plus ``maxM*4+4`` bytes per level above 0.
+    """
+    m = max(2, m)
+    mean = cur / (m - 1)
+    sd = math.sqrt(cur * m) / (m - 1)
+    blocks = int(3 * mean + 20 * sd) + 4 * max_plausible_level(m)
+    return 4 * cur + blocks * (m * 4 + 4)
+
+
+def _level_bound_findings(h: HnswHeader, hfile: str) -> list[Finding]:
+    """The header's ``maxlevel`` against the highest level hnswlib can draw."""
+    top = max_plausible_level(h.m)
+    if h.maxlevel > top:
+        return [
+            Finding(
+                "header_maxlevel",
+                f"maxlevel={h.maxlevel} is higher than any level hnswlib draws with M={h.m} "
+                f"(at most {top})",
+                hfile,
+            )
+        ]
+    return []
+
+
+def _links_size_findings(h: HnswHeader, size: int, kfile: str) -> list[Finding]:
+    """``link_lists.bin`` larger than any healthy index of ``cur`` elements: refuse to read it.
+
+    Checked from ``stat`` alone (shallow checks too), before anything reads the file: a runaway
+    file can be hundreds of GB, and hnswlib would allocate each bogus record when loading it.
+    """
+    limit = plausible_link_lists_bytes(h.cur_element_count, h.max_m)
+    if size > limit:
+        return [
+            Finding(
+                "links_size_implausible",
+                f"link_lists.bin is {size} bytes; {h.cur_element_count} elements with M={h.m} "
+                f"hold at most {limit}: a link-list size the header does not allow",
+                kfile,
+            )
+        ]
+    return []
+
+
+def _levels_over_header(
+    levels: npt.NDArray[Any], elem_ids: npt.NDArray[Any], h: HnswHeader
+) -> str | None:
+    """The first link list with more levels than the header's ``maxlevel`` allows, described."""
+    if not levels.size:
+        return None
+    bad = np.flatnonzero(levels > max(h.maxlevel, 0))
+    if not bad.size:
+        return None
+    i = int(bad[0])
+    return (
+        f"{bad.size} link lists have more levels than maxlevel={h.maxlevel} (first: element "
+        f"{int(elem_ids[i])}, {int(levels[i])} levels, {int(levels[i]) * h.size_links_per_element}"
+        " bytes)"
+    )
+
+
 @dataclass
 class Salvage:
     """Vectors read back from a damaged segment.
@@ -887,59 +997,41 @@ class Salvage:
     unmapped_labels: int = 0
 
 
-def salvage_vectors(
-    path: str | os.PathLike[str],
-    *,
-    space: str,
-    dim: int | None = None,
-    m: int = 16,
-    label_map_file: str | os.PathLike[str] | None = None,
-) -> Salvage:
-    """Read every structurally intact, live vector from a segment and map it to its id.
+@dataclass
+class LiveElements:
+    """Every structurally intact, live element of ``data_level0.bin``, in label order.
 
-    "Intact" means: the element's bytes are fully inside ``data_level0.bin``, its deleted flag
-    is clear, all components are finite, its label is unique and the pickle maps it to an id.
-    When the header is unusable, the layout is recomputed from ``dim`` and ``m`` (the
-    collection's dimension and ``max_neighbors`` from SQLite) and every slot is tried.
+    Attributes:
+        labels: uint64 labels, ascending and unique (a label stored twice is dropped: it is
+            ambiguous).
+        vectors: float32 ``(len(labels), dim)``, rescaled by ``length.bin`` for cosine.
+        stored: the vectors exactly as the index stores them (normalised for cosine), for
+            comparing with a WAL vector.
+        cur: ``cur_element_count`` of a usable header, or ``None`` (layout recomputed).
+        skipped: Reason -> number of slots not read.
+    """
 
-    Args:
-        path: Segment directory.
-        space: ``"l2"``, ``"cosine"`` or ``"ip"``.
-        dim: Collection dimension (fallback when the header is unusable).
-        m: HNSW ``M`` (fallback when the header is unusable).
-        label_map_file: An older copy of this segment's ``index_metadata.pickle``, used when
-            the segment's own pickle is unreadable. chromadb 1.5.9 rewrites the pickle in place
-            (truncate, then write, no fsync), so a kill in between leaves it empty and every
-            label unmappable (issue 7 soak: 664 records). An older map is safe for the labels
-            it has: labels are never reassigned (updates keep their label, a re-add gets a new
-            one, measured), and a deleted element's slot is skipped by its flag; labels newer
-            than the copy stay unmapped (``Salvage.unmapped_labels``).
+    labels: npt.NDArray[np.uint64]
+    vectors: npt.NDArray[np.float32]
+    stored: npt.NDArray[np.float32]
+    cur: int | None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def read_live_elements(
+    path: str | os.PathLike[str], *, space: str, dim: int | None = None, m: int = 16
+) -> LiveElements | None:
+    """Read every intact, live element of a segment (no label map needed).
+
+    "Intact": the element's bytes are fully inside ``data_level0.bin``, its deleted flag is
+    clear and all its components are finite. When the header is unusable the layout is
+    recomputed from ``dim`` and ``m`` and every slot is tried.
 
     Returns:
-        A :class:`Salvage`; empty when the pickle is unreadable (labels cannot be mapped).
+        The elements, or ``None`` when no layout or no data file is available.
     """
     seg = os.fspath(path)
     skipped: dict[str, int] = {}
-    empty = Salvage(ids=[], vectors=np.zeros((0, dim or 0), np.float32), skipped=skipped)
-    label_to_id: dict[Any, Any] | None = None
-    for n, source in enumerate([os.path.join(seg, PICKLE_FILE), label_map_file]):
-        if source is None:
-            continue
-        try:
-            meta = read_index_metadata(source)
-            label_to_id = meta["label_to_id"]
-            if not isinstance(label_to_id, dict):
-                raise ValueError("label_to_id is not a dict")
-        except Exception:  # noqa: BLE001 - untrusted file: any failure means "no mapping"
-            label_to_id = None
-            continue
-        if n:
-            skipped["snapshot_label_map"] = 1
-        break
-    if label_to_id is None:
-        skipped["no_label_map"] = -1
-        return empty
-
     header: HnswHeader | None
     try:
         header = read_header(os.path.join(seg, HEADER_FILE))
@@ -962,14 +1054,11 @@ def salvage_vectors(
         sdpe = lab_off + 8
         limit = None
     else:
-        skipped["no_layout"] = -1
-        return empty
-
+        return None
     try:
         dsize = os.stat(os.path.join(seg, DATA_FILE)).st_size
     except OSError:
-        skipped["no_data_file"] = -1
-        return empty
+        return None
     slots = dsize // sdpe
     if limit is not None and limit > slots:
         skipped["beyond_end_of_file"] = limit - slots
@@ -983,11 +1072,9 @@ def salvage_vectors(
         except OSError:
             norms = None
 
-    ids: list[str] = []
-    vecs: list[npt.NDArray[np.float32]] = []
-    seen: dict[int, int] = {}
-    dup_labels: set[int] = set()
-    unmapped = 0
+    lab_parts: list[npt.NDArray[np.uint64]] = []
+    vec_parts: list[npt.NDArray[np.float32]] = []
+    raw_parts: list[npt.NDArray[np.float32]] = []
     with open(os.path.join(seg, DATA_FILE), "rb") as f:
         for start in range(0, n, _CHUNK_ELEMENTS):
             k = min(_CHUNK_ELEMENTS, n - start)
@@ -996,12 +1083,13 @@ def salvage_vectors(
             if k == 0:
                 break
             flags = _strided(buf, k, sdpe, 2, "u1")
-            vec = np.array(_strided(buf, k, sdpe, off, "<f4", d), dtype=np.float32)
+            raw = np.array(_strided(buf, k, sdpe, off, "<f4", d), dtype=np.float32)
             labels = np.array(_strided(buf, k, sdpe, lab_off, "<u8"), dtype=np.uint64)
             alive = (flags & 1) == 0
-            finite = np.isfinite(vec).all(axis=1)
+            finite = np.isfinite(raw).all(axis=1)
             skipped["deleted"] = skipped.get("deleted", 0) + int((~alive).sum())
             skipped["non_finite"] = skipped.get("non_finite", 0) + int((alive & ~finite).sum())
+            vec = raw.copy()
             if norms is not None:
                 nn = norms[start : start + k]
                 if nn.size == k:
@@ -1012,25 +1100,110 @@ def salvage_vectors(
                         scaled = vec * nn[:, None]
                     good &= np.isfinite(scaled).all(axis=1)
                     vec[good] = scaled[good]
-            for i in np.flatnonzero(alive & finite):
-                lab = int(labels[i])
-                ident = label_to_id.get(lab)
-                if not isinstance(ident, str):
-                    unmapped += 1
-                    continue
-                if lab in seen:
-                    dup_labels.add(lab)
-                    continue
-                seen[lab] = len(ids)
-                ids.append(ident)
-                vecs.append(vec[i])
-    if dup_labels:
-        # A label stored twice is ambiguous: keep neither copy.
-        drop = {seen[lab] for lab in dup_labels}
-        ids = [x for i, x in enumerate(ids) if i not in drop]
-        vecs = [v for i, v in enumerate(vecs) if i not in drop]
-        skipped["duplicate_label"] = len(drop)
-    # Two labels mapping to one id (pickle inconsistent): keep the last one written.
+            keep = alive & finite
+            lab_parts.append(labels[keep])
+            vec_parts.append(vec[keep])
+            raw_parts.append(raw[keep])
+    labels_all = np.concatenate(lab_parts) if lab_parts else np.zeros(0, np.uint64)
+    vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, d), np.float32)
+    raws = np.concatenate(raw_parts) if raw_parts else np.zeros((0, d), np.float32)
+    order = np.argsort(labels_all, kind="stable")
+    labels_all, vecs, raws = labels_all[order], vecs[order], raws[order]
+    if labels_all.size > 1:
+        same = labels_all[1:] == labels_all[:-1]
+        if same.any():
+            # A label stored twice is ambiguous: keep neither copy.
+            dup = np.zeros(labels_all.size, dtype=bool)
+            dup[1:] |= same
+            dup[:-1] |= same
+            skipped["duplicate_label"] = int(dup.sum())
+            labels_all, vecs, raws = labels_all[~dup], vecs[~dup], raws[~dup]
+    return LiveElements(
+        labels=labels_all,
+        vectors=vecs,
+        stored=raws,
+        cur=limit,
+        skipped={k: v for k, v in skipped.items() if v},
+    )
+
+
+def read_label_map(path: str | os.PathLike[str]) -> dict[int, str] | None:
+    """``label_to_id`` of a pickle, or ``None`` when it is missing, unreadable or not a map."""
+    try:
+        meta = read_index_metadata(path)
+        l2i = meta["label_to_id"]
+        if not isinstance(l2i, dict):
+            return None
+        return {int(k): v for k, v in l2i.items() if isinstance(v, str)}
+    except Exception:  # noqa: BLE001 - untrusted file: any failure means "no mapping"
+        return None
+
+
+def salvage_vectors(
+    path: str | os.PathLike[str],
+    *,
+    space: str,
+    dim: int | None = None,
+    m: int = 16,
+    label_map_file: str | os.PathLike[str] | None = None,
+    label_to_id: dict[int, str] | None = None,
+) -> Salvage:
+    """Read every structurally intact, live vector from a segment and map it to its id.
+
+    Intact elements are those of :func:`read_live_elements`. Labels are mapped through the
+    segment's own ``index_metadata.pickle``, else ``label_map_file``, else ``label_to_id``.
+
+    Args:
+        path: Segment directory.
+        space: ``"l2"``, ``"cosine"`` or ``"ip"``.
+        dim: Collection dimension (fallback when the header is unusable).
+        m: HNSW ``M`` (fallback when the header is unusable).
+        label_map_file: An older copy of this segment's ``index_metadata.pickle``, used when
+            the segment's own pickle is unreadable. chromadb 1.5.9 rewrites the pickle in place
+            (truncate, then write, no fsync), so a kill in between leaves it empty and every
+            label unmappable (issue 7 soak: 664 records). An older map is safe for the labels
+            it has: labels are never reassigned (updates keep their label, a re-add gets a new
+            one, measured), and a deleted element's slot is skipped by its flag; labels newer
+            than the copy stay unmapped (``Salvage.unmapped_labels``).
+        label_to_id: A map built by the caller (for example a proven rebuild from the metadata
+            segment); when given it is used as is and the files above are not read.
+
+    Returns:
+        A :class:`Salvage`; empty when no label map is available.
+    """
+    seg = os.fspath(path)
+    skipped: dict[str, int] = {}
+    empty = Salvage(ids=[], vectors=np.zeros((0, dim or 0), np.float32), skipped=skipped)
+    mapping = label_to_id
+    if mapping is None:
+        for n, source in enumerate([os.path.join(seg, PICKLE_FILE), label_map_file]):
+            if source is None:
+                continue
+            mapping = read_label_map(source)
+            if mapping is None:
+                continue
+            if n:
+                skipped["snapshot_label_map"] = 1
+            break
+    if mapping is None:
+        skipped["no_label_map"] = -1
+        return empty
+    el = read_live_elements(seg, space=space, dim=dim, m=m)
+    if el is None:
+        skipped["no_layout_or_data"] = -1
+        return empty
+    skipped.update(el.skipped)
+    ids: list[str] = []
+    rows: list[int] = []
+    unmapped = 0
+    for i, lab in enumerate(el.labels.tolist()):
+        ident = mapping.get(lab)
+        if ident is None:
+            unmapped += 1
+            continue
+        ids.append(ident)
+        rows.append(i)
+    # Two labels mapping to one id (map inconsistent): keep the last one written.
     by_id: dict[str, int] = {}
     for pos, x in enumerate(ids):
         by_id[x] = pos
@@ -1038,11 +1211,15 @@ def salvage_vectors(
         skipped["duplicate_id"] = len(ids) - len(by_id)
         keep = sorted(by_id.values())
         ids = [ids[i] for i in keep]
-        vecs = [vecs[i] for i in keep]
-    arr = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, d), np.float32)
+        rows = [rows[i] for i in keep]
+    arr = (
+        el.vectors[np.asarray(rows, dtype=np.int64)]
+        if rows
+        else np.zeros((0, el.vectors.shape[1]), np.float32)
+    )
     return Salvage(
         ids=ids,
-        vectors=arr,
+        vectors=arr.astype(np.float32),
         skipped={k: v for k, v in skipped.items() if v},
         unmapped_labels=unmapped,
     )

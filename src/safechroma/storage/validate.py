@@ -10,6 +10,10 @@ Verdicts:
 * ``"damaged"``: at least one finding of severity ``"error"``; each says what and where.
 * ``"unknown"``: the check could not finish (missing database, SQLite locked or busy, time
   limit). A lock is never corruption (issue 4): a busy database is ``"unknown"``.
+* ``"incompatible"``: written by a newer chromadb (its schema has migrations the installed
+  chromadb does not know, issue 13 / chroma#5909). Not damage: nothing may repair it, and the
+  installed chromadb must not open it (1.5.9 opens it without a word and writes into a schema
+  it does not know). :attr:`DirectoryReport.incompatibility` names both versions.
 
 Zero false positives is the design rule: every healthy shape of FACTS §1 passes, and the
 verdict can trigger recovery.
@@ -25,22 +29,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
+from safechroma._errors import IncompatibleDirectoryError
 from safechroma.storage.hnsw import (
     Finding,
     SegmentReport,
     _check_segment_keep_metadata,
     check_segment,
 )
+from safechroma.storage.replay import op_name, replay_index, replay_metadata
+from safechroma.storage.schema import compare_schema
 
 __all__ = [
     "CollectionReport",
     "DirectoryReport",
     "Finding",
     "check_directory",
+    "incompatible_error",
     "IGNORED_ENTRIES",
 ]
 
-Status = Literal["healthy", "damaged", "unknown"]
+Status = Literal["healthy", "damaged", "unknown", "incompatible"]
 
 SQLITE_FILE = "chroma.sqlite3"
 VECTOR_SEGMENT_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
@@ -139,9 +149,13 @@ class DirectoryReport:
         status: ``"healthy"``, ``"damaged"`` or ``"unknown"``.
         collections: One report per collection.
         findings: Directory-level findings (SQLite, orphan segments, ...).
-        sqlite_status: ``"ok"``, ``"corrupt"``, ``"busy"``, ``"missing"`` or ``"unknown"``.
+        sqlite_status: ``"ok"``, ``"corrupt"``, ``"busy"``, ``"missing"``, ``"unknown"`` or
+            ``"incompatible"`` (written by a newer chromadb; collections not checked).
         wal_purge: Chroma's ``automatically_purge`` setting (``None`` when unreadable).
         elapsed_s: Wall time of the check.
+        incompatibility: For ``"incompatible"``: ``installed_chromadb`` (version),
+            ``unknown_migrations`` (``"dir version filename"`` each), ``directory_schema`` and
+            ``installed_schema`` (highest migration per dir, as far as known).
     """
 
     path: str
@@ -151,6 +165,7 @@ class DirectoryReport:
     sqlite_status: str = "ok"
     wal_purge: bool | None = None
     elapsed_s: float = 0.0
+    incompatibility: dict[str, Any] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -171,6 +186,7 @@ class DirectoryReport:
             "sqlite_status": self.sqlite_status,
             "wal_purge": self.wal_purge,
             "elapsed_s": round(self.elapsed_s, 6),
+            "incompatibility": self.incompatibility,
             "findings": [f.to_dict() for f in self.findings],
             "collections": [c.to_dict() for c in self.collections],
         }
@@ -315,6 +331,9 @@ def check_directory(
 
 
 def _finish(rep: DirectoryReport) -> None:
+    if rep.sqlite_status == "incompatible":
+        rep.status = "incompatible"
+        return
     for c in rep.collections:
         c.findings.sort(key=lambda f: {"error": 0, "warning": 1, "info": 2}[f.severity])
         if any(f.severity == "error" for f in c.findings):
@@ -375,6 +394,8 @@ def _check_with_sqlite(
     try:
         con.row_factory = sqlite3.Row
         try:
+            if _check_schema_version(rep, con, db):
+                return
             rows = _read_catalog(con)
         except sqlite3.Error as e:
             raise _classify(e, db) from None
@@ -410,6 +431,54 @@ def _check_with_sqlite(
         _check_orphan_segments(rep, root, known, deep)
     finally:
         con.close()
+
+
+def _check_schema_version(rep: DirectoryReport, con: sqlite3.Connection, db: str) -> bool:
+    """Stop the check (``True``) when a newer chromadb wrote the directory (issue 13, #5909).
+
+    The catalog of a newer schema may not mean what this module expects, so nothing else is
+    read: the verdict is ``"incompatible"``, which is not damage (no repair may run).
+    """
+    try:
+        sv = compare_schema(con)
+    except sqlite3.Error as e:
+        raise _classify(e, db) from None
+    if sv is None:
+        return False
+    if not sv.checked:
+        rep.findings.append(
+            Finding(
+                "schema_unchecked",
+                "the installed chromadb's migrations could not be read; schema version not "
+                "compared",
+                db,
+                "info",
+            )
+        )
+        return False
+    if not sv.newer:
+        return False
+    rep.sqlite_status = "incompatible"
+    rep.incompatibility = {"path": rep.path, **sv.to_dict()}
+    rep.findings.append(Finding("schema_newer", f"{rep.path} was {sv.describe()}", db, "warning"))
+    return True
+
+
+def incompatible_error(report: Any) -> IncompatibleDirectoryError:
+    """The :class:`~safechroma.IncompatibleDirectoryError` for an ``"incompatible"`` report."""
+    info = dict(getattr(report, "incompatibility", None) or {})
+    path = str(getattr(report, "path", info.get("path", "?")))
+    msg = next(
+        (f.message for f in getattr(report, "findings", []) if f.code == "schema_newer"),
+        f"{path} was written by a newer chromadb",
+    )
+    return IncompatibleDirectoryError(
+        msg,
+        path=path,
+        installed_version=info.get("installed_chromadb"),
+        directory_schema=info.get("directory_schema", {}),
+        unknown_migrations=info.get("unknown_migrations", []),
+    )
 
 
 def _read_catalog(con: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -558,6 +627,8 @@ def _check_collection(
                 )
             )
         return
+    if deep and c.metadata_segment_id is not None and c.hnsw is not None:
+        _check_replay(c, con, topic, meta)
     if not deep or c.metadata_segment_id is None or c.hnsw is None or not c.hnsw.healthy:
         return
     # FACTS §2: records newer than the last flush exist only in the WAL; if one is missing
@@ -617,6 +688,115 @@ def _check_collection(
                         c.segment_path,
                     )
                 )
+
+
+def _check_replay(
+    c: CollectionReport, con: sqlite3.Connection, topic: str, meta: dict[str, Any] | None
+) -> None:
+    """Replay the WAL as Chroma's next open will (:mod:`safechroma.storage.replay`).
+
+    Two findings (issue 13): the index cannot catch up with the WAL (the first call of every
+    process fails, chroma#7678), and ids the two segments will disagree on afterwards
+    (chroma#7032). Runs when the index files were walked in full (the deep check) and the
+    pickle parsed; it needs the live labels of that walk, which it then drops from the report.
+    """
+    seg = c.hnsw
+    assert seg is not None and c.metadata_segment_id is not None
+    live = seg._live_labels
+    seg._live_labels = None
+    if live is None or seg.header is None:
+        return
+    cur = seg.header.cur_element_count
+    i2l: Any = None
+    total = 0
+    start = c.index_max_seq_id
+    if seg.has_pickle:
+        if meta is None or not isinstance(meta.get("id_to_label"), dict):
+            return
+        i2l = meta["id_to_label"]
+        total = meta.get("total_elements_added") or 0
+        if not isinstance(total, int):
+            return
+        legacy = meta.get("max_seq_id")
+        if start == 0 and isinstance(legacy, int):
+            start = legacy  # 1.5.9 moves a legacy pickle's max_seq_id into SQLite on open
+    elif cur > 0:
+        return  # pickle_missing: Chroma starts the index over; reported already
+    if not i2l:
+        i2l, total, start = None, 0, 0  # Chroma takes the segment for new (local_hnsw.rs)
+    # The files' labels are 1..cur (FACTS §1): the deleted ones are the rest. If the live
+    # labels say otherwise (reported by check_segment), deletes are not checked.
+    deleted: set[int] | None = None
+    n_live = int(live.size)
+    if n_live <= cur and (n_live == 0 or (int(live.min()) >= 1 and int(live.max()) <= cur)):
+        on = np.zeros(cur + 1, dtype=bool)
+        on[live.astype(np.int64)] = True
+        if int(on.sum()) == n_live:
+            deleted = {int(x) for x in np.flatnonzero(~on[1:]) + 1}
+    mt_start = c.metadata_max_seq_id or 0
+    rows = [
+        (int(r[0]), str(r[1]), int(r[2]), bool(r[3]))
+        for r in con.execute(
+            "SELECT seq_id, id, operation, vector IS NOT NULL FROM embeddings_queue "
+            "WHERE topic = ? AND seq_id > ? ORDER BY seq_id",
+            (topic, min(start, mt_start)),
+        )
+    ]
+    index = replay_index(
+        i2l,
+        total,
+        [r for r in rows if r[0] > start],
+        element_count=cur if deleted is not None else None,
+        deleted_labels=deleted,
+    )
+    add = c.findings.append
+    if index.failure is not None and index.failure_row is not None:
+        seq, ident, op, _v = index.failure_row
+        waiting = sum(1 for r in rows if r[0] > start)
+        add(
+            Finding(
+                "wal_replay_fails",
+                "the index cannot catch up with the WAL: the first call of every process fails "
+                f'("Failed to apply logs to the hnsw segment writer") on {index.failure} (WAL '
+                f"seq {seq}, "
+                f"{op_name(op)} of {ident!r}); {waiting} WAL rows wait above the index's seq "
+                f"{start}",
+                c.segment_path,
+            )
+        )
+        return
+    meta_ids = replay_metadata(
+        (
+            str(r[0])
+            for r in con.execute(
+                "SELECT embedding_id FROM embeddings WHERE segment_id = ?",
+                (c.metadata_segment_id,),
+            )
+        ),
+        (r for r in rows if r[0] > mt_start),
+    )
+    only_meta = meta_ids - index.ids
+    only_index = index.ids - meta_ids
+    if only_meta or only_index:
+        parts = []
+        if only_meta:
+            parts.append(
+                f"{len(only_meta)} ids only in the metadata segment (e.g. {min(only_meta)!r}): "
+                'get and filtered queries raise "Error finding id"'
+            )
+        if only_index:
+            parts.append(
+                f"{len(only_index)} ids only in the vector index (e.g. {min(only_index)!r}): "
+                "query returns ids that get does not know"
+            )
+        add(
+            Finding(
+                "segments_disagree",
+                "after Chroma replays the WAL, the metadata segment and the vector index "
+                "disagree: " + "; ".join(parts),
+                c.segment_path,
+            )
+        )
 
 
 def _wal_uncovered(con: sqlite3.Connection, metadata_segment: str, topic: str) -> int:
