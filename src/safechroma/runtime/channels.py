@@ -4,6 +4,11 @@ Owns the channels of one worker and nothing else (the shape of httpcore's ``Conn
 it opens a channel when every open one is busy, up to :data:`MAX_CHANNELS`, hands idle ones out
 most-recently-used first (their threads in the worker are warm), and closes them all with the
 worker. A channel that failed in any way is discarded by its caller, never checked back in.
+
+A channel is nothing but a stream socket that a worker thread serves, one exchange at a time:
+the worker does not care where it came from. Today every channel is a socket pair handed over
+the control socket; a connection accepted on a rendezvous socket from another process would be
+served the same way (``_Worker.start_channel``), with its own pool on that process's side.
 """
 
 from __future__ import annotations

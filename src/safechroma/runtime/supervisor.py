@@ -185,6 +185,7 @@ class Supervisor:
         self._life = threading.RLock()
         self._reopen = threading.RLock()
         self._suspects = threading.Lock()  # retried calls run one at a time
+        self._alone: threading.Thread | None = None  # the retry running alone, if any
         self.state = State.NO_WORKER
         self._gen: _Generation | None = None
         self.standby: WorkerProcess | None = None
@@ -252,12 +253,20 @@ class Supervisor:
             try:
                 if attempt == 1:
                     return self._attempt(owner, method, args, kwargs, timeout, read, poison)
-                # A retry was in flight at a death: a suspect. Suspects go one at a time, so a
-                # call that kills every worker is told from the calls that were beside it.
+                # A retry was in flight at a death: a suspect. Suspects run one at a time and
+                # alone on the worker (other calls wait), so a call that kills every worker is
+                # told from the calls that merely ran beside it (see _strike).
                 with self._suspects:
-                    return self._attempt(
-                        owner, method, args, kwargs, timeout, read, poison, suspect=True
-                    )
+                    with self._cond:
+                        self._alone = threading.current_thread()
+                    try:
+                        return self._attempt(
+                            owner, method, args, kwargs, timeout, read, poison, suspect=True
+                        )
+                    finally:
+                        with self._cond:
+                            self._alone = None
+                            self._cond.notify_all()
             except (WorkerCrashedError, ProtocolError, _DamageRetry) as exc:
                 if attempt >= attempts:
                     if isinstance(exc, _DamageRetry):
@@ -278,7 +287,7 @@ class Supervisor:
         *,
         suspect: bool = False,
     ) -> Any:
-        lease = self._lease()
+        lease = self._lease(alone=suspect)
         try:
             self._refuse_poison(poison, method)
             handle = self._handle_of(lease, owner)
@@ -290,7 +299,7 @@ class Supervisor:
                 # failures while starting or reopening happen before anything was sent.
                 exc.outcome_unknown = exc._facts["outcome_unknown"] = not read
                 if isinstance(exc, WorkerCrashedError):
-                    self._strike(poison, exc, lease, suspect)
+                    self._strike(poison, exc, lease)
                 raise
         finally:
             self._give_back(lease)
@@ -319,7 +328,7 @@ class Supervisor:
             try:
                 result = self._exchange(lease, request, name, timeout, True)
             except WorkerCrashedError as exc:
-                self._strike(poison, exc, lease, False)
+                self._strike(poison, exc, lease)
                 raise
         finally:
             self._give_back(lease)
@@ -354,22 +363,20 @@ class Supervisor:
                 sent=False,
             )
 
-    def _strike(
-        self, call: _Fingerprint, crash: WorkerCrashedError, lease: Lease, suspect: bool
-    ) -> None:
+    def _strike(self, call: _Fingerprint, crash: WorkerCrashedError, lease: Lease) -> None:
         """The worker died with ``call`` in flight; if it is now poison, say so instead.
 
         Only with a validator: it is what tells a call that kills healthy workers from a
         damaged directory that kills every worker (a recovery then forgives every strike).
         With calls in parallel, a death strikes a call only when the call was alone on the
-        worker, or was a retry (retries of suspects run one at a time): the calls that merely
-        ran beside the culprit are not blamed. A death caused by a deadline or a bad reply
-        strikes nobody: its cause is known.
+        worker: the calls that merely ran beside the culprit are not blamed. Retries run alone
+        (see :meth:`call`), so a call that kills every worker is struck by its retries. A death
+        caused by a deadline or a bad reply strikes nobody: its cause is known.
         """
         end = lease.gen.end
         if self.options.validator is None or end is None or end.kind in ("timeout", "protocol"):
             return
-        if not (suspect or end.in_flight <= 1):
+        if end.in_flight > 1:
             return
         digest = call.digest()
         with self._cond:
@@ -394,12 +401,22 @@ class Supervisor:
 
     # -- leases ----------------------------------------------------------------------------
 
-    def _lease(self) -> Lease:
-        """A channel of a ready worker; replaces the worker first if there is none."""
+    def _lease(self, alone: bool = False) -> Lease:
+        """A channel of a ready worker; replaces the worker first if there is none.
+
+        ``alone``: wait until no other call is in flight, and keep new calls waiting until this
+        one is given back (a retry after a death, see :meth:`call`).
+        """
         while True:
             stale: _Generation | None = None
             with self._cond:
                 self._check_usable()
+                if self._alone is not None and self._alone is not threading.current_thread():
+                    self._cond.wait()  # a retry runs alone: wait for it
+                    continue
+                if alone and self._leased:
+                    self._cond.wait()  # let the calls in flight finish first
+                    continue
                 gen = self._gen
                 if self.state is State.READY and gen is not None and _usable(gen):
                     if gen.process.alive() and not self._worn_out(gen.process):
