@@ -13,7 +13,7 @@ Modes (each a driver process of ``_drivers.py``, on its own copy of one data set
 Rounds interleave the modes, so drift on a shared machine hits all of them alike. Reports the
 median and p95 after warm-up, and each median as a ratio of ``direct``'s. A baseline, not a gate::
 
-    flock /work/coord/heavy.lock .venv/bin/python benchmarks/bench_http.py --records 10000
+    .venv/bin/python benchmarks/bench_http.py --records 10000 --rounds 8
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from chromadb.config import Settings
+from chromadb.errors import InvalidArgumentError, NotFoundError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs  # noqa: E402
@@ -82,6 +83,10 @@ def test_sigsegv_under_the_client_next_read_answers_and_writes_land(served: Serv
     try:
         col = client.get_collection("coll", embedding_function=None)
         assert col.count() == N
+        with pytest.raises(NotFoundError):  # Chroma's own errors stay chromadb's types
+            client.get_collection("missing")
+        with pytest.raises(InvalidArgumentError):
+            col.add(ids=["bad"], embeddings=[[0.0] * (DIM + 1)])
         first = served.chroma_pid
         os.kill(first, signal.SIGSEGV)
         _wait_dead(first)
@@ -383,6 +388,10 @@ def test_429_and_503_back_off_and_writes_are_not_resent_on_503() -> None:
         ("PUT", "/api/v2/t/collections/c1", b"{}", ("modify_collection", "idempotent")),
         ("DELETE", "/api/v2/t/collections/a", b"", ("delete_collection", "write")),
         ("POST", "/api/v2/reset", b"", ("reset", "write")),
+        ("GET", "/api/v2/tenants/t/databases/d/collections", b"", ("list_collections", "read")),
+        ("GET", "/api/v2/tenants/t/databases/d/collections/c", b"", ("get_collection", "read")),
+        ("GET", "/api/v2/tenants/t", b"", ("get_tenant", "read")),
+        ("GET", "/api/v2/auth/identity", b"", ("get_user_identity", "read")),
         ("POST", "/api/v2/tenants", b"{}", ("POST /tenants", "write")),
     ],
 )

@@ -88,6 +88,36 @@ def test_segfaulting_directory_is_repaired_before_serving(template: str, tmp_pat
     assert "died" not in log, log
 
 
+def test_damage_found_after_a_death_is_repaired_before_the_restart(
+    template: str, tmp_path: Path
+) -> None:
+    """The index is broken on disk while Chroma runs, then Chroma is killed: serve validates
+    before restarting, repairs, and the restarted server answers every query correctly."""
+    path = _copy(template, tmp_path / "db")
+    chroma_log = tmp_path / "chroma-output.log"
+    with Serve(path, free_port(), tmp_path, "--chroma-log", str(chroma_log)) as serve:
+        chroma = serve.chroma_pid
+        os.kill(chroma, signal.SIGSTOP)
+        _break_level0(chroma_dirs.segment_dir(path))
+        os.kill(chroma, signal.SIGKILL)
+        serve.wait_serving()
+        client = SafeHttpClient("127.0.0.1", serve.port, settings=no_telemetry())
+        try:
+            col = client.get_collection("coll", embedding_function=None)
+            assert _first_hits(col) == chroma_dirs.record_ids("coll", N)
+        finally:
+            client.close()
+        log = serve.stderr()
+    assert "died: SIGKILL" in log and "before restart: damaged" in log, log
+    assert "repaired" in log, log
+    assert chroma_log.read_text().count("Saving data to") == 2  # both lives of Chroma
+
+
+def _first_hits(col: Any) -> list[str]:
+    res = col.query(query_embeddings=chroma_dirs.vectors("coll", N, DIM), n_results=1)
+    return [hit[0] for hit in res["ids"]]
+
+
 def test_sigterm_stops_within_the_grace_period_and_releases_the_directory(
     template: str, tmp_path: Path
 ) -> None:
@@ -279,6 +309,43 @@ def _kids(serve: Serve) -> list[int]:
     return children(serve.proc.pid)
 
 
+def test_server_in_python_reports_events_and_states(template: str, tmp_path: Path) -> None:
+    """The supervision without the command line: ``Server(path, ServeOptions(...)).run()``."""
+    from safechroma import Event
+    from safechroma.server import ServeOptions, Server, State
+
+    path = _copy(template, tmp_path / "db")
+    events: list[Event] = []
+    server = Server(path, ServeOptions(port=free_port(), on_event=events.append))
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        give_up = time.monotonic() + 60
+        while server.state is not State.SERVING and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert server.state is State.SERVING, (failure, events)
+        client = SafeHttpClient("127.0.0.1", server.options.port, settings=no_telemetry())
+        try:
+            assert client.get_collection("coll", embedding_function=None).count() == N
+        finally:
+            client.close()
+    finally:
+        server.stop()
+        thread.join(30)
+    assert not failure and server.state is State.STOPPED
+    kinds = [e.kind for e in events]
+    assert kinds[:4] == ["serving", "validated", "chroma_started", "chroma_ready"], kinds
+    assert kinds[-2:] == ["stopping", "stopped"], kinds
+
+
 def test_config_ignores_inherited_chroma_variables(tmp_path: Path) -> None:
     """CHROMA_* variables override YAML keys in Chroma; serve's child never sees them."""
     path = str(tmp_path / "db")
@@ -298,6 +365,19 @@ def test_config_ignores_inherited_chroma_variables(tmp_path: Path) -> None:
         wait_heartbeat(port, proc=proc)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", decoy)) != 0
+        assert _listening_addresses(port) == {"127.0.0.1"}  # not 0.0.0.0
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    out = set()
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            cols = row.split()
+            addr, hexport = cols[1].split(":")
+            if cols[3] == "0A" and int(hexport, 16) == port:
+                out.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    return out

@@ -227,6 +227,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         health_timeout=a.health_timeout,
         health_grace=a.health_grace,
         health_failures=a.health_failures,
+        chroma_log=a.chroma_log,
         on_event=log,
     )
     server = Server(a.path, options)
@@ -269,6 +270,7 @@ def _add_serve(sub: Any) -> None:
     s.add_argument(
         "--health-failures", type=int, default=3, help="failed checks in a row before a restart"
     )
+    s.add_argument("--chroma-log", help="append Chroma's own output to this file")
     s.set_defaults(fn=_cmd_serve)
 
 

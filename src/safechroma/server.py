@@ -19,12 +19,13 @@ adds what is missing:
 - an explicit YAML config written here, and a child environment without ``CHROMA_*``
   variables, so nothing inherited changes what is served.
 
-States of the child, as the main loop sees it::
+States, as the main loop sees its child (:class:`State`, ``Server.state``)::
 
     CHECKING   no child: validating, repairing, writing back salvage (the lock is held)
     STARTING   spawned; waiting for its heartbeat and its listening socket
     SERVING    answering; the watchdog probes it
     STOPPING   SIGTERM sent, waiting up to the grace period, then SIGKILL
+    STOPPED    no child, the lock released: run() has returned or raised
 
 All process management happens in the thread that calls :meth:`Server.run` (the child's
 parent-death signal is tied to it); the watchdog thread only probes and reports. This module
@@ -35,6 +36,7 @@ never prints: it reports :class:`safechroma.Event` objects to ``on_event`` and t
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import fcntl
 import json
@@ -68,7 +70,7 @@ from ._policy import (
 from .runtime.breaker import Breaker
 from .runtime.supervisor import LOCK_NAME
 
-__all__ = ["ServeOptions", "Server", "describe"]
+__all__ = ["ServeOptions", "Server", "State", "describe"]
 
 logger = logging.getLogger("safechroma.serve")
 logger.addHandler(logging.NullHandler())
@@ -120,6 +122,8 @@ class ServeOptions:
             first read of a collection loads its index).
         health_failures: consecutive failed rounds after which the server is restarted.
         stop_grace: seconds between SIGTERM and SIGKILL when stopping the server.
+        chroma_log: a file that Chroma's own output is appended to (None: a temporary file,
+            removed at exit; its tail is in each ``chroma_died`` event either way).
         on_event: called with each :class:`safechroma.Event`, in the thread that saw it.
     """
 
@@ -135,6 +139,7 @@ class ServeOptions:
     health_grace: float = 30.0
     health_failures: int = 3
     stop_grace: float = 10.0
+    chroma_log: str | None = None
     on_event: Callable[[Event], None] | None = None
 
 
@@ -183,6 +188,14 @@ def describe(event: Event) -> str:
     return f"{k}{pid} {d}"
 
 
+class State(enum.Enum):
+    CHECKING = "checking"  # no child: validating, repairing, writing back salvage
+    STARTING = "starting"  # spawned, not answering yet
+    SERVING = "serving"  # answering; the watchdog probes it
+    STOPPING = "stopping"  # SIGTERM sent; SIGKILL after the grace period
+    STOPPED = "stopped"  # no child, lock released
+
+
 class _Died(Exception):
     """Internal: the child died (or was killed by the watchdog); restart it."""
 
@@ -229,6 +242,7 @@ class Server:
         self._hung_generation = -1
         self._hung_failures = 0
         self._rounds_ok = 0  # health rounds the current child answered
+        self.state = State.CHECKING
 
     # -- public ----------------------------------------------------------------------------
 
@@ -259,6 +273,7 @@ class Server:
             watchdog.start()
             reason = "start"
             while not self._stopping:
+                self.state = State.CHECKING
                 self._check_and_recover(reason)
                 if self._stopping:
                     break
@@ -278,6 +293,7 @@ class Server:
                 watchdog.join(timeout=1.0)
             locked = self._lock_fd is not None
             self._release()
+            self.state = State.STOPPED
             if locked:
                 self._emit("stopped", None)
 
@@ -439,7 +455,7 @@ class Server:
                 reason="port_in_use",
                 address=self.address,
             )
-        log_path = os.path.join(self._workdir, "chroma.log")
+        log_path = self.options.chroma_log or os.path.join(self._workdir, "chroma.log")
         log = open(log_path, "ab")
         try:
             assert self._lock_fd is not None
@@ -458,6 +474,7 @@ class Server:
         finally:
             log.close()
         self._child_started = time.monotonic()
+        self.state = State.STARTING
         self._log_offset = _size(log_path)
         with self._state_lock:
             self._generation += 1
@@ -503,6 +520,7 @@ class Server:
                     )
         now = time.monotonic()
         self._log_offset = _size(log_path)  # Chroma's banner is not news
+        self.state = State.SERVING
         with self._state_lock:
             self._ready_at = now
         self._emit(
@@ -602,6 +620,7 @@ class Server:
         if child is None or child.poll() is not None:
             return
         grace = self.options.stop_grace
+        self.state = State.STOPPING
         self._emit("stopping", child.pid, why=why, grace=grace)
         try:
             child.send_signal(signal.SIGTERM)

@@ -135,6 +135,12 @@ def classify(method: str, path: str, body: bytes) -> tuple[str, str]:
     if last == "identity":
         op = "get_user_identity"
     if method in ("GET", "HEAD"):
+        parts = path.strip("/").split("/")
+        if op.startswith(("GET ", "HEAD ")) and parts:
+            # /tenants/T[/databases[/D[/collections[/NAME | /by-id/ID]]]]
+            named = {2: "get_tenant", 3: "list_databases", 4: "get_database"}
+            named.update({5: "list_collections", 6: "get_collection", 7: "get_collection"})
+            op = named.get(len(parts), op) if parts[0] == "tenants" else op
         return op, "read"
     if method == "POST" and last in _READ_POSTS:
         return op, "read"

@@ -249,13 +249,15 @@ class Supervisor:
         """
         attempts = 1 + max(0, retries) if (read or replay) else 1
         poison = _Fingerprint(owner, method, args, kwargs, by_value)
+        suspect = False
         for attempt in range(1, attempts + 1):
             try:
-                if attempt == 1:
+                if not suspect:
                     return self._attempt(owner, method, args, kwargs, timeout, read, poison)
-                # A retry was in flight at a death: a suspect. Suspects run one at a time and
-                # alone on the worker (other calls wait), so a call that kills every worker is
-                # told from the calls that merely ran beside it (see _strike).
+                # It was in flight at a death the call could have caused (a crash signal, an
+                # exit): a suspect. Suspects run one at a time and alone on the worker (other
+                # calls wait), so a call that kills every worker is told from the calls that
+                # merely ran beside it (see _strike).
                 with self._suspects:
                     with self._cond:
                         self._alone = threading.current_thread()
@@ -272,6 +274,11 @@ class Supervisor:
                     if isinstance(exc, _DamageRetry):
                         raise exc.error from None
                     raise
+                suspect = (
+                    type(exc) is WorkerCrashedError
+                    and exc.signal not in _NOT_SELF_INFLICTED
+                    and self.options.validator is not None
+                )
                 logger.info("retrying %s after: %s", method, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -371,10 +378,14 @@ class Supervisor:
         With calls in parallel, a death strikes a call only when the call was alone on the
         worker: the calls that merely ran beside the culprit are not blamed. Retries run alone
         (see :meth:`call`), so a call that kills every worker is struck by its retries. A death
-        caused by a deadline or a bad reply strikes nobody: its cause is known.
+        caused by a deadline or a bad reply strikes nobody: its cause is known. Nor does a
+        SIGKILL or SIGTERM: it comes from outside (the OOM killer, an operator), so it says
+        nothing about the call.
         """
         end = lease.gen.end
         if self.options.validator is None or end is None or end.kind in ("timeout", "protocol"):
+            return
+        if crash.signal in _NOT_SELF_INFLICTED:
             return
         if end.in_flight > 1:
             return
@@ -1082,7 +1093,10 @@ class Supervisor:
             if standby is not None:
                 standby.kill()
                 standby.close()
-            wal.maintain(self.path)  # the worker is gone, the lock still held
+            if self.started_workers:
+                # The worker is gone, the lock still held. Never on a directory no worker ever
+                # opened (a refused one, e.g. written by a newer chromadb: nothing is written).
+                wal.maintain(self.path)
             self.dir_lock.release()
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -1131,6 +1145,12 @@ def _copy(error: BaseException) -> BaseException:
     dup.__cause__ = error.__cause__
     return dup
 
+
+# Signals a worker does not raise by running a call: they come from outside (the OOM killer, an
+# operator, a container runtime), so a death by one is never a strike against the call in flight.
+_NOT_SELF_INFLICTED: Final = frozenset(
+    {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGPIPE", "SIGUSR1", "SIGUSR2"}
+)
 
 # How often a worker's resident memory is read when max_worker_rss is set (seconds).
 _RSS_CHECK_EVERY: Final = 1.0

@@ -373,6 +373,14 @@ def _compact_one(con: sqlite3.Connection, cid: str, mseg: str, mark: int, comple
                 drop.append(s)
     con.execute("BEGIN IMMEDIATE")
     try:
+        # Never delete the table's newest row. ``seq_id`` is an INTEGER PRIMARY KEY without
+        # AUTOINCREMENT, so SQLite numbers the next row max(seq_id) + 1: deleting the newest
+        # row would hand the next write a seq_id at or below the segments' max_seq_id, which
+        # Chroma's apply skips as already seen, silently losing an acknowledged write (and
+        # resurrecting what a lost delete should have removed). Every row kept here is at or
+        # below the watermark, so Chroma never applies it again.
+        (newest,) = con.execute("SELECT max(seq_id) FROM embeddings_queue").fetchone()
+        drop = [s for s in drop if s != _seq(newest)]
         for s, v in keep_as.items():
             op, _vec, _enc = op_of[s]
             if op in (_ADD, _UPSERT) and v == s:
