@@ -518,8 +518,17 @@ def _inject(
         "SIGBUS": signal.SIGBUS,
         "SIGSTOP": signal.SIGSTOP,
     }
+    last: int | None = None
     while not stop.wait(rng.uniform(*cfg.fault_gap)):
         kind = rng.choice(kinds)
+        # Faults hit a running service: a worker that was already there at the injector's last
+        # wake-up (so the workload threads have been calling it). A worker hit before it served
+        # a call is what the breaker calls a crash loop, which tests/test_breaker.py covers; on
+        # a loaded machine a fresh worker can take seconds to serve its first call.
+        current = client.stats().worker_pid
+        fresh, last = current != last, current
+        if current is None or fresh:
+            continue
         if kind == "hang":
             try:
                 with safechroma.call_timeout(cfg.hang_timeout):

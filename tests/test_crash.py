@@ -190,7 +190,7 @@ def test_breaker_lets_a_call_through_after_cooldown(db: str) -> None:
     with SafeClient(db, validator=None, breaker=policy, sleep=lambda s: None) as client:
         for i in range(3):  # the first worker served the opening call: bad luck, not counted
             with pytest.raises(WorkerCrashedError):
-                client.run_in_worker(faults.sigkill, i)
+                client.run_in_worker(faults.sigabrt, i)
         with pytest.raises(CrashLoopError):
             client.heartbeat()
         time.sleep(0.4)
@@ -205,7 +205,7 @@ def test_backoff_grows_between_consecutive_respawns(db: str) -> None:
     with SafeClient(db, validator=None, sleep=sleeps.append) as client:
         for i in range(5):
             with pytest.raises(WorkerCrashedError):
-                client.run_in_worker(faults.sigkill, i)
+                client.run_in_worker(faults.sigabrt, i)
         client.heartbeat()
     assert len(sleeps) == 3
     assert sleeps[0] < sleeps[1] < sleeps[2]

@@ -82,9 +82,15 @@ def test_torn_flush_loses_nothing(tmp_path: Path, seed: int, snapshot: bool) -> 
         assert c.get(ids=[rid], include=["documents"])["documents"] == [expected[rid][0]]
 
 
-@pytest.mark.parametrize("spec", ["l2", "cosine"])
 @pytest.mark.parametrize(
-    "kind", ["pickle_deleted", "pickle_garbled", "pickle_truncated", "pickle_missing_ids"]
+    "spec,kind",
+    [
+        ("l2", "pickle_deleted"),
+        ("l2", "pickle_garbled"),
+        ("l2", "pickle_truncated"),
+        ("l2", "pickle_missing_ids"),
+        ("cosine", "pickle_truncated"),  # normalised vectors: the WAL check compares directions
+    ],
 )
 def test_lost_label_map_comes_back_whole(
     base: dict[str, str], tmp_path: Path, spec: str, kind: str
@@ -148,3 +154,19 @@ def test_unprovable_pairing_guesses_nothing(tmp_path: Path) -> None:
     (applied,) = out["applied"]
     saved = json.loads(Path(applied["salvage_file"] + ".removed.json").read_text())
     assert {r["id"] for r in saved} == lost and all(r["document"] for r in saved)
+
+
+def test_snapshot_of_a_replaced_index_is_dropped(tmp_path: Path) -> None:
+    """A label-map snapshot belongs to one index. When Chroma starts the index over in the same
+    segment directory (here: the directory is gone and the full WAL rebuilds it), labels restart
+    at 1: the old copy would map them to the wrong ids, so the next healthy check drops it."""
+    from safechroma.storage.recovery import snapshot_label_maps
+    from safechroma.storage.validate import check_directory
+
+    d = str(tmp_path / "db")
+    cd.build_dirs({d: {"purge_wal": False, "collections": [{"n": 300, "sync_threshold": 100}]}})
+    (snap,) = snapshot_label_maps(d)
+    shutil.rmtree(cd.segment_dir(d))
+    rep = check_directory(d)
+    assert rep.healthy  # segment_missing_rebuildable: Chroma rebuilds it from the WAL
+    assert snapshot_label_maps(d, rep) == [] and not os.path.exists(snap)

@@ -256,6 +256,10 @@ def test_torn_pickle_salvaged_through_the_label_map_snapshot(
     assert col["not_recovered"] == [] and out["applied"][0]["removed"] == []
     # Labels 1..600 come from the snapshot, 601..700 from the proven rebuild.
     assert col["label_map"]["known"] == 600 and col["label_map"]["proven"] is True
+    # The rebuilt index numbers its labels from 1 again: the old snapshot went with the old
+    # index into quarantine, so that no later repair maps new labels through it.
+    assert not os.path.exists(snap)
+    assert os.path.isfile(col["quarantined_to"] + ".labelmap.pickle")
     res = cd.verify_dir(d, {"collections": [{"n": 700, "sync_threshold": 100}]})["coll"]
     assert res["missing"] == [] and res["bad_document"] == []
     assert res["not_first"] == [] and res["get_embeddings_error"] is None

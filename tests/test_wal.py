@@ -170,3 +170,19 @@ def test_retention_can_be_turned_off(tmp_path: Path) -> None:
     assert rep.collections[0].wal_uncovered  # Chroma purged: the index is the only copy
     with pytest.raises(ValueError):
         set_wal_retention(d, "sometimes")
+
+
+def test_vacuum_gives_the_freed_pages_back(
+    written: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    src, expected = written
+    d = str(tmp_path / "db")
+    shutil.copytree(src, d)
+    db = os.path.join(d, "chroma.sqlite3")
+    con = sqlite3.connect(db)
+    (free,) = con.execute("PRAGMA freelist_count").fetchone()
+    con.close()
+    before = os.path.getsize(db)
+    compact_wal(d, vacuum=True)
+    assert free > 0 and os.path.getsize(db) < before
+    _check_whole(d, expected)

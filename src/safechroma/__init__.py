@@ -61,7 +61,9 @@ _EXPORTS = {
     "call_timeout": "._policy",
     "check_directory": ".storage.validate",
     "keep_full_wal": ".storage.recovery",
+    "reembed": ".storage.recovery",
     "repair_directory": ".storage.recovery",
+    "set_wal_retention": ".storage.wal",
 }
 
 __all__ = [
@@ -104,7 +106,9 @@ __all__ = [
     "call_timeout",
     "check_directory",
     "keep_full_wal",
+    "reembed",
     "repair_directory",
+    "set_wal_retention",
 ]
 
 
@@ -148,5 +152,12 @@ if _typing.TYPE_CHECKING:
     from .api.collection import SafeCollection
     from .api.http import AsyncSafeHttpClient, HttpStats, SafeHttpClient
     from .storage.hnsw import Finding
-    from .storage.recovery import RepairReport, apply_salvage, keep_full_wal, repair_directory
+    from .storage.recovery import (
+        RepairReport,
+        apply_salvage,
+        keep_full_wal,
+        reembed,
+        repair_directory,
+    )
     from .storage.validate import CollectionReport, DirectoryReport, check_directory
+    from .storage.wal import set_wal_retention

@@ -107,6 +107,10 @@ class SafeClient(ClientAPI, _Remote):
 
     Every ``SafeClient`` and ``SafeCollection`` on the same path in one process shares one
     worker. Thread-safe. Use it as a context manager or call :meth:`close`.
+
+    ``copy.copy(client)`` is another handle on the same worker (closing one leaves the other
+    open); ``copy.deepcopy`` and ``pickle`` raise ``TypeError`` as chromadb's client does, so
+    code that deep-copies a config holding a client (mem0) falls back to sharing it.
     """
 
     tenant: str
@@ -325,6 +329,26 @@ class SafeClient(ClientAPI, _Remote):
             self._closed = True
             self._finalizer()
 
+    def __copy__(self) -> SafeClient:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if not self._closed:
+            # One more reference on the same supervisor: the worker and the lock stay the same.
+            sup = _supervisor.acquire(self._path, self._sup.options, self._sup.primary)
+            if sup is not self._sup:  # pragma: no cover - an open client keeps its supervisor
+                _supervisor.release(sup)
+                raise RuntimeError(f"the worker of {self._path} changed while copying")
+            new._finalizer = weakref.finalize(new, _supervisor.release, sup)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SafeClient:
+        # chromadb's client raises TypeError here (its Rust bindings do not pickle); a deep copy
+        # would need a second worker on the same directory, which must never exist.
+        raise TypeError(f"cannot deepcopy {type(self).__name__!r} object: use copy.copy()")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
     def __enter__(self) -> SafeClient:
         return self
 
@@ -333,3 +357,9 @@ class SafeClient(ClientAPI, _Remote):
 
     def __repr__(self) -> str:
         return f"SafeClient(path={self._path!r})"
+
+
+# Frameworks check for chromadb's concrete client: mem0's pydantic config declares
+# ``client: chromadb.api.client.Client``. A virtual subclass passes ``isinstance`` without
+# inheriting any of Client's methods, which would reach for a chromadb System in this process.
+Client.register(SafeClient)

@@ -54,7 +54,8 @@ READS = frozenset(
 # idempotent), replayed only with replay_writes=True.
 REPLAYABLE = frozenset({"add", "upsert", "update", "delete"})
 OTHER_WRITES = frozenset({"modify", "fork", "attach_function", "detach_function"})
-PROXIED = READS | REPLAYABLE | OTHER_WRITES
+# Only what this chromadb's Collection has (fork_count came in 1.5.x, search and fork earlier).
+PROXIED = frozenset(n for n in READS | REPLAYABLE | OTHER_WRITES if hasattr(Collection, n))
 
 
 def _proxy(name: str) -> Callable[..., Any]:
@@ -250,6 +251,21 @@ class SafeCollection(Collection, _Remote):
         """Close the client this collection owns (standalone use); otherwise do nothing."""
         if self._owns_client:
             self._client.close()
+
+    def __copy__(self) -> SafeCollection:
+        # chromadb's shallow copy shares the client; ours shares the worker-side handle too, so
+        # the copy keeps the original alive: its finalizer releases that handle.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__["_copied_from"] = self
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SafeCollection:
+        # As chromadb's Collection (its client's Rust bindings do not pickle).
+        raise TypeError(f"cannot deepcopy {type(self).__name__!r} object: use copy.copy()")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
     def __enter__(self) -> SafeCollection:
         return self

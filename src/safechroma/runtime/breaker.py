@@ -10,7 +10,9 @@ A worker *made progress* when it answered at least ``BreakerPolicy.progress_call
 reply: a result or a Chroma error). So:
 
 - a death at start, or during a worker's first call, counts toward ``max_deaths`` within
-  ``window`` seconds, and consecutive ones back off (the first respawn is immediate);
+  ``window`` seconds, and consecutive ones back off (the first respawn is immediate), unless
+  the worker had opened the directory and was killed from outside (SIGKILL, SIGTERM): that says
+  nothing about the worker;
 - the death of a worker that served calls (the OOM killer, an operator's SIGKILL, a container
   runtime) is bad luck: it does not count toward ``max_deaths`` and ends a run of backoff;
 - a ceiling on all deaths (``max_total_deaths`` within ``window``) still stops a service whose
@@ -57,9 +59,12 @@ class Breaker:
     def made_progress(self, served: int) -> bool:
         return served >= self.policy.progress_calls
 
-    def record(self, now: float, what: str, *, served: int) -> bool:
-        """Count one death; True when it opens the breaker."""
-        progress = self.made_progress(served)
+    def record(self, now: float, what: str, *, served: int, external: bool = False) -> bool:
+        """Count one death; True when it opens the breaker.
+
+        ``external``: the worker had opened the directory and was killed from outside (SIGKILL,
+        SIGTERM), which says nothing about it: counted like a death after progress."""
+        progress = external or self.made_progress(served)
         self.deaths.append(Death(now, what, progress))
         self._forget(now)
         self.consecutive = 0 if progress else self.consecutive + 1

@@ -719,7 +719,12 @@ class Supervisor:
             self.pending_reason = "crash"
             self.pending_crash = error
             what = f"pid {gen.process.pid}: {kind} during {operation} after {served} calls"
-            opened = self.breaker.record(now, what, served=served)
+            # A worker that had opened the directory and was then killed from outside (SIGKILL,
+            # SIGTERM: the OOM killer, an operator) did not fail by itself: bad luck, like a
+            # death after serving calls. The same signal while opening still counts (an index
+            # that cannot be loaded within the memory it has is a crash loop).
+            external = gen.process.opened and kind in _NOT_SELF_INFLICTED
+            opened = self.breaker.record(now, what, served=served, external=external)
             if self._gen is gen and self.state is State.READY:
                 self.state = State.NO_WORKER
             if opened:
@@ -936,6 +941,7 @@ class Supervisor:
                     self.options.start_timeout,
                     True,
                 )
+                process.opened = True
                 self.primary_handle = int(ref[1])
                 self.chroma_version = str(ref[2])
                 self._emit("worker_started", process.pid, serial=gen.serial)

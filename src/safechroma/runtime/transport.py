@@ -339,6 +339,7 @@ class WorkerProcess:
         self._ctl_lock = threading.Lock()
         self.first_channel: Channel | None = Channel(parent_sock, proc.pidfd, max_reply_bytes)
         self.closed = False
+        self.opened = False  # it answered the open of the directory
         self.served = 0  # calls answered (results or Chroma errors): the breaker's "progress"
         self.rss_checked = self.started  # when max_worker_rss last read /proc
 

@@ -999,23 +999,34 @@ class Salvage:
 
 @dataclass
 class LiveElements:
-    """Every structurally intact, live element of ``data_level0.bin``, in label order.
+    """Every structurally intact, live element of ``data_level0.bin``.
 
     Attributes:
         labels: uint64 labels, ascending and unique (a label stored twice is dropped: it is
             ambiguous).
-        vectors: float32 ``(len(labels), dim)``, rescaled by ``length.bin`` for cosine.
-        stored: the vectors exactly as the index stores them (normalised for cosine), for
-            comparing with a WAL vector.
+        index: for each entry of ``labels``, its row in ``vectors`` and ``stored`` (the rows
+            stay in file order: sorting them would copy every vector).
+        vectors: float32 ``(rows, dim)``, rescaled by ``length.bin`` for cosine.
+        stored: the vectors exactly as the index stores them (normalised for cosine; the same
+            array as ``vectors`` otherwise), for comparing with a WAL vector.
         cur: ``cur_element_count`` of a usable header, or ``None`` (layout recomputed).
         skipped: Reason -> number of slots not read.
     """
 
     labels: npt.NDArray[np.uint64]
+    index: npt.NDArray[np.int64]
     vectors: npt.NDArray[np.float32]
     stored: npt.NDArray[np.float32]
     cur: int | None
     skipped: dict[str, int] = field(default_factory=dict)
+
+    def vector_of(self, i: int) -> npt.NDArray[np.float32]:
+        """The vector of ``labels[i]``."""
+        return np.asarray(self.vectors[self.index[i]], dtype=np.float32)
+
+    def stored_of(self, i: int) -> npt.NDArray[np.float32]:
+        """The stored (normalised for cosine) vector of ``labels[i]``."""
+        return np.asarray(self.stored[self.index[i]], dtype=np.float32)
 
 
 def read_live_elements(
@@ -1025,7 +1036,8 @@ def read_live_elements(
 
     "Intact": the element's bytes are fully inside ``data_level0.bin``, its deleted flag is
     clear and all its components are finite. When the header is unusable the layout is
-    recomputed from ``dim`` and ``m`` and every slot is tried.
+    recomputed from ``dim`` and ``m`` and every slot is tried. Memory: one float32 copy of the
+    live vectors (two for cosine), written in place chunk by chunk.
 
     Returns:
         The elements, or ``None`` when no layout or no data file is available.
@@ -1072,56 +1084,69 @@ def read_live_elements(
         except OSError:
             norms = None
 
-    lab_parts: list[npt.NDArray[np.uint64]] = []
-    vec_parts: list[npt.NDArray[np.float32]] = []
-    raw_parts: list[npt.NDArray[np.float32]] = []
-    with open(os.path.join(seg, DATA_FILE), "rb") as f:
-        for start in range(0, n, _CHUNK_ELEMENTS):
-            k = min(_CHUNK_ELEMENTS, n - start)
-            buf = f.read(k * sdpe)
-            k = len(buf) // sdpe
+    vectors = np.empty((n, d), dtype=np.float32)
+    stored = np.empty((n, d), dtype=np.float32) if norms is not None else vectors
+    labels_all = np.empty(n, dtype=np.uint64)
+    rows = 0
+    deleted = non_finite = 0
+    chunk = max(1, min(_CHUNK_ELEMENTS, (_SCAN_CHUNK_BYTES * 4) // sdpe))
+    buf = bytearray(chunk * sdpe)
+    mv = memoryview(buf)
+    with open(os.path.join(seg, DATA_FILE), "rb", buffering=0) as f:
+        for start in range(0, n, chunk):
+            want = min(chunk, n - start) * sdpe
+            got = 0
+            while got < want:
+                r = f.readinto(mv[got:want])
+                if not r:
+                    break
+                got += r
+            k = got // sdpe
             if k == 0:
                 break
             flags = _strided(buf, k, sdpe, 2, "u1")
-            raw = np.array(_strided(buf, k, sdpe, off, "<f4", d), dtype=np.float32)
-            labels = np.array(_strided(buf, k, sdpe, lab_off, "<u8"), dtype=np.uint64)
+            raw = _strided(buf, k, sdpe, off, "<f4", d)
             alive = (flags & 1) == 0
             finite = np.isfinite(raw).all(axis=1)
-            skipped["deleted"] = skipped.get("deleted", 0) + int((~alive).sum())
-            skipped["non_finite"] = skipped.get("non_finite", 0) + int((alive & ~finite).sum())
-            vec = raw.copy()
+            deleted += int((~alive).sum())
+            non_finite += int((alive & ~finite).sum())
+            keep = np.flatnonzero(alive & finite)
+            c = keep.size
+            stored[rows : rows + c] = raw[keep]
+            labels_all[rows : rows + c] = _strided(buf, k, sdpe, lab_off, "<u8")[keep]
             if norms is not None:
+                vec = stored[rows : rows + c].copy()
                 nn = norms[start : start + k]
                 if nn.size == k:
-                    good = np.isfinite(nn) & (nn > 0)
+                    nk = nn[keep]
+                    good = np.isfinite(nk) & (nk > 0)
                     # A bad norm leaves the unit vector: same cosine neighbours, only its scale
                     # lost.
                     with np.errstate(over="ignore", invalid="ignore"):
-                        scaled = vec * nn[:, None]
+                        scaled = vec * nk[:, None]
                     good &= np.isfinite(scaled).all(axis=1)
                     vec[good] = scaled[good]
-            keep = alive & finite
-            lab_parts.append(labels[keep])
-            vec_parts.append(vec[keep])
-            raw_parts.append(raw[keep])
-    labels_all = np.concatenate(lab_parts) if lab_parts else np.zeros(0, np.uint64)
-    vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, d), np.float32)
-    raws = np.concatenate(raw_parts) if raw_parts else np.zeros((0, d), np.float32)
-    order = np.argsort(labels_all, kind="stable")
-    labels_all, vecs, raws = labels_all[order], vecs[order], raws[order]
-    if labels_all.size > 1:
-        same = labels_all[1:] == labels_all[:-1]
+                vectors[rows : rows + c] = vec
+            rows += c
+    skipped["deleted"] = deleted
+    skipped["non_finite"] = non_finite
+    labels_all = labels_all[:rows]
+    index = np.argsort(labels_all, kind="stable").astype(np.int64)
+    labels_sorted = labels_all[index]
+    if labels_sorted.size > 1:
+        same = labels_sorted[1:] == labels_sorted[:-1]
         if same.any():
             # A label stored twice is ambiguous: keep neither copy.
-            dup = np.zeros(labels_all.size, dtype=bool)
+            dup = np.zeros(labels_sorted.size, dtype=bool)
             dup[1:] |= same
             dup[:-1] |= same
             skipped["duplicate_label"] = int(dup.sum())
-            labels_all, vecs, raws = labels_all[~dup], vecs[~dup], raws[~dup]
+            labels_sorted, index = labels_sorted[~dup], index[~dup]
     return LiveElements(
-        labels=labels_all,
-        vectors=vecs,
-        stored=raws,
+        labels=labels_sorted,
+        index=index,
+        vectors=vectors[:rows],
+        stored=stored[:rows],
         cur=limit,
         skipped={k: v for k, v in skipped.items() if v},
     )
@@ -1147,6 +1172,7 @@ def salvage_vectors(
     m: int = 16,
     label_map_file: str | os.PathLike[str] | None = None,
     label_to_id: dict[int, str] | None = None,
+    elements: LiveElements | None = None,
 ) -> Salvage:
     """Read every structurally intact, live vector from a segment and map it to its id.
 
@@ -1167,6 +1193,7 @@ def salvage_vectors(
             than the copy stay unmapped (``Salvage.unmapped_labels``).
         label_to_id: A map built by the caller (for example a proven rebuild from the metadata
             segment); when given it is used as is and the files above are not read.
+        elements: The segment's :func:`read_live_elements`, when the caller has read them.
 
     Returns:
         A :class:`Salvage`; empty when no label map is available.
@@ -1188,7 +1215,7 @@ def salvage_vectors(
     if mapping is None:
         skipped["no_label_map"] = -1
         return empty
-    el = read_live_elements(seg, space=space, dim=dim, m=m)
+    el = elements if elements is not None else read_live_elements(seg, space=space, dim=dim, m=m)
     if el is None:
         skipped["no_layout_or_data"] = -1
         return empty
@@ -1213,7 +1240,7 @@ def salvage_vectors(
         ids = [ids[i] for i in keep]
         rows = [rows[i] for i in keep]
     arr = (
-        el.vectors[np.asarray(rows, dtype=np.int64)]
+        el.vectors[el.index[np.asarray(rows, dtype=np.int64)]]
         if rows
         else np.zeros((0, el.vectors.shape[1]), np.float32)
     )

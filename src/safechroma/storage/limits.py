@@ -70,11 +70,13 @@ def plausible_max_file_bytes(
     """
     root = os.fspath(path)
     growth = max(0, int(growth_elements))
-    largest = 0
+    # chroma.sqlite3 grows with every record even before it exists (a fresh directory): a
+    # ceiling of min_bytes there would kill a worker bulk-loading a new directory.
+    largest = growth * max(0, int(sqlite_bytes_per_record))
     try:
         entries = list(os.scandir(root))
     except OSError:
-        return int(min_bytes)
+        return max(int(min_bytes), int(largest * headroom))
     for entry in entries:
         try:
             if entry.is_file(follow_symlinks=False):

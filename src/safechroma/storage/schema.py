@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SchemaVersion", "installed_migrations", "compare_schema"]
+__all__ = ["SchemaVersion", "compare_schema", "installed_migrations", "written_by_newer"]
 
 _NAME_TAIL = re.compile(rb"\d{5}-[a-z0-9_-]+$")
 _SUFFIX = b".sqlite.sql"
@@ -197,3 +197,23 @@ def compare_schema(
             out.unknown.append((d, v, name))
     out.unknown.sort()
     return out
+
+
+def written_by_newer(path: str | os.PathLike[str]) -> bool:
+    """True when ``<path>/chroma.sqlite3`` has migrations the installed chromadb lacks.
+
+    For code that writes to a directory outside Chroma (WAL compaction, repairs): such a
+    directory must not be written at all. Any failure to tell means ``False``.
+    """
+    db = os.path.join(os.fspath(path), "chroma.sqlite3")
+    if not os.path.isfile(db):
+        return False
+    try:
+        con = sqlite3.connect(f"file:{os.path.abspath(db)}?mode=ro", uri=True, timeout=1.0)
+        try:
+            sv = compare_schema(con)
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return bool(sv is not None and sv.newer)

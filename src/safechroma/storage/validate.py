@@ -26,6 +26,7 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -265,7 +266,13 @@ def _parse_config(row: dict[str, Any], meta: dict[str, Any]) -> tuple[str, int]:
             space = space or vi.get("space")
             m = m or (vi.get("hnsw") or {}).get("max_neighbors")
         else:
-            h = cfg.get("hnsw") or cfg.get("hnsw_configuration") or {}
+            # chromadb 1.0-1.2 (no schema_str) nest it: {"vector_index": {"hnsw": {...}}}.
+            h = (
+                cfg.get("hnsw")
+                or cfg.get("hnsw_configuration")
+                or (cfg.get("vector_index") or {}).get("hnsw")
+                or {}
+            )
             if isinstance(h, dict):
                 space = space or h.get("space")
                 m = m or h.get("max_neighbors") or h.get("M")
@@ -285,6 +292,7 @@ def check_directory(
     wal_coverage: bool = False,
     busy_timeout: float = 2.0,
     sqlite_time_limit: float = 60.0,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> DirectoryReport:
     """Check a Chroma persist directory; never raises for bad contents, never writes.
 
@@ -297,6 +305,9 @@ def check_directory(
         busy_timeout: Seconds to wait for a SQLite lock before reporting "busy".
         sqlite_time_limit: Upper bound on ``quick_check``; past it the SQLite verdict is
             "unknown" (a slow disk is not corruption).
+        progress: Called as ``progress(step, details)``: ``("sqlite", {})`` before the
+            SQLite check, ``("collections", {"total": n})`` once the catalog is read, then
+            ``("collection", {"name", "records", "done", "total"})`` after each one.
 
     Returns:
         A :class:`DirectoryReport`.
@@ -319,7 +330,7 @@ def check_directory(
         return rep
 
     try:
-        _check_with_sqlite(rep, db, deep, wal_coverage, busy_timeout, sqlite_time_limit)
+        _check_with_sqlite(rep, db, deep, wal_coverage, busy_timeout, sqlite_time_limit, progress)
     except _SqliteUnavailable as e:
         rep.sqlite_status = e.status
         rep.findings.append(e.finding)
@@ -385,8 +396,10 @@ def _check_with_sqlite(
     wal_coverage: bool,
     busy_timeout: float,
     time_limit: float,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> None:
     root = rep.path
+    note = progress or (lambda step, details: None)
     try:
         con = _connect_ro(db, busy_timeout)
     except sqlite3.Error as e:
@@ -400,12 +413,14 @@ def _check_with_sqlite(
         except sqlite3.Error as e:
             raise _classify(e, db) from None
         if deep:
+            note("sqlite", {})
             _quick_check(rep, con, db, time_limit)
         try:
             rep.wal_purge = _read_purge(con)
         except sqlite3.Error:
             rep.wal_purge = None
         known: set[str] = set()
+        note("collections", {"total": len(rows)})
         for row in rows:
             c = _collection_report(root, row)
             if c.segment_id:
@@ -428,6 +443,15 @@ def _check_with_sqlite(
                 )
                 c.status = "unknown"
             rep.collections.append(c)
+            note(
+                "collection",
+                {
+                    "name": c.name,
+                    "records": c.records,
+                    "done": len(rep.collections),
+                    "total": len(rows),
+                },
+            )
         _check_orphan_segments(rep, root, known, deep)
     finally:
         con.close()
@@ -724,15 +748,6 @@ def _check_replay(
         return  # pickle_missing: Chroma starts the index over; reported already
     if not i2l:
         i2l, total, start = None, 0, 0  # Chroma takes the segment for new (local_hnsw.rs)
-    # The files' labels are 1..cur (FACTS §1): the deleted ones are the rest. If the live
-    # labels say otherwise (reported by check_segment), deletes are not checked.
-    deleted: set[int] | None = None
-    n_live = int(live.size)
-    if n_live <= cur and (n_live == 0 or (int(live.min()) >= 1 and int(live.max()) <= cur)):
-        on = np.zeros(cur + 1, dtype=bool)
-        on[live.astype(np.int64)] = True
-        if int(on.sum()) == n_live:
-            deleted = {int(x) for x in np.flatnonzero(~on[1:]) + 1}
     mt_start = c.metadata_max_seq_id or 0
     rows = [
         (int(r[0]), str(r[1]), int(r[2]), bool(r[3]))
@@ -742,6 +757,20 @@ def _check_replay(
             (topic, min(start, mt_start)),
         )
     ]
+    if not rows:
+        # Nothing to replay (the common case): the index holds the pickle's ids, the metadata
+        # segment its rows; compare them without building either set.
+        _compare_without_replay(c, con, i2l or {})
+        return
+    # The files' labels are 1..cur (FACTS §1): the deleted ones are the rest. If the live
+    # labels say otherwise (reported by check_segment), deletes are not checked.
+    deleted: set[int] | None = None
+    n_live = int(live.size)
+    if n_live <= cur and (n_live == 0 or (int(live.min()) >= 1 and int(live.max()) <= cur)):
+        on = np.zeros(cur + 1, dtype=bool)
+        on[live.astype(np.int64)] = True
+        if int(on.sum()) == n_live:
+            deleted = {int(x) for x in np.flatnonzero(~on[1:]) + 1}
     index = replay_index(
         i2l,
         total,
@@ -775,8 +804,34 @@ def _check_replay(
         ),
         (r for r in rows if r[0] > mt_start),
     )
-    only_meta = meta_ids - index.ids
-    only_index = index.ids - meta_ids
+    _report_disagreement(c, meta_ids - index.ids, index.ids - meta_ids)
+
+
+def _compare_without_replay(c: CollectionReport, con: sqlite3.Connection, i2l: Any) -> None:
+    """:func:`_check_replay` when the WAL holds nothing to replay: one pass over the rows."""
+    n = 0
+    only_meta: set[str] = set()
+    for (ident,) in con.execute(
+        "SELECT embedding_id FROM embeddings WHERE segment_id = ?", (c.metadata_segment_id,)
+    ):
+        n += 1
+        if ident not in i2l:
+            only_meta.add(str(ident))
+    only_index: set[str] = set()
+    if len(i2l) != n - len(only_meta):
+        meta_ids = {
+            str(r[0])
+            for r in con.execute(
+                "SELECT embedding_id FROM embeddings WHERE segment_id = ?",
+                (c.metadata_segment_id,),
+            )
+        }
+        only_index = set(i2l) - meta_ids
+    _report_disagreement(c, only_meta, only_index)
+
+
+def _report_disagreement(c: CollectionReport, only_meta: set[str], only_index: set[str]) -> None:
+    add = c.findings.append
     if only_meta or only_index:
         parts = []
         if only_meta:

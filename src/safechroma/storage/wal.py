@@ -173,7 +173,7 @@ def take_over(path: str | os.PathLike[str]) -> None:
 
     Called by the worker right after it opened the directory and before it writes (Chroma
     reads ``embeddings_queue_config`` on every call, FACTS §3). Also notes which collections
-    have a complete WAL (never flushed yet, so nothing was purged).
+    have a complete WAL (never flushed yet, so nothing was purged). Never raises.
     """
     root = os.fspath(path)
     if retention_mode(root) == "chroma":
@@ -181,8 +181,13 @@ def take_over(path: str | os.PathLike[str]) -> None:
     db = os.path.join(root, SQLITE_FILE)
     if not os.path.isfile(db):
         return
-    _note_complete(root, db)
-    _set_purge(db, False)
+    try:
+        _note_complete(root, db)
+        _set_purge(db, False)
+    except (OSError, ValueError, sqlite3.Error):
+        # Never stop a worker from opening: the check and recovery deal with a bad database,
+        # and the next open tries again.
+        return
 
 
 def _note_complete(root: str, db: str) -> dict[str, Any]:
@@ -244,7 +249,7 @@ def _seq(v: Any) -> int:
     return int(v)
 
 
-def compact_wal(path: str | os.PathLike[str]) -> CompactReport:
+def compact_wal(path: str | os.PathLike[str], *, vacuum: bool = False) -> CompactReport:
     """Compact the kept WAL of ``path`` to one row per live id below the purge watermark.
 
     The caller must own the directory (hold its lock; no Chroma process has it open). Per
@@ -255,7 +260,16 @@ def compact_wal(path: str | os.PathLike[str]) -> CompactReport:
     the metadata segment applied to it; the others are deleted, in one transaction. The replay
     must agree with the metadata segment (every live id whose last write is at or below the
     watermark is present in the replay with that last write); otherwise the collection is left
-    as it is.
+    as it is. A collection adopted with a purged history is summarised per id from its last
+    ``upsert`` or ``delete`` only (see the module docstring).
+
+    SQLite keeps the pages the compaction frees and reuses them for later writes, so the file
+    stays at its high-water mark (the live rows plus one session's writes).
+
+    Args:
+        path: The persist directory.
+        vacuum: Then run ``VACUUM`` to give the freed pages back (it rewrites the whole file:
+            seconds per GB; not done by :func:`maintain`).
 
     Returns:
         A :class:`CompactReport`.
@@ -286,6 +300,8 @@ def compact_wal(path: str | os.PathLike[str]) -> CompactReport:
             mark = min(marks.get(vseg, 0), marks.get(mseg, 0))
             complete = status.get(cid) == "complete"
             out.collections[cid] = _compact_one(con, cid, mseg, mark, complete)
+        if vacuum:
+            con.execute("VACUUM")
     finally:
         con.close()
     out.rows_after, out.bytes_after = wal_bytes(root)
@@ -405,7 +421,11 @@ def maintain(path: str | os.PathLike[str]) -> CompactReport | None:
     Never raises: retention is a second copy, and failing to compact must not stop a worker
     from starting (the next start tries again).
     """
+    from safechroma.storage.schema import written_by_newer
+
     try:
+        if written_by_newer(path):
+            return None  # a newer chromadb's directory is never written (chroma#5909)
         return compact_wal(path)
     except Exception:  # noqa: BLE001 - see the docstring; the WAL is left as it was
         return None

@@ -1,0 +1,1 @@
+"""Framework integration tests (a package, so its conftest does not shadow tests/conftest)."""
