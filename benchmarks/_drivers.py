@@ -22,11 +22,15 @@ closes its client and exits.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -36,13 +40,22 @@ from typing import Any
 from _sysinfo import (
     NetAudit,
     alive,
+    children,
     cmdline,
     descendants,
     inet_endpoints,
     non_loopback,
     proc_status,
 )
-from _workload import DIMS, OP_BY_NAME, Call, collection_name, make_call, result_bytes
+from _workload import (
+    DIMS,
+    OP_BY_NAME,
+    Call,
+    collection_name,
+    make_call,
+    result_bytes,
+    throughput_call,
+)
 
 ONESHOT = str(Path(__file__).resolve().parent / "_oneshot.py")
 NS = 1_000_000_000
@@ -56,9 +69,12 @@ def _rss_tree(root: int, worker_pid: int | None = None) -> dict[str, Any]:
         if not st:
             continue
         cmd = cmdline(pid)
+        forked = "safechroma.runtime.template" in cmd  # the template and its forks
         if pid == worker_pid:
             role = "worker"
-        elif "safechroma.runtime.worker" in cmd:
+        elif forked and pid in children(root):
+            role = "worker template"
+        elif forked or "safechroma.runtime.worker" in cmd:
             role = "standby worker"
         else:
             role = "child"
@@ -94,6 +110,8 @@ class Mode:
         raise NotImplementedError
 
     def close(self) -> dict[str, Any]:
+        for base in getattr(self, "_fresh_dirs", []):
+            shutil.rmtree(base, ignore_errors=True)
         return {}
 
     # -- measurement ------------------------------------------------------------------------
@@ -131,6 +149,110 @@ class Mode:
     def rss(self) -> dict[str, Any]:
         return {"start": self.rss_start, **_rss_tree(os.getpid())}
 
+    # -- throughput (issue 10) --------------------------------------------------------------
+    def throughput(self, op: str, workers: int, seconds: float, tag: str) -> dict[str, Any]:
+        """``workers`` threads call ``op`` in a loop for ``seconds``; calls completed per s."""
+        stop = threading.Event()
+        counts = [0] * workers
+        errors: list[str] = []
+        gate = threading.Barrier(workers + 1)
+
+        def loop(w: int) -> None:
+            gate.wait()
+            k = 0
+            try:
+                while not stop.is_set():
+                    call = throughput_call(op, self.records, w, k, tag)
+                    getattr(self._target(call.collection), call.method)(**call.kwargs)
+                    k += 1
+            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            counts[w] = k
+
+        threads = [threading.Thread(target=loop, args=(w,)) for w in range(workers)]
+        for t in threads:
+            t.start()
+        gate.wait()
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        return {
+            "calls": sum(counts),
+            "seconds": elapsed,
+            "per_s": sum(counts) / elapsed,
+            "errors": errors,
+        }
+
+    def athroughput(self, op: str, tasks: int, seconds: float, tag: str) -> dict[str, Any]:
+        """``tasks`` asyncio tasks call ``op`` in a loop for ``seconds``; calls per s."""
+        return asyncio.run(self._athroughput(op, tasks, seconds, tag))
+
+    async def _athroughput(self, op: str, tasks: int, seconds: float, tag: str) -> dict[str, Any]:
+        cols, close = await self._async_open()
+        stop = asyncio.Event()
+        counts = [0] * tasks
+        errors: list[str] = []
+
+        async def loop(w: int) -> None:
+            k = 0
+            try:
+                while not stop.is_set():
+                    call = throughput_call(op, self.records, w, k, tag)
+                    await self._acall(cols, call)
+                    k += 1
+            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            counts[w] = k
+
+        try:
+            running = [asyncio.create_task(loop(w)) for w in range(tasks)]
+            t0 = time.perf_counter()
+            await asyncio.sleep(seconds)
+            stop.set()
+            await asyncio.gather(*running)
+            elapsed = time.perf_counter() - t0
+        finally:
+            await close()
+        return {
+            "calls": sum(counts),
+            "seconds": elapsed,
+            "per_s": sum(counts) / elapsed,
+            "errors": errors,
+        }
+
+    async def _async_open(self) -> tuple[dict[str, Any], Any]:
+        async def nothing() -> None:
+            return None
+
+        return self.cols, nothing
+
+    async def _acall(self, cols: dict[str, Any], call: Call) -> Any:
+        fn = getattr(cols[call.collection], call.method)
+        return await asyncio.to_thread(fn, **call.kwargs)
+
+    def fresh_open(self, n: int) -> dict[str, Any]:
+        """Open a fresh directory while this process's client is open: to the first answer."""
+        base = tempfile.mkdtemp(prefix="fresh-", dir=os.path.dirname(self.path))
+        self._fresh_dirs = getattr(self, "_fresh_dirs", []) + [base]
+        times = []
+        for i in range(n):
+            path = os.path.join(base, str(i))
+            t0 = time.perf_counter_ns()
+            client = self._fresh_client(path)
+            client.count_collections()
+            times.append(time.perf_counter_ns() - t0)
+            self._close_fresh(client)
+        return {"open_to_first_answer_ns": times}
+
+    def _fresh_client(self, path: str) -> Any:
+        raise NotImplementedError
+
+    def _close_fresh(self, client: Any) -> None:
+        pass
+
     def network(self) -> dict[str, Any]:
         """Non-loopback sockets held now by this process and its children."""
         bad = []
@@ -153,6 +275,13 @@ class DirectMode(Mode):
             name = collection_name(dim)
             self.cols[name] = self.client.get_collection(name, embedding_function=None)
 
+    def _fresh_client(self, path: str) -> Any:
+        import chromadb
+        from chromadb.config import Settings
+
+        # chromadb has no close: the fresh clients live until the driver exits.
+        return chromadb.PersistentClient(path=path, settings=Settings(anonymized_telemetry=False))
+
 
 class HttpMode(Mode):
     name = "http"
@@ -173,6 +302,26 @@ class HttpMode(Mode):
         for dim in DIMS:
             name = collection_name(dim)
             self.cols[name] = self.client.get_collection(name, embedding_function=None)
+
+    async def _async_open(self) -> tuple[dict[str, Any], Any]:
+        import chromadb
+        from chromadb.config import Settings
+
+        client = await chromadb.AsyncHttpClient(
+            host="127.0.0.1", port=self.cfg["port"], settings=Settings(anonymized_telemetry=False)
+        )
+        cols = {}
+        for dim in DIMS:
+            name = collection_name(dim)
+            cols[name] = await client.get_collection(name, embedding_function=None)
+
+        async def close() -> None:
+            return None
+
+        return cols, close
+
+    async def _acall(self, cols: dict[str, Any], call: Call) -> Any:
+        return await getattr(cols[call.collection], call.method)(**call.kwargs)
 
     def rss(self) -> dict[str, Any]:
         out = super().rss()
@@ -229,6 +378,28 @@ class SafechromaMode(Mode):
         t1 = time.perf_counter_ns()
         worker_s = self.client.stats().last_call_worker_seconds
         return t1 - t0, (t1 - t0) - int(worker_s * NS), result
+
+    async def _async_open(self) -> tuple[dict[str, Any], Any]:
+        from safechroma import AsyncSafeClient
+
+        # The same directory as the sync client: they share one supervisor and one worker.
+        client = await AsyncSafeClient.create(self.path)
+        cols = {}
+        for dim in DIMS:
+            name = collection_name(dim)
+            cols[name] = await client.get_collection(name, embedding_function=None)
+        return cols, client.aclose
+
+    async def _acall(self, cols: dict[str, Any], call: Call) -> Any:
+        return await getattr(cols[call.collection], call.method)(**call.kwargs)
+
+    def _fresh_client(self, path: str) -> Any:
+        from safechroma import SafeClient
+
+        return SafeClient(path)
+
+    def _close_fresh(self, client: Any) -> None:
+        client.close()
 
     def close(self) -> dict[str, Any]:
         client = getattr(self, "client", None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _workload import OPS
+from _workload import OPS, THROUGHPUT_LABELS, THROUGHPUT_OPS
 
 MODE_ORDER = ("direct", "safechroma", "http", "process-per-call")
 SMALL_OPS = ("count", "get_ids10")
@@ -628,11 +628,114 @@ def markdown(results: dict[str, Any]) -> str:
         "results.json and in the target notes. Telemetry is off everywhere; embeddings are always "
         "explicit.\n"
     )
+    L += throughput_markdown(results)
     if results.get("errors"):
         L.append("## Errors\n")
         for e in results["errors"]:
             L.append("```\n" + e[:3000] + "\n```")
     return "\n".join(L) + "\n"
+
+
+def throughput_markdown(results: dict[str, Any]) -> list[str]:
+    """The throughput tables and the fresh-directory open times (issue 10)."""
+    tp = results.get("throughput")
+    if not tp:
+        return []
+    modes = tp["modes"]
+    secs = results["config"].get("throughput_seconds")
+    L = ["## Throughput: many callers at once\n"]
+    L.append(
+        f"Calls completed per second with N callers calling at once in a loop for {secs} s per "
+        "cell (the modes take turns within a cell). Threads share one client; asyncio tasks use "
+        "the mode's async face: `asyncio.to_thread` over `PersistentClient` for direct (chromadb "
+        "has no local async client), `AsyncSafeClient` for safechroma, `AsyncHttpClient` for "
+        "http. In parentheses: the ratio to direct in the same cell.\n"
+    )
+    for kind, title in (("threads", "threads"), ("tasks", "asyncio tasks")):
+        L.append(f"### {title}\n")
+        L.append("| op | " + title + " | " + " | ".join(f"{m} /s" for m in modes) + " |")
+        L.append("|---|---|" + "---|" * len(modes))
+        for op in THROUGHPUT_OPS:
+            for n, cell in sorted(tp[kind].get(op, {}).items(), key=lambda kv: int(kv[0])):
+                base = cell.get("direct", {}).get("per_s")
+                parts = []
+                for m in modes:
+                    v = cell.get(m, {}).get("per_s")
+                    if v is None:
+                        parts.append("-")
+                    elif m == "direct" or not base:
+                        parts.append(f"{v:.0f}")
+                    else:
+                        parts.append(f"{v:.0f} ({v / base:.2f}x)")
+                errs = sum(len(cell.get(m, {}).get("errors", [])) for m in modes)
+                note = f" ({errs} errors)" if errs else ""
+                L.append(f"| {THROUGHPUT_LABELS[op]}{note} | {n} | " + " | ".join(parts) + " |")
+        L.append("")
+    fresh = results.get("fresh_open") or {}
+    if fresh:
+        L.append("### Opening a fresh directory\n")
+        L.append(
+            "A new, empty directory opened by a process that already has a client open "
+            "(`PersistentClient(path)` or `SafeClient(path)`), to the first answered "
+            "`count_collections()`. safechroma's worker is forked from the process-wide warm "
+            "template; the target is max(4x direct, 120 ms).\n"
+        )
+        L.append("| mode | median ms | max ms | trials |\n|---|---|---|---|")
+        meds = {}
+        for mode, r in fresh.items():
+            ms = np.asarray(r["open_to_first_answer_ns"]) / 1e6
+            meds[mode] = float(np.median(ms))
+            L.append(f"| {mode} | {meds[mode]:.1f} | {ms.max():.1f} | {len(ms)} |")
+        if "direct" in meds and "safechroma" in meds:
+            target = max(4 * meds["direct"], 120.0)
+            ok = "met" if meds["safechroma"] <= target else "missed"
+            L.append(
+                f"\nTarget {ok}: safechroma median {meds['safechroma']:.1f} ms against "
+                f"max(4 x {meds['direct']:.1f}, 120) = {target:.1f} ms.\n"
+            )
+    return L
+
+
+def throughput_chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tp = results["throughput"]
+    modes = tp["modes"]
+    colors = {"direct": "#4c72b0", "safechroma": "#55a868", "http": "#c44e52"}
+    fig, axes = plt.subplots(1, len(THROUGHPUT_OPS), figsize=(15, 4.8))
+    for ax, op in zip(axes, THROUGHPUT_OPS, strict=True):
+        cells = [
+            (f"{n} thr", c)
+            for n, c in sorted(tp["threads"].get(op, {}).items(), key=lambda kv: int(kv[0]))
+        ]
+        cells += [
+            (f"{n} tasks", c)
+            for n, c in sorted(tp["tasks"].get(op, {}).items(), key=lambda kv: int(kv[0]))
+        ]
+        x = np.arange(len(cells))
+        width = 0.8 / max(1, len(modes))
+        for i, m in enumerate(modes):
+            vals = [c.get(m, {}).get("per_s", np.nan) for _, c in cells]
+            ax.bar(
+                x + (i - (len(modes) - 1) / 2) * width, vals, width, label=m, color=colors.get(m)
+            )
+        ax.set_xticks(x, [label for label, _ in cells], rotation=30, ha="right", fontsize=8)
+        ax.set_title(THROUGHPUT_LABELS[op], fontsize=10)
+        ax.set_ylabel("calls / s")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(
+        f"throughput with many callers, {results['config']['records']} records — "
+        f"{m['cpu_model']}, {m['usable_cpus']} CPUs, chromadb {m['chromadb']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
@@ -724,4 +827,7 @@ def write_outputs(results: dict[str, Any], out: Path, chart_too: bool = True) ->
     if chart_too:
         paths["png"] = out / "results.png"
         chart(results, paths["png"])
+        if results.get("throughput"):
+            paths["throughput_png"] = out / "throughput.png"
+            throughput_chart(results, paths["throughput_png"])
     return paths

@@ -114,6 +114,28 @@ def make_call(op_name: str, records: int, rnd: int, rep: int, tag: str = "") -> 
     raise ValueError(f"unknown op {op_name!r}")
 
 
+# Throughput (issue 10): calls per second with several callers at once.
+THROUGHPUT_OPS: Final = ("query1", "get_ids10", "upsert100")
+THROUGHPUT_LABELS: Final = {
+    "query1": "query(1 vec, k=10)",
+    "get_ids10": "get(ids=10)",
+    "upsert100": "upsert(100x384, new ids)",
+}
+THREADS: Final = (1, 2, 4, 8)
+TASKS: Final = (8, 64)
+UPSERT_BATCH: Final = 100
+
+
+def throughput_call(op_name: str, records: int, worker: int, k: int, tag: str) -> Call:
+    """The ``k``-th call of caller ``worker`` in a throughput run (the same in every mode)."""
+    if op_name == "upsert100":
+        rng = _rng(op_name, 10_000 + worker, k)
+        ids = [f"tp{tag}-{worker}-{k}-{i}" for i in range(UPSERT_BATCH)]
+        emb = rng.standard_normal((UPSERT_BATCH, DIMS[0]), dtype=np.float32)
+        return Call(collection_name(DIMS[0]), "upsert", {"ids": ids, "embeddings": emb}, emb.nbytes)
+    return make_call(op_name, records, 10_000 + worker, k % 64)
+
+
 def result_bytes(result: Any) -> int:
     """Bytes of embedding arrays in a get() result (what a bulk read moves)."""
     if isinstance(result, dict):

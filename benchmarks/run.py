@@ -36,7 +36,17 @@ if str(HERE) not in sys.path:
 
 import _sysinfo  # noqa: E402
 from _drivers import available, build_main, driver_main  # noqa: E402
-from _workload import BATCH, BULK_IDS, OP_BY_NAME, OPS  # noqa: E402
+from _workload import (  # noqa: E402
+    BATCH,
+    BULK_IDS,
+    OP_BY_NAME,
+    OPS,
+    TASKS,
+    THREADS,
+    THROUGHPUT_OPS,
+)
+
+THROUGHPUT_MODES = ("direct", "safechroma", "http")
 
 ALL_MODES = ("direct", "safechroma", "http", "process-per-call")
 PPC_FAST_REPS = 3  # process-per-call: calls per fast op per round (each costs ~1 s)
@@ -220,6 +230,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--startup-trials", type=int, help="SafeClient open-to-first-count trials (full 5, quick 2)"
     )
+    p.add_argument(
+        "--throughput-seconds",
+        type=float,
+        help="seconds per throughput cell (op x callers x mode; full 4, quick 1.5)",
+    )
+    p.add_argument(
+        "--fresh-trials", type=int, help="open-a-fresh-directory trials (full 8, quick 4)"
+    )
+    p.add_argument(
+        "--no-throughput", action="store_true", help="skip the throughput and fresh-open section"
+    )
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the results go")
     p.add_argument(
         "--workdir", type=Path, help="where the per-mode copies go (default: a temp dir)"
@@ -242,6 +263,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.ppc_rounds = a.ppc_rounds if a.ppc_rounds is not None else 1
     a.crash_trials = a.crash_trials if a.crash_trials is not None else (2 if quick else 5)
     a.startup_trials = a.startup_trials if a.startup_trials is not None else (2 if quick else 5)
+    if a.throughput_seconds is None:
+        a.throughput_seconds = 1.5 if quick else 4.0
+    a.fresh_trials = a.fresh_trials if a.fresh_trials is not None else (4 if quick else 8)
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     unknown = set(a.modes) - set(ALL_MODES)
     if unknown:
@@ -251,6 +275,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.records < 100 or a.rounds < 1 or a.reps < 1:
         p.error("--records >= 100, --rounds >= 1, --reps >= 1")
     return a
+
+
+def throughput(drivers: dict[str, Driver], args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """Calls per second with 1-8 threads and 8 and 64 asyncio tasks at once, and the time to
+    the first answer on a fresh directory in a process that already has a client (issue 10).
+
+    Each cell (op x number of callers x mode) runs for ``--throughput-seconds``; the modes take
+    turns within a cell, the first one rotating, so drift hits every mode alike. The upserts
+    run last: they grow the collection (100 new records per call, alike in every mode).
+    """
+    modes = [m for m in drivers if m in THROUGHPUT_MODES]
+    out: dict[str, Any] = {"threads": {}, "tasks": {}, "modes": modes}
+    res["throughput"] = out
+    turn = 0
+    for op in THROUGHPUT_OPS:
+        for kind, counts, cmd in (
+            ("threads", THREADS, "throughput"),
+            ("tasks", TASKS, "athroughput"),
+        ):
+            for n in counts:
+                order = modes[turn % len(modes) :] + modes[: turn % len(modes)]
+                turn += 1
+                cell = out[kind].setdefault(op, {}).setdefault(str(n), {})
+                for mode in order:
+                    try:
+                        cell[mode] = drivers[mode].call(
+                            cmd,
+                            op=op,
+                            **({"workers": n} if kind == "threads" else {"tasks": n}),
+                            seconds=args.throughput_seconds,
+                            tag=f"{kind[0]}{n}",
+                            timeout=300,
+                        )
+                    except DriverError as exc:
+                        res["errors"].append(f"throughput {op} {kind}={n} {mode}: {exc}")
+                        log(str(exc).splitlines()[0])
+                log(
+                    f"throughput {op} {kind}={n}: "
+                    + ", ".join(f"{m} {cell[m]['per_s']:.0f}/s" for m in modes if m in cell)
+                )
+    res["fresh_open"] = {}
+    for mode in ("direct", "safechroma"):
+        if mode in drivers:
+            try:
+                res["fresh_open"][mode] = drivers[mode].call(
+                    "fresh_open", n=args.fresh_trials, timeout=600
+                )
+            except DriverError as exc:
+                res["errors"].append(f"fresh_open {mode}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             "ppc_reps_fast_ops": PPC_FAST_REPS,
             "crash_trials": args.crash_trials,
             "startup_trials": args.startup_trials,
+            "throughput_seconds": None if args.no_throughput else args.throughput_seconds,
+            "fresh_trials": args.fresh_trials,
             "quick": args.quick,
             "modes": args.modes,
             "batch": BATCH,
@@ -397,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["errors"].append(str(exc))
         if server is not None:
             results["network"]["http-server"] = server.network()
+
+        if not args.no_throughput:
+            throughput(drivers, args, results)
 
         if "safechroma" in drivers:
             sc = drivers["safechroma"]

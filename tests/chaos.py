@@ -477,12 +477,21 @@ class _Thread:
 
 
 def _our_child(pid: int | None) -> bool:
+    """A live worker of this process: its child, or a child of its worker template (which
+    forks the workers)."""
     if not pid:
         return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
+
+    def parent(p: int) -> tuple[int, str]:
+        with open(f"/proc/{p}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[1]) == os.getpid() and fields[0] != "Z"
+        return int(fields[1]), fields[0]
+
+    try:
+        ppid, state = parent(pid)
+        if state == "Z":
+            return False
+        return ppid == os.getpid() or (ppid > 1 and parent(ppid)[0] == os.getpid())
     except OSError:
         return False
 

@@ -15,16 +15,31 @@ import pytest
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 
 
-def child_pids() -> set[int]:
-    """Live (non-zombie) children of this process, read from /proc."""
+def _children(pid: int) -> set[int]:
     pids: set[int] = set()
-    me = os.getpid()
-    for task in os.listdir(f"/proc/{me}/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return pids
+    for task in tasks:
         try:
-            with open(f"/proc/{me}/task/{task}/children") as f:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
                 pids.update(int(p) for p in f.read().split())
         except OSError:
             continue
+    return pids
+
+
+def child_pids() -> set[int]:
+    """Live (non-zombie) descendants of this process, read from /proc: workers are children of
+    the worker template, which is a child of this process."""
+    pids: set[int] = set()
+    todo = [os.getpid()]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in pids:
+                pids.add(child)
+                todo.append(child)
     live = set()
     for pid in pids:
         try:
@@ -44,6 +59,17 @@ def open_fds() -> set[str]:
         except OSError:
             continue
     return fds
+
+
+@pytest.fixture(autouse=True, scope="session")
+def worker_template() -> Iterator[None]:
+    """The process-wide warm worker template (safechroma.runtime.template) lives as long as the
+    process that uses safechroma, as in any program: start it before the first test so that the
+    per-test leak check below does not count it."""
+    from safechroma.runtime import template
+
+    template.warm()
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -306,31 +306,38 @@ def test_same_errors_breaker_and_hooks_as_the_sync_client(db: str) -> None:
 
 def test_call_timeout_is_per_task(db: str) -> None:
     """call_timeout() set in one task bounds that task's call only (the context travels with
-    the call to the thread); the loop keeps running while the hung worker is killed."""
+    the call to the thread); the loop keeps running while the hung worker is killed. The other
+    task's read was in the worker at the same time: the kill is a death like any other for it,
+    so it is retried on the next worker and answered, under its own 30 s deadline."""
 
     async def main() -> tuple[float, float]:
         async with AsyncSafeClient(db, validator=None, timeout=30) as client:
+            col = await client.create_collection(
+                "slow", embedding_function=SlowEmbedding(delay=1.0)
+            )
+            await col.add(ids=["a"], embeddings=[[0.5] * DIM], documents=["apple"])
             beat = Heartbeat()
             beat.start()
 
-            async def long_but_fine() -> float:
-                return float(await client.run_in_worker(_sleep_then_pid, 1.0) != 0)
+            async def long_but_fine() -> list[list[str]]:
+                return (await col.query(query_texts=["apple"], n_results=1))["ids"]
 
             async def bounded_hang() -> None:
                 with safechroma.call_timeout(0.5):
                     await client.run_in_worker(faults.hang)
 
             fine = asyncio.create_task(long_but_fine())
-            await asyncio.sleep(0.05)  # queued behind the 1 s call: must not inherit 0.5 s
+            await asyncio.sleep(0.05)  # started before the hang: must not inherit 0.5 s
             hung = asyncio.create_task(bounded_hang())
             start = time.monotonic()
-            assert await fine == 1.0
             with pytest.raises(WorkerTimeoutError) as info:
                 await hung
+            assert await fine == [["a"]]
             elapsed = time.monotonic() - start
             assert info.value.timeout == 0.5 and isinstance(info.value, TimeoutError)
             assert await client.heartbeat() > 0  # a fresh worker
-            assert client.stats().timeouts == 1
+            stats = client.stats()
+            assert stats.timeouts == 1 and stats.deaths == {"timeout": 1}  # one death
             return elapsed, await beat.stop()
 
     elapsed, late = run(main)
@@ -455,35 +462,81 @@ def test_fifty_tasks_survive_signals_and_the_loop_never_waits(db: str) -> None:
 # -- cancellation ----------------------------------------------------------------------------
 
 
-def test_cancelled_call_in_flight_completes_queued_one_is_never_sent(
+class MarkingEmbedding(HashEmbedding):
+    """Touches ``<folder>/<first document>`` in the worker, then takes ``delay`` seconds: a test
+    sees exactly which calls reached the worker."""
+
+    def __init__(self, folder: str = "", delay: float = 0.0) -> None:
+        super().__init__(DIM)
+        self.folder = folder
+        self.delay = delay
+
+    def __call__(self, input: Any) -> Any:  # noqa: A002 - chromadb's name
+        if self.folder:
+            Path(self.folder, input[0]).touch()
+            time.sleep(self.delay)
+        return super().__call__(input)
+
+    @staticmethod
+    def name() -> str:
+        return "safechroma-test-marking-hash"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"folder": self.folder, "delay": self.delay}
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> MarkingEmbedding:
+        return MarkingEmbedding(**config)
+
+
+def test_cancelled_calls_in_flight_complete_queued_one_is_never_sent(
     db: str, tmp_path: Path
 ) -> None:
-    """Cancelling is immediate for the caller; the write already in the worker is applied and
-    its reply consumed (the next caller gets its own reply); the write still queued behind it
-    never reaches the worker."""
-    marker = tmp_path / "in-flight"
+    """Cancelling is immediate for the callers. The client's pool is full of writes that are
+    inside the worker (all at once: they run in parallel); one more write waits in the queue.
+    All are cancelled: the writes in the worker are applied and their replies consumed (later
+    callers get their own replies), the queued write never reaches the worker."""
+    from safechroma.runtime.channels import MAX_CHANNELS
+
+    seen = tmp_path / "seen"
+    seen.mkdir()
 
     async def main() -> None:
         async with AsyncSafeClient(db, validator=None, standby=False) as client:
             col = await client.create_collection(
-                "cancel", embedding_function=SlowEmbedding(marker=str(marker), slow_delay=0.6)
+                "cancel", embedding_function=MarkingEmbedding(str(seen), delay=0.6)
             )
             beat = Heartbeat()
             beat.start()
-            running = asyncio.create_task(col.add(ids=["slow"], documents=["slow write"]))
-            queued = asyncio.create_task(col.add(ids=["queued"], documents=["queued write"]))
-            await wait_for_file(marker)  # the slow add is inside the worker now
+            running = [
+                asyncio.create_task(col.add(ids=[f"slow{i}"], documents=[f"slow{i}"]))
+                for i in range(MAX_CHANNELS)
+            ]
+            deadline = time.monotonic() + 30
+            while len(list(seen.iterdir())) < MAX_CHANNELS:  # every thread is in the worker
+                assert time.monotonic() < deadline, sorted(p.name for p in seen.iterdir())
+                await asyncio.sleep(0.005)
+            queued = asyncio.create_task(col.add(ids=["queued"], documents=["queued"]))
+            await asyncio.sleep(0.05)
             start = time.monotonic()
-            running.cancel()
-            queued.cancel()
-            done, _ = await asyncio.wait([running, queued])
-            assert time.monotonic() - start < 0.2  # the caller is not held by the worker
+            for t in [*running, queued]:
+                t.cancel()
+            done, _ = await asyncio.wait([*running, queued])
+            assert time.monotonic() - start < 0.2  # the callers are not held by the worker
             assert all(t.cancelled() for t in done)
-            # The next call runs after the cancelled one finished; it gets its own reply.
-            got = await col.get(ids=["slow", "queued", "nothing"], include=["documents"])
-            assert (got["ids"], got["documents"]) == (["slow"], ["slow write"])
-            assert await col.count() == 1
-            assert (await col.get(ids=["slow"], include=[]))["ids"] == ["slow"]
+            # The writes in the worker complete on their own; each later call gets its own reply.
+            slow = [f"slow{i}" for i in range(MAX_CHANNELS)]
+            while await col.count() < MAX_CHANNELS:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            got = await col.get(ids=[*slow, "queued", "nothing"], include=["documents"])
+            assert sorted(zip(got["ids"], got["documents"], strict=True)) == sorted(
+                (s, s) for s in slow
+            )
+            answers = await asyncio.gather(*(col.get(ids=[s], include=[]) for s in slow))
+            assert [a["ids"] for a in answers] == [[s] for s in slow]
+            assert not (seen / "queued").exists()  # withdrawn before it reached the worker
+            assert await col.count() == MAX_CHANNELS
             assert await beat.stop() < MAX_LATENESS
 
     run(main)

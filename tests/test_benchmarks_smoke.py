@@ -43,6 +43,10 @@ def test_tiniest_run_writes_positive_numbers(tmp_path: Path) -> None:
             "1",
             "--crash-trials",
             "1",
+            "--throughput-seconds",
+            "0.2",
+            "--fresh-trials",
+            "1",
             "--modes",
             "direct,safechroma",
             "--out",
@@ -54,7 +58,7 @@ def test_tiniest_run_writes_positive_numbers(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
         env={**os.environ, "PYTHONWARNINGS": ""},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -94,5 +98,16 @@ def test_tiniest_run_writes_positive_numbers(tmp_path: Path) -> None:
     mem = results["summary"]["memory"]["safechroma"]
     assert mem["caller_mib"] > 0 and mem["children_total_mib"] > 0
     assert {t["verdict"] for t in results["targets"]} <= {"PASS", "MISS"}
+    tp = results["throughput"]
+    for kind, counts in (("threads", ("1", "2", "4", "8")), ("tasks", ("8", "64"))):
+        for op in ("query1", "get_ids10", "upsert100"):
+            for n in counts:
+                for mode in ("direct", "safechroma"):
+                    cell = tp[kind][op][n][mode]
+                    assert cell["calls"] > 0 and cell["per_s"] > 0 and not cell["errors"], cell
+    for mode in ("direct", "safechroma"):
+        assert min(results["fresh_open"][mode]["open_to_first_answer_ns"]) > 0
+    if chart:
+        assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["leftover_children"] == []
     assert results["errors"] == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -40,15 +41,20 @@ def _segfault_soon(_client: Any, delay: float) -> int:
 
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    """Wait until the worker has fully exited (reapable), without reaping it: the supervisor
-    must notice by itself. (A thread group leader shows as a zombie while its other threads
-    still dump core; only the whole group's exit makes it reapable.)"""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"worker {pid} did not die")
+    """Wait until the worker has fully exited, without reaping it: the supervisor must notice by
+    itself. (A thread group leader shows as a zombie while its other threads still dump core;
+    a pidfd becomes readable only when the whole group has exited. Workers are forked by the
+    worker template, so they are not this process's children: waitid() cannot see them.)"""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # exited and already reaped by its parent
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not readable:
+        raise AssertionError(f"worker {pid} did not die")
 
 
 def test_a_worker_that_dies_between_calls_is_replaced_silently(db: str) -> None:

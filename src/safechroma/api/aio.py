@@ -20,13 +20,14 @@ done in ``__init__``)::
 
 A plain ``AsyncSafeClient("./db")`` is lazy: the first awaited call opens the directory.
 
-One thread per client, first in first out
------------------------------------------
-Each ``AsyncSafeClient`` owns one thread (a ``ThreadPoolExecutor`` with one worker) and its
-collections share it. One thread is enough: the supervisor serves one call at a time per
-directory anyway, so more threads would only queue on its lock. It also gives cancellation a
-clean edge (below), keeps calls in the order they were awaited, and never borrows the event
-loop's default executor, which the application may need for other things.
+A pool of threads per client
+----------------------------
+Each ``AsyncSafeClient`` owns a pool of threads (a ``ThreadPoolExecutor`` with as many threads
+as the worker has channels, :data:`safechroma.runtime.channels.MAX_CHANNELS`) and its
+collections share it. Calls of different tasks run in the worker at the same time, as they would
+with chromadb in one process; the calls of one task run in the order it awaits them. Beyond the
+pool's size, calls queue in the executor, first in first out. The pool is the client's own: it
+never borrows the event loop's default executor, which the application may need for other things.
 
 Deadlines are per task: ``safechroma.call_timeout()`` is a context variable, and each call runs
 in a copy of the awaiting task's context (as ``asyncio.to_thread`` does).
@@ -36,11 +37,11 @@ Cancellation contract
 Cancelling a task that awaits a call (``task.cancel()``, ``asyncio.wait_for``,
 ``asyncio.timeout``) makes the task see ``CancelledError`` at once. What happens to the call:
 
-- Not started yet (still queued behind other calls of this client): it is withdrawn and never
-  reaches the worker. A cancelled write of this kind is absent.
-- Already started: it runs to completion in the client's thread. The thread finishes the
-  exchange and consumes the reply itself, so the channel to the worker stays in step and a
-  late reply is never handed to a later caller. A write that was sent completes (or fails)
+- Not started yet (queued because every thread of the client is busy): it is withdrawn and
+  never reaches the worker. A cancelled write of this kind is absent.
+- Already started: it runs to completion in its thread. The thread finishes the exchange and
+  consumes the reply itself, so its channel to the worker stays in step and a late reply is
+  never handed to a later caller. A write that was sent completes (or fails)
   exactly as it would have without the cancellation; only the caller does not see the result.
   It is applied in full or not at all, as Chroma applies any single call.
 - ``aclose()`` waits for every started call, cancelled or not, before it stops the worker: a
@@ -56,10 +57,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import inspect
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable
 from typing import Any
-from uuid import UUID
 
 from chromadb.api import AsyncClientAPI
 from chromadb.api.async_client import AsyncClient
@@ -69,6 +71,7 @@ from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
 from .._errors import ClientClosedError
 from .._policy import Options, Stats
+from ..runtime.channels import MAX_CHANNELS
 from .client import (
     _EF_BY_ID,
     _EF_CREATE,
@@ -76,7 +79,6 @@ from .client import (
     _EF_GET_OR_CREATE,
     SafeClient,
     _default,
-    _mirror,
 )
 from .collection import PROXIED, SafeCollection
 
@@ -88,28 +90,41 @@ _ASYNC_EF_DEFAULTS = {
     id(_default(AsyncClient.get_or_create_collection, "embedding_function")): _EF_GET_OR_CREATE,
     id(_default(AsyncClient.get_collection_by_id, "embedding_function")): _EF_BY_ID,
 }
-
-
-def _amirror(original: Callable[..., Any]) -> Callable[[Any], Any]:
-    return _mirror(original, " (see the module docs for cancellation)")
-
-
-_AEF_CREATE = _default(AsyncClient.create_collection, "embedding_function")
-_AEF_GET = _default(AsyncClient.get_collection, "embedding_function")
 _AEF_GET_OR_CREATE = _default(AsyncClient.get_or_create_collection, "embedding_function")
-_AEF_BY_ID = _default(AsyncClient.get_collection_by_id, "embedding_function")
 
 
-def _sync_ef(embedding_function: Any) -> Any:
-    return _ASYNC_EF_DEFAULTS.get(id(embedding_function), embedding_function)
+def _sync_ef(value: Any) -> Any:
+    return _ASYNC_EF_DEFAULTS.get(id(value), value)
 
 
-def _aforward(name: str) -> Callable[..., Any]:
+def _same_parameters(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    pa = [(p.name, p.kind) for p in inspect.signature(a).parameters.values()]
+    pb = [(p.name, p.kind) for p in inspect.signature(b).parameters.values()]
+    return pa == pb
+
+
+def _client_method(name: str) -> Callable[..., Any]:
+    """``AsyncSafeClient.<name>``: awaits ``SafeClient.<name>`` with chromadb's async signature."""
+    sync = getattr(SafeClient, name)
+    # Mirrored sync methods carry chromadb's signature; record-level ones forward *args.
+    original = getattr(AsyncClient, name) if hasattr(sync, "__wrapped__") else None
+    if original is not None and not _same_parameters(original, sync):
+        # Caught at import, i.e. by every test run, when a chromadb release changes a method.
+        raise TypeError(f"AsyncClient.{name} and SafeClient.{name} take different parameters")
+
     async def method(self: AsyncSafeClient, *args: Any, **kwargs: Any) -> Any:
-        return await self._call(name, *args, **kwargs)
+        args = tuple(_sync_ef(a) for a in args)
+        kwargs = {k: _sync_ef(v) for k, v in kwargs.items()}
+        return self._wrap(await self._call(name, *args, **kwargs))
 
     method.__name__ = name
     method.__qualname__ = f"AsyncSafeClient.{name}"
+    if original is not None:
+        method.__wrapped__ = original  # type: ignore[attr-defined]
+        method.__doc__ = (
+            f"Behaves like ``chromadb`` ``AsyncClient.{name}``; runs in the worker (see the "
+            "module docs for cancellation).\n\n" + (original.__doc__ or "")
+        )
     return method
 
 
@@ -117,8 +132,9 @@ class AsyncSafeClient(AsyncClientAPI):
     """chromadb's ``AsyncClientAPI`` over a crash-isolated worker process.
 
     Every method behaves like the same method of :class:`safechroma.SafeClient` (and of
-    chromadb's ``AsyncClient``), awaitable: the sync call runs in a thread this client owns,
-    so the event loop keeps running while the worker works, crashes or is replaced.
+    chromadb's ``AsyncClient``), awaitable: the sync call runs in a thread of this client's
+    pool, so the event loop keeps running while the worker works, crashes or is replaced, and
+    calls of different tasks run in the worker at the same time.
 
     Args:
         path: the persist directory, as for ``chromadb.PersistentClient``.
@@ -152,11 +168,13 @@ class AsyncSafeClient(AsyncClientAPI):
         self._database = str(database)
         self._options = options
         self._sync: SafeClient | None = None
+        self._open_lock = threading.Lock()
         self._closing = False
         self._closed_future: concurrent.futures.Future[None] | None = None
-        # One thread, first in first out (see the module docs).
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        # A pool of its own (see the module docs).
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="safechroma-aio"
+            max_workers=MAX_CHANNELS, thread_name_prefix="safechroma-aio"
         )
 
     @classmethod
@@ -190,18 +208,22 @@ class AsyncSafeClient(AsyncClientAPI):
         await self._submit(lambda: None)
 
     def _opened(self) -> SafeClient:
-        """In the client's thread: the sync client, opened on first use."""
-        if self._sync is None:
-            self._sync = SafeClient(
-                self._path, self._settings, self._tenant, self._database, **self._options
-            )
-        return self._sync
+        """In a thread of the pool: the sync client, opened on first use (once)."""
+        sync = self._sync
+        if sync is None:
+            with self._open_lock:
+                sync = self._sync
+                if sync is None:
+                    sync = self._sync = SafeClient(
+                        self._path, self._settings, self._tenant, self._database, **self._options
+                    )
+        return sync
 
     async def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(*args, **kwargs)`` in the client's thread, in this task's context.
+        """Run ``fn(*args, **kwargs)`` in a thread of the pool, in this task's context.
 
         If the awaiting task is cancelled, a call that has not started is withdrawn and one that
-        has started runs to completion in the thread (see the module docs).
+        has started runs to completion in its thread (see the module docs).
         """
         if self._closing:
             raise ClientClosedError(f"this AsyncSafeClient for {self._path} is closed")
@@ -210,6 +232,8 @@ class AsyncSafeClient(AsyncClientAPI):
             future = self._executor.submit(ctx.run, self._in_thread, fn, args, kwargs)
         except RuntimeError:  # the executor was shut down by a concurrent aclose()
             raise ClientClosedError(f"this AsyncSafeClient for {self._path} is closed") from None
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
         return await asyncio.wrap_future(future)
 
     def _in_thread(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -220,8 +244,13 @@ class AsyncSafeClient(AsyncClientAPI):
         """Await ``SafeClient.<name>(*args, **kwargs)``."""
         return await self._submit(lambda: getattr(self._opened(), name)(*args, **kwargs))
 
-    def _wrap(self, col: Any) -> AsyncSafeCollection:
-        return AsyncSafeCollection._adopt(self, col) if isinstance(col, SafeCollection) else col
+    def _wrap(self, result: Any) -> Any:
+        """Sync collections in a result become async ones of this client."""
+        if isinstance(result, SafeCollection):
+            return AsyncSafeCollection._adopt(self, result)
+        if type(result) is list and result and isinstance(result[0], SafeCollection):
+            return [AsyncSafeCollection._adopt(self, c) for c in result]
+        return result
 
     # -- AsyncClientAPI --------------------------------------------------------------------
 
@@ -235,113 +264,37 @@ class AsyncSafeClient(AsyncClientAPI):
         """The current database."""
         return self._sync.database if self._sync is not None else self._database
 
-    @_amirror(AsyncClient.heartbeat)
-    async def heartbeat(self) -> int:
-        return int(await self._call("heartbeat"))
+    # One line per method, no signature re-declared: each is derived from SafeClient's.
+    count_collections = _client_method("count_collections")
+    create_collection = _client_method("create_collection")
+    delete_collection = _client_method("delete_collection")
+    get_collection = _client_method("get_collection")
+    get_collection_by_id = _client_method("get_collection_by_id")
+    get_max_batch_size = _client_method("get_max_batch_size")
+    get_or_create_collection = _client_method("get_or_create_collection")
+    get_user_identity = _client_method("get_user_identity")
+    get_version = _client_method("get_version")
+    heartbeat = _client_method("heartbeat")
+    list_collections = _client_method("list_collections")
+    reset = _client_method("reset")
+    set_database = _client_method("set_database")
+    set_tenant = _client_method("set_tenant")
+    # AsyncBaseAPI's record-level methods, for code written against ServerAPI-style calls.
+    _add = _client_method("_add")
+    _count = _client_method("_count")
+    _delete = _client_method("_delete")
+    _get = _client_method("_get")
+    _modify = _client_method("_modify")
+    _peek = _client_method("_peek")
+    _query = _client_method("_query")
+    _update = _client_method("_update")
+    _upsert = _client_method("_upsert")
 
-    @_amirror(AsyncClient.get_version)
-    async def get_version(self) -> str:
-        return str(await self._call("get_version"))
-
-    @_amirror(AsyncClient.get_settings)
     def get_settings(self) -> Settings:
+        """Behaves like ``chromadb`` ``AsyncClient.get_settings``."""
         return self._settings
 
-    @_amirror(AsyncClient.get_max_batch_size)
-    async def get_max_batch_size(self) -> int:
-        return int(await self._call("get_max_batch_size"))
-
-    @_amirror(AsyncClient.get_user_identity)
-    async def get_user_identity(self) -> Any:
-        return await self._call("get_user_identity")
-
-    @_amirror(AsyncClient.list_collections)
-    async def list_collections(
-        self, limit: int | None = None, offset: int | None = None
-    ) -> Sequence[AsyncSafeCollection]:
-        return [self._wrap(c) for c in await self._call("list_collections", limit, offset)]
-
-    @_amirror(AsyncClient.count_collections)
-    async def count_collections(self) -> int:
-        return int(await self._call("count_collections"))
-
-    @_amirror(AsyncClient.create_collection)
-    async def create_collection(
-        self,
-        name: str,
-        schema: Any = None,
-        configuration: Any = None,
-        metadata: Any = None,
-        embedding_function: Any = _AEF_CREATE,
-        data_loader: Any = None,
-        get_or_create: bool = False,
-    ) -> AsyncSafeCollection:
-        return self._wrap(
-            await self._call(
-                "create_collection",
-                name,
-                schema,
-                configuration,
-                metadata,
-                _sync_ef(embedding_function),
-                data_loader,
-                get_or_create,
-            )
-        )
-
-    @_amirror(AsyncClient.get_collection)
-    async def get_collection(
-        self, name: str, embedding_function: Any = _AEF_GET, data_loader: Any = None
-    ) -> AsyncSafeCollection:
-        return self._wrap(
-            await self._call("get_collection", name, _sync_ef(embedding_function), data_loader)
-        )
-
-    @_amirror(AsyncClient.get_or_create_collection)
-    async def get_or_create_collection(
-        self,
-        name: str,
-        schema: Any = None,
-        configuration: Any = None,
-        metadata: Any = None,
-        embedding_function: Any = _AEF_GET_OR_CREATE,
-        data_loader: Any = None,
-    ) -> AsyncSafeCollection:
-        return self._wrap(
-            await self._call(
-                "get_or_create_collection",
-                name,
-                schema,
-                configuration,
-                metadata,
-                _sync_ef(embedding_function),
-                data_loader,
-            )
-        )
-
-    @_amirror(AsyncClient.get_collection_by_id)
-    async def get_collection_by_id(
-        self, id: UUID, embedding_function: Any = _AEF_BY_ID, data_loader: Any = None
-    ) -> AsyncSafeCollection:
-        return self._wrap(
-            await self._call("get_collection_by_id", id, _sync_ef(embedding_function), data_loader)
-        )
-
-    @_amirror(AsyncClient.delete_collection)
-    async def delete_collection(self, name: str) -> None:
-        await self._call("delete_collection", name)
-
-    @_amirror(AsyncClient.reset)
-    async def reset(self) -> bool:
-        return bool(await self._call("reset"))
-
-    @_amirror(AsyncClient.set_tenant)
-    async def set_tenant(self, tenant: str, database: str = DEFAULT_DATABASE) -> None:
-        await self._call("set_tenant", tenant, database)
-
-    @_amirror(AsyncClient.set_database)
-    async def set_database(self, database: str) -> None:
-        await self._call("set_database", database)
+    get_settings.__wrapped__ = AsyncClient.get_settings  # type: ignore[attr-defined]
 
     @staticmethod
     def clear_system_cache() -> None:
@@ -351,17 +304,6 @@ class AsyncSafeClient(AsyncClientAPI):
     clear_system_cache.__func__.__wrapped__ = (  # type: ignore[attr-defined]
         AsyncClient.clear_system_cache
     )
-
-    # AsyncBaseAPI's record-level methods, for code written against ServerAPI-style calls.
-    _add = _aforward("_add")
-    _count = _aforward("_count")
-    _delete = _aforward("_delete")
-    _get = _aforward("_get")
-    _modify = _aforward("_modify")
-    _peek = _aforward("_peek")
-    _query = _aforward("_query")
-    _update = _aforward("_update")
-    _upsert = _aforward("_upsert")
 
     # -- what safechroma adds ----------------------------------------------------------------
 
@@ -394,28 +336,38 @@ class AsyncSafeClient(AsyncClientAPI):
         """Close the client once every call already started has finished.
 
         Calls made after ``aclose()`` began raise :class:`ClientClosedError`. Calls already
-        started, including ones whose callers were cancelled, complete first: a write in flight
-        is never cut short. Cancelling the task that awaits ``aclose()`` does not stop the
-        close; it finishes in the background. Idempotent.
+        submitted, including ones whose callers were cancelled after they started, complete
+        first: a write in flight is never cut short. Cancelling the task that awaits
+        ``aclose()`` does not stop the close; it finishes in the background. Idempotent.
         """
         if not self._closing:
             self._closing = True
-            try:
-                self._closed_future = self._executor.submit(self._close_in_thread)
-            except RuntimeError:  # pragma: no cover - the executor died with the interpreter
-                return
+            future: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self._closed_future = future
+            threading.Thread(
+                target=self._close_in_thread,
+                args=(future, list(self._pending)),
+                name="safechroma-aio-close",
+                daemon=True,
+            ).start()
         assert self._closed_future is not None
         await asyncio.shield(asyncio.wrap_future(self._closed_future))
 
     close = aclose
 
-    def _close_in_thread(self) -> None:
-        # Runs after every call submitted before it (one thread, first in first out).
+    def _close_in_thread(
+        self, done: concurrent.futures.Future[None], pending: list[concurrent.futures.Future[Any]]
+    ) -> None:
         try:
+            # Every call submitted before aclose() (started or queued and not withdrawn).
+            concurrent.futures.wait(pending)
             if self._sync is not None:
                 self._sync.close()
-        finally:
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown(wait=True)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     async def __aenter__(self) -> AsyncSafeClient:
         try:

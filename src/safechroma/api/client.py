@@ -150,7 +150,7 @@ class SafeClient(ClientAPI, _Remote):
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _reopen_request(self, sup: Supervisor, worker: Any) -> tuple[Op, Any, bool]:
+    def _reopen_request(self, sup: Supervisor, lease: Any) -> tuple[Op, Any, bool]:
         return (Op.OPEN, (sup.path, self._settings, self.tenant, self.database, None), True)
 
     def _call(self, method: str, *args: Any, by_value: bool = False, **kwargs: Any) -> Any:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from chromadb.api.collection_configuration import CreateCollectionConfiguration
     from chromadb.api.types import CollectionMetadata, Schema
 
-    from ..runtime.transport import WorkerProcess
+    from ..runtime.supervisor import Lease
     from .client import SafeClient
 
 _UNSET: Any = object()
@@ -214,8 +214,8 @@ class SafeCollection(Collection, _Remote):
     def _handle_serial(self, value: int) -> None:
         self._slot[0] = value
 
-    def _reopen_request(self, sup: Supervisor, worker: WorkerProcess) -> tuple[Op, Any, bool]:
-        client_handle = sup._handle_of(worker, self._client)
+    def _reopen_request(self, sup: Supervisor, lease: Lease) -> tuple[Op, Any, bool]:
+        client_handle = sup._handle_of(lease, self._client)
         return (Op.OPEN_HANDLE, (client_handle, self.id, self._open_kwargs), True)
 
     for _name in sorted(PROXIED):

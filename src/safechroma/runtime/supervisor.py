@@ -1,19 +1,31 @@
-"""Lifecycle of the worker that owns one persist directory: lock, start, call, crash, respawn.
+"""Lifecycle of the worker that owns one persist directory: start, call, crash, respawn.
 
 One :class:`Supervisor` exists per persist directory per process (see :func:`acquire`); every
-``SafeClient`` and ``SafeCollection`` on that directory shares it. It:
+``SafeClient`` and ``SafeCollection`` on that directory shares it. Its parts:
 
-- holds an exclusive ``flock`` on ``<path>/.safechroma.lock`` for as long as it lives, and passes
-  the locked descriptor to each worker, so the directory never has two owners, not even while a
-  worker is being replaced or after the parent died with a call in flight;
-- runs the validator (and, on damage, the recovery hook) before the first start and before each
-  respawn, then starts a fresh worker (a warm standby when there is one);
-- turns every way a worker can fail into one precise exception, counts deaths, and opens the
-  crash-loop breaker when they come too fast.
+- :class:`~.lock.DirectoryLock`: the directory has one owner, across processes;
+- :class:`~.breaker.Breaker`: when to stop starting workers;
+- :class:`~.channels.ChannelPool`: the channels to the current worker, one call at a time each;
+- this module: the one place that changes the worker's state. Callers never start, stop or
+  replace a worker themselves: they *lease* a channel of the live worker, make one exchange, and
+  give it back. When a worker breaks, every caller in flight sees it on its own channel and gets
+  its own precise error, but the death is recorded once (the first caller to see it records it,
+  under the generation's own lock), and the replacement happens once: the next caller that
+  needs a worker takes :attr:`Supervisor._life`, waits until no call is in flight on the old
+  worker, stops it, runs the validator (and, on damage, the recovery hook), and starts one new
+  worker; callers that were waiting meanwhile share its outcome (the worker, or the error).
+  The shape is CPython's ``concurrent.futures.process``, where one manager makes every state
+  change and a broken worker fails every pending call at once.
+
+The call path, in order: :meth:`Supervisor.call` -> ``_attempt`` -> ``_lease`` (a channel of a
+ready worker, starting one if needed) -> ``_handle_of`` (reopen the caller's object in a fresh
+worker) -> ``_exchange`` (encode, send, wait on the socket and the worker's pidfd, decode) ->
+``_give_back``. Reads are retried on the next worker; a write whose request was sent raises with
+``outcome_unknown=True``.
 
 States, as the supervisor sees its worker::
 
-    NO_WORKER   no live worker: the next call validates, recovers if needed, and starts one
+    NO_WORKER   no usable worker: the next call replaces it (validate, recover, start)
     READY       a live worker has opened the directory and serves calls
     BROKEN      too many deaths: the breaker is open, calls fail fast with CrashLoopError
     CLOSED      closed by the caller: calls raise ClientClosedError
@@ -23,9 +35,9 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import collections
+import copy
 import enum
-import errno
-import fcntl
 import functools
 import hashlib
 import logging
@@ -44,7 +56,6 @@ from .._errors import (
     ChromaPanicError,
     ClientClosedError,
     CrashLoopError,
-    DirectoryLockedError,
     PoisonRequestError,
     ProtocolError,
     RecoveryError,
@@ -59,15 +70,17 @@ from .._errors import (
 from .._policy import Event, HookContext, Options, Stats
 from ..storage import wal
 from .breaker import Breaker
+from .channels import ChannelPool
+from .lock import LOCK_NAME, DirectoryLock
 from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
-from .transport import PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
+from .transport import Channel, PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
+
+__all__ = ["LOCK_NAME", "Supervisor", "acquire", "file_size_limit", "rebuild_error", "release"]
 
 logger = logging.getLogger("safechroma")
 # A library does not configure logging; without a handler Python would print WARNINGs to
 # stderr through its last-resort handler.
 logger.addHandler(logging.NullHandler())
-
-LOCK_NAME: Final = ".safechroma.lock"
 
 # Chroma errors that mean the files on disk are damaged (CHROMA_FACTS.md section 3).
 _DAMAGE = re.compile(
@@ -102,12 +115,56 @@ class _Remote:
     _handle: int = 0
     _handle_serial: int = -1
 
-    def _reopen_request(self, sup: Supervisor, worker: WorkerProcess) -> tuple[Op, Any, bool]:
+    def _reopen_request(self, sup: Supervisor, lease: Lease) -> tuple[Op, Any, bool]:
         raise NotImplementedError
 
 
+class _End:
+    """How a worker's life ended: facts shared by every call that was in flight."""
+
+    def __init__(
+        self,
+        kind: str,
+        exitcode: int | None,
+        signal: str | None,
+        tail: str,
+        operation: str,
+        in_flight: int,
+    ) -> None:
+        self.kind = kind  # "SIGKILL", ..., "exit", "timeout", "protocol"
+        self.in_flight = in_flight  # calls holding a channel of the worker when it was seen
+        self.exitcode = exitcode
+        self.signal = signal
+        self.tail = tail
+        self.operation = operation  # the call during which it was first seen
+
+
+class _Generation:
+    """One worker's life as the supervisor sees it: its process, its channels, its calls."""
+
+    def __init__(self, process: WorkerProcess) -> None:
+        self.process = process
+        self.pool = ChannelPool(process)
+        self.serial = process.serial
+        self.inflight = 0  # leases out; changed under Supervisor._cond
+        self.retiring: str | None = None  # why it is stopped once idle (panic, damage, ...)
+        self.end: _End | None = None  # set once, under end_lock, by the first to see it
+        self.end_lock = threading.Lock()
+
+
+class Lease:
+    """A channel of one worker, held by one caller for one call (and its reopen/release)."""
+
+    __slots__ = ("gen", "channel", "broken")
+
+    def __init__(self, gen: _Generation, channel: Channel) -> None:
+        self.gen = gen
+        self.channel = channel
+        self.broken = False
+
+
 class Supervisor:
-    """Owns the worker of one persist directory. Thread-safe: one call at a time."""
+    """Owns the worker of one persist directory. Thread-safe; calls run in parallel."""
 
     def __init__(self, path: str, options: Options, primary: tuple[Any, str, str]) -> None:
         self.path = path
@@ -115,18 +172,32 @@ class Supervisor:
         self.options = options
         self.primary = primary  # settings, tenant, database of the first client
         self.refs = 0
-        self.lock = threading.RLock()
-        self.state = State.NO_WORKER
-        self.worker: WorkerProcess | None = None
-        self.standby: WorkerProcess | None = None
-        self.primary_handle = 0
         self.log_dir = tempfile.mkdtemp(prefix="safechroma-")
-        self.lock_fd = self._lock_directory()
+        try:
+            self.dir_lock = DirectoryLock(path, options.lock_timeout)
+        except BaseException:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            raise
         self.breaker = Breaker(options.breaker)
+        # _cond guards the fields below and every _Generation.inflight; _life is held by the
+        # one thread that replaces the worker (never taken while holding _cond).
+        self._cond = threading.Condition(threading.RLock())
+        self._life = threading.RLock()
+        self._reopen = threading.RLock()
+        self._suspects = threading.Lock()  # retried calls run one at a time
+        self._alone: threading.Thread | None = None  # the retry running alone, if any
+        self.state = State.NO_WORKER
+        self._gen: _Generation | None = None
+        self.standby: WorkerProcess | None = None
+        self._refilling = False
+        self._leased = 0  # leases out, over every generation
+        self._replacements = 0  # finished attempts to start a worker
+        self._replace_error: BaseException | None = None  # how the last attempt failed
+        self.primary_handle = 0
         self.pending_reason: str | None = "start"
         self.pending_crash: BaseException | None = None
         self.pending_salvage: list[str] = []
-        self.released: list[tuple[int, int]] = []
+        self.released: collections.deque[tuple[int, int]] = collections.deque()
         self.chroma_version = ""
         # stats
         self.calls = 0
@@ -139,52 +210,18 @@ class Supervisor:
         self.last_crash: BaseException | None = None
         self.last_worker_seconds = 0.0
 
-    # -- the directory lock ----------------------------------------------------------------
+    def calls_in_flight(self) -> int:
+        """Calls holding a channel of any worker, old or new, right now."""
+        return self._leased
 
-    def _lock_directory(self) -> int:
-        os.makedirs(self.path, exist_ok=True)
-        lock_path = os.path.join(self.path, LOCK_NAME)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        give_up = time.monotonic() + self.options.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= give_up:
-                    os.close(fd)
-                    shutil.rmtree(self.log_dir, ignore_errors=True)
-                    # `safechroma serve` writes "<pid>\nserve <url>\n" into the lock file.
-                    try:
-                        with open(lock_path) as f:
-                            holder = f.read().split("\n")
-                    except OSError:
-                        holder = []
-                    served = [ln[6:] for ln in holder if ln.startswith("serve ")]
-                    if served:
-                        raise DirectoryLockedError(
-                            f"{self.path} is served by `safechroma serve` at {served[0]} "
-                            f"(pid {holder[0]}); connect to it with "
-                            "safechroma.SafeHttpClient(host, port) instead of opening the "
-                            "directory (Chroma is not safe with two owners).",
-                            path=self.path,
-                            lock_path=lock_path,
-                            address=served[0],
-                        ) from None
-                    raise DirectoryLockedError(
-                        f"{self.path} is in use by another process (it holds {lock_path}); "
-                        "Chroma is not safe with two owners. Close the other program, or pass "
-                        "lock_timeout=<seconds> to wait for it.",
-                        path=self.path,
-                        lock_path=lock_path,
-                    ) from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
+    @property
+    def lock_fd(self) -> int | None:
+        return self.dir_lock.fd
+
+    @property
+    def worker(self) -> WorkerProcess | None:
+        gen = self._gen
+        return gen.process if gen is not None and gen.end is None else None
 
     # -- calling ---------------------------------------------------------------------------
 
@@ -210,29 +247,39 @@ class Supervisor:
             timeout: deadline in seconds, or None.
             by_value: encode with cloudpickle (the call carries an embedding function).
         """
-        try:
-            return self._attempt(owner, method, args, kwargs, timeout, by_value, read)
-        except (WorkerCrashedError, ProtocolError, _DamageRetry) as first:
-            if not (read or replay) or retries <= 0:
-                if isinstance(first, _DamageRetry):
-                    raise first.error from None
-                raise
-            logger.info("retrying %s after: %s", method, first)
-
-        retry_on = tenacity.retry_if_exception_type(
-            (WorkerCrashedError, ProtocolError, _DamageRetry)
-        )
-        try:
-            for attempt in tenacity.Retrying(
-                stop=tenacity.stop_after_attempt(retries),
-                retry=retry_on,
-                reraise=True,
-                sleep=lambda _s: None,
-            ):
-                with attempt:
-                    return self._attempt(owner, method, args, kwargs, timeout, by_value, read)
-        except _DamageRetry as exc:
-            raise exc.error from None
+        attempts = 1 + max(0, retries) if (read or replay) else 1
+        poison = _Fingerprint(owner, method, args, kwargs, by_value)
+        suspect = False
+        for attempt in range(1, attempts + 1):
+            try:
+                if not suspect:
+                    return self._attempt(owner, method, args, kwargs, timeout, read, poison)
+                # It was in flight at a death the call could have caused (a crash signal, an
+                # exit): a suspect. Suspects run one at a time and alone on the worker (other
+                # calls wait), so a call that kills every worker is told from the calls that
+                # merely ran beside it (see _strike).
+                with self._suspects:
+                    with self._cond:
+                        self._alone = threading.current_thread()
+                    try:
+                        return self._attempt(
+                            owner, method, args, kwargs, timeout, read, poison, suspect=True
+                        )
+                    finally:
+                        with self._cond:
+                            self._alone = None
+                            self._cond.notify_all()
+            except (WorkerCrashedError, ProtocolError, _DamageRetry) as exc:
+                if attempt >= attempts:
+                    if isinstance(exc, _DamageRetry):
+                        raise exc.error from None
+                    raise
+                suspect = (
+                    type(exc) is WorkerCrashedError
+                    and exc.signal not in _NOT_SELF_INFLICTED
+                    and self.options.validator is not None
+                )
+                logger.info("retrying %s after: %s", method, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _attempt(
@@ -242,55 +289,69 @@ class Supervisor:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
-        by_value: bool,
         read: bool,
+        poison: _Fingerprint,
+        *,
+        suspect: bool = False,
     ) -> Any:
-        with self.lock:
-            poison = _Fingerprint(owner, method, args, kwargs, by_value)
-            worker = self._ready_worker()  # an open breaker says more than a poison refusal
+        lease = self._lease(alone=suspect)
+        try:
             self._refuse_poison(poison, method)
-            handle = self._handle_of(worker, owner)
+            handle = self._handle_of(lease, owner)
             request = (Op.CALL, (handle, method, args, kwargs))
             try:
-                result = self._exchange(worker, request, method, timeout, by_value)
+                result = self._exchange(lease, request, method, timeout, poison.by_value)
             except WorkerError as exc:
                 # Only a failure after the request was sent leaves a write's outcome unknown;
                 # failures while starting or reopening happen before anything was sent.
                 exc.outcome_unknown = exc._facts["outcome_unknown"] = not read
                 if isinstance(exc, WorkerCrashedError):
-                    self._strike(poison, exc)
+                    self._strike(poison, exc, lease)
                 raise
-            self.breaker.served()  # a served call ends a run of deaths without progress
-            if self.standby is None:
-                self._refill_standby()
-            # Collections come back as ("collection", handle, model): tag them with the worker
-            # they live in, under the lock, so a respawn in between cannot mix them up.
-            if type(result) is tuple and result[:1] == ("collection",):
-                return (*result, worker.serial)
-            if (
-                type(result) is list
-                and result
-                and type(result[0]) is tuple
-                and (result[0][:1] == ("collection",))
-            ):
-                return [(*ref, worker.serial) for ref in result]
-            return result
+        finally:
+            self._give_back(lease)
+        self._served()
+        # Collections come back as ("collection", handle, model): tag them with the worker
+        # they live in, so a respawn in between cannot mix them up.
+        if type(result) is tuple and result[:1] == ("collection",):
+            return (*result, lease.gen.serial)
+        if (
+            type(result) is list
+            and result
+            and type(result[0]) is tuple
+            and (result[0][:1] == ("collection",))
+        ):
+            return [(*ref, lease.gen.serial) for ref in result]
+        return result
 
     def run(self, owner: _Remote, fn: Any, args: tuple[Any, ...], timeout: float | None) -> Any:
         """Run ``fn(chroma_client, *args)`` in the worker (fn is carried by cloudpickle)."""
-        with self.lock:
-            name = getattr(fn, "__name__", "run")
-            poison = _Fingerprint(owner, "run_in_worker", (fn, *args), {}, True)
-            worker = self._ready_worker()
+        name = getattr(fn, "__name__", "run")
+        poison = _Fingerprint(owner, "run_in_worker", (fn, *args), {}, True)
+        lease = self._lease()
+        try:
             self._refuse_poison(poison, name)
-            request = (Op.RUN, (self._handle_of(worker, owner), fn, args))
+            request = (Op.RUN, (self._handle_of(lease, owner), fn, args))
             try:
-                result = self._exchange(worker, request, name, timeout, True)
+                result = self._exchange(lease, request, name, timeout, True)
             except WorkerCrashedError as exc:
-                self._strike(poison, exc)
+                self._strike(poison, exc, lease)
                 raise
-            self.breaker.served()
-            return result
+        finally:
+            self._give_back(lease)
+        self._served()
+        return result
+
+    def ping(self) -> float:
+        """One empty round trip; returns the seconds the worker spent (transport check)."""
+        lease = self._lease()
+        try:
+            seconds: float = self._exchange(
+                lease, (Op.PING, None), "ping", self.options.timeout, False, seconds=True
+            )
+        finally:
+            self._give_back(lease)
+        return seconds
 
     # -- poison requests -------------------------------------------------------------------
 
@@ -309,17 +370,29 @@ class Supervisor:
                 sent=False,
             )
 
-    def _strike(self, call: _Fingerprint, crash: WorkerCrashedError) -> None:
+    def _strike(self, call: _Fingerprint, crash: WorkerCrashedError, lease: Lease) -> None:
         """The worker died with ``call`` in flight; if it is now poison, say so instead.
 
         Only with a validator: it is what tells a call that kills healthy workers from a
-        damaged directory that kills every worker (a recovery then forgives every strike). And
-        only for deaths a call can cause (a crash signal, an exit): a SIGKILL or SIGTERM comes
-        from outside (the OOM killer, an operator), so it says nothing about the call."""
-        if self.options.validator is None or crash.signal in _NOT_SELF_INFLICTED:
+        damaged directory that kills every worker (a recovery then forgives every strike).
+        With calls in parallel, a death strikes a call only when the call was alone on the
+        worker: the calls that merely ran beside the culprit are not blamed. Retries run alone
+        (see :meth:`call`), so a call that kills every worker is struck by its retries. A death
+        caused by a deadline or a bad reply strikes nobody: its cause is known. Nor does a
+        SIGKILL or SIGTERM: it comes from outside (the OOM killer, an operator), so it says
+        nothing about the call.
+        """
+        end = lease.gen.end
+        if self.options.validator is None or end is None or end.kind in ("timeout", "protocol"):
+            return
+        if crash.signal in _NOT_SELF_INFLICTED:
+            return
+        if end.in_flight > 1:
             return
         digest = call.digest()
-        if not self.breaker.strike(digest):
+        with self._cond:
+            poisoned = self.breaker.strike(digest)
+        if not poisoned:
             return
         unknown = "It was a write: it may or may not have been applied. "
         raise PoisonRequestError(
@@ -337,72 +410,177 @@ class Supervisor:
             sent=True,
         ) from crash
 
-    def ping(self) -> float:
-        """One empty round trip; returns the seconds the worker spent (transport check)."""
-        with self.lock:
-            worker = self._ready_worker()
-            self._exchange(worker, (Op.PING, None), "ping", self.options.timeout, False)
-            return self.last_worker_seconds
+    # -- leases ----------------------------------------------------------------------------
 
-    def _handle_of(self, worker: WorkerProcess, owner: _Remote) -> int:
-        if owner._handle_serial != worker.serial:
-            op, body, by_value = owner._reopen_request(self, worker)
-            ref = self._exchange(worker, (op, body), "open", self.options.start_timeout, by_value)
-            owner._handle = ref[1] if isinstance(ref, tuple) else int(ref)
-            owner._handle_serial = worker.serial
-        self._flush_released(worker)
+    def _lease(self, alone: bool = False) -> Lease:
+        """A channel of a ready worker; replaces the worker first if there is none.
+
+        ``alone``: wait until no other call is in flight, and keep new calls waiting until this
+        one is given back (a retry after a death, see :meth:`call`).
+        """
+        while True:
+            stale: _Generation | None = None
+            with self._cond:
+                self._check_usable()
+                if self._alone is not None and self._alone is not threading.current_thread():
+                    self._cond.wait()  # a retry runs alone: wait for it
+                    continue
+                if alone and self._leased:
+                    self._cond.wait()  # let the calls in flight finish first
+                    continue
+                gen = self._gen
+                if self.state is State.READY and gen is not None and _usable(gen):
+                    if gen.process.alive() and not self._worn_out(gen.process):
+                        gen.inflight += 1
+                        self._leased += 1
+                        break
+                    stale = gen
+                seen = self._replacements
+            if stale is not None:
+                self._replace_stale(stale)
+                continue
+            self._replace_or_share(seen)
+        try:
+            return Lease(gen, gen.pool.checkout())
+        except PeerDied:
+            # The worker is gone before anything was sent: a death like any other.
+            with self._cond:
+                gen.inflight -= 1
+                self._leased -= 1
+                self._cond.notify_all()
+            raise self._died(gen, "open") from None
+
+    def _replace_stale(self, gen: _Generation) -> None:
+        """The worker died between calls, or has served enough: have it replaced."""
+        if not gen.process.alive():
+            # It died between calls (chroma-core/chroma#6984: a background thread that
+            # segfaults with no call running). The death is counted once; this caller gets
+            # no error: the worker is replaced before its call is sent.
+            self._died_idle(gen)
+        elif self._retire(gen, "recycled"):
+            # Replaced between calls: calls in flight finish on it, no caller sees it.
+            self._emit("worker_recycled", gen.process.pid, served=gen.process.served)
+            with self._cond:
+                self.pending_reason = "recycle"
+
+    def _give_back(self, lease: Lease) -> None:
+        gen = lease.gen
+        if lease.broken or gen.end is not None:
+            gen.pool.discard(lease.channel)
+        else:
+            gen.pool.checkin(lease.channel)
+        with self._cond:
+            gen.inflight -= 1
+            self._leased -= 1
+            if not gen.inflight:
+                self._cond.notify_all()
+
+    def _served(self) -> None:
+        if self.breaker.consecutive:
+            with self._cond:
+                self.breaker.served()  # a served call ends a run of deaths without progress
+        if self.options.standby and self.standby is None and not self._refilling:
+            self._refill_standby()
+
+    def _closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def _check_usable(self) -> None:
+        if self.owner != os.getpid():
+            # A forked child shares the parent's sockets: a call from it would interleave
+            # frames with the parent's and hand replies to the wrong process.
+            raise SafeChromaError(
+                f"this safechroma client for {self.path} belongs to process {self.owner}; "
+                "create a new client after fork()"
+            )
+        if self.state is State.CLOSED:
+            raise ClientClosedError(f"the safechroma client for {self.path} is closed")
+
+    def _handle_of(self, lease: Lease, owner: _Remote) -> int:
+        if owner._handle_serial != lease.gen.serial:
+            # One reopen at a time: two threads reopening one collection would leave two
+            # handles in the worker and race on the caller's slot.
+            with self._reopen:
+                if owner._handle_serial != lease.gen.serial:
+                    op, body, by_value = owner._reopen_request(self, lease)
+                    ref = self._exchange(
+                        lease, (op, body), "open", self.options.start_timeout, by_value
+                    )
+                    owner._handle = ref[1] if isinstance(ref, tuple) else int(ref)
+                    owner._handle_serial = lease.gen.serial
+        if self.released:
+            self._flush_released(lease)
         return owner._handle
 
     def release(self, serial: int, handle: int) -> None:
         """Forget a handle whose caller-side object is gone (sent with the next call).
 
-        Called from garbage collection, in any thread: it only appends to a list.
+        Called from garbage collection, in any thread: it only appends to a deque.
         """
         self.released.append((serial, handle))
 
-    def _flush_released(self, worker: WorkerProcess) -> None:
-        if not self.released:
-            return
-        taken, self.released = self.released, []
-        mine = [h for s, h in taken if s == worker.serial]
+    def _flush_released(self, lease: Lease) -> None:
+        mine: list[int] = []
+        while True:
+            try:
+                serial, handle = self.released.popleft()
+            except IndexError:
+                break
+            if serial == lease.gen.serial:
+                mine.append(handle)
         if mine:
-            self._exchange(worker, (Op.RELEASE, mine), "release", self.options.timeout, False)
+            self._exchange(lease, (Op.RELEASE, mine), "release", self.options.timeout, False)
+
+    # -- one exchange ----------------------------------------------------------------------
 
     def _exchange(
         self,
-        worker: WorkerProcess,
+        lease: Lease,
         request: tuple[Op, Any],
         operation: str,
         timeout: float | None,
         by_value: bool,
+        *,
+        seconds: bool = False,
     ) -> Any:
         data, buffers = encode(request, by_value=by_value)
         deadline = None if timeout is None else time.monotonic() + timeout
+        gen = lease.gen
         try:
-            frame = worker.exchange(data, buffers, deadline)
+            frame = lease.channel.exchange(data, buffers, deadline)
         except PeerDied:
-            raise self._crashed(worker, operation) from None
+            lease.broken = True
+            raise self._died(gen, operation) from None
         except PeerTimedOut:
-            raise self._timed_out(worker, operation, timeout) from None
+            lease.broken = True
+            raise self._timed_out(gen, operation, timeout) from None
         except PeerMisbehaved as exc:
-            raise self._misbehaved(worker, operation, str(exc)) from None
+            lease.broken = True
+            raise self._misbehaved(gen, operation, str(exc)) from None
+        except BaseException:
+            # Interrupted mid-exchange (KeyboardInterrupt): the reply may still come; this
+            # channel must never carry another call, or that call would read this reply.
+            lease.broken = True
+            raise
         try:
             reply = decode_reply(*frame)
-            status, payload, seconds = reply
+            status, payload, spent = reply
             status = Status(status)
-            self.last_worker_seconds = float(seconds)
+            spent = float(spent)
             if status is not Status.OK and not is_error_info(payload):
                 raise ValueError(f"malformed error report {payload!r:.100}")
         except Exception as exc:  # noqa: BLE001 - any undecodable reply is a protocol error
-            raise self._misbehaved(worker, operation, f"undecodable reply: {exc!r}") from None
+            lease.broken = True
+            raise self._misbehaved(gen, operation, f"undecodable reply: {exc!r}") from None
+        self.last_worker_seconds = spent
         if operation not in _NOT_CALLS:
-            worker.served += 1  # progress, for the breaker: it answered a call
+            gen.process.served += 1  # progress, for the breaker: it answered a call
         if status is Status.OK:
             self.calls += 1
-            return payload
+            return spent if seconds else payload
         self.errors += 1
         if status is Status.PANIC:
-            self._retire(worker, "panic")
+            self._retire(gen, "panic")
             raise ChromaPanicError(
                 f"Chroma's Rust core panicked during {operation}: {payload[3]}. The worker was "
                 "replaced; the next call gets a fresh one.",
@@ -412,193 +590,276 @@ class Supervisor:
         if self.options.recover_on_damage_errors and _means_damage(payload):
             # The files are damaged: stop this worker so the validator and the recovery hook
             # can run on a quiet directory before the next call (reads retry after that).
-            self._retire(worker, "damage")
-            self._record_death("damage", worker, error, operation)
-            self.pending_reason = "damage"
-            self.pending_crash = error
+            if self._retire(gen, "damage"):
+                self._record_death("damage", gen, error, operation)
+                with self._cond:
+                    self.pending_reason = "damage"
             raise _DamageRetry(error)
         raise error
 
-    # -- failures --------------------------------------------------------------------------
+    # -- failures: each caller gets its own error, the death is recorded once ---------------
 
-    def _crashed(self, worker: WorkerProcess, operation: str) -> WorkerCrashedError:
-        code = worker.wait(2.0)
-        if code is None:  # socket closed but still running: it is of no use any more
-            worker.kill()
-        return self._death(
-            worker,
-            operation,
-            f"during {operation}. Your process is fine; the next call starts a fresh worker "
-            "after checking the directory. Reads are retried; a write in flight may or may not "
-            "have been applied.",
-        )
-
-    def _death(self, worker: WorkerProcess, operation: str, what_next: str) -> WorkerCrashedError:
-        """Describe a reaped worker's death as an error, and count it."""
-        code = worker.popen.returncode
-        sig = signal_name(code)
-        tail = worker.log_tail()
-        how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
+    def _died(self, gen: _Generation, operation: str) -> WorkerCrashedError:
+        process = gen.process
+        with gen.end_lock:
+            first = gen.end is None
+            if first:
+                code = process.wait(2.0)
+                if code is None:  # socket closed but still running: it is of no use any more
+                    process.kill()
+                    code = process.returncode
+                sig = signal_name(code)
+                gen.end = _End(
+                    sig or "exit", code, sig, process.log_tail(), operation, gen.inflight
+                )
+            end = gen.end
+        assert end is not None
+        if end.kind == "timeout":
+            how = f"was killed (SIGKILL) because {end.operation} passed its deadline"
+        elif end.kind == "protocol":
+            how = f"was killed (SIGKILL) because it sent an invalid reply to {end.operation}"
+        elif end.signal:
+            how = f"was killed by {end.signal}({end.exitcode})"
+        else:
+            how = f"exited with status {end.exitcode}"
+        tail = end.tail
         error = WorkerCrashedError(
-            f"safechroma worker (pid {worker.pid}) for {self.path} {how} {what_next}"
+            f"safechroma worker (pid {process.pid}) for {self.path} {how} during {operation}. "
+            "Your process is fine; the next call starts a fresh worker after checking the "
+            "directory. Reads are retried; a write in flight may or may not have been applied."
             + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
-            pid=worker.pid,
-            exitcode=code,
-            signal=sig,
+            pid=process.pid,
+            exitcode=end.exitcode,
+            signal=end.signal,
             operation=operation,
             crash_log=tail,
             outcome_unknown=False,
         )
-        self._drop(worker)
-        self._record_death(sig or "exit", worker, error, operation)
+        if first:
+            self._record_death(end.kind, gen, error, operation)
+            self._emit(
+                "worker_died",
+                process.pid,
+                operation=operation,
+                signal=end.kind,
+                exitcode=end.exitcode,
+                served=process.served,
+            )
         return error
 
     def _timed_out(
-        self, worker: WorkerProcess, operation: str, timeout: float | None
-    ) -> WorkerTimeoutError:
-        worker.kill()
-        self.timeouts += 1
+        self, gen: _Generation, operation: str, timeout: float | None
+    ) -> WorkerCrashedError:
+        process = gen.process
+        with gen.end_lock:
+            first = gen.end is None
+            if first:
+                process.kill()
+                code = process.returncode
+                gen.end = _End("timeout", code, signal_name(code), "", operation, gen.inflight)
+        if not first:  # it died (or another deadline killed it) before ours passed
+            return self._died(gen, operation)
+        with self._cond:
+            self.timeouts += 1
         error = WorkerTimeoutError(
             f"{operation} on {self.path} did not finish within {timeout} s; the worker "
-            f"(pid {worker.pid}) was killed so it cannot keep the directory. The next call "
+            f"(pid {process.pid}) was killed so it cannot keep the directory. The next call "
             "starts a fresh worker. Raise the deadline with timeout= or "
             "safechroma.call_timeout() if the call is legitimately long.",
-            pid=worker.pid,
+            pid=process.pid,
             operation=operation,
             timeout=timeout,
             outcome_unknown=False,
         )
-        self._drop(worker)
-        self._record_death("timeout", worker, error, operation)
-        self._emit("worker_timeout", worker.pid, operation=operation, timeout=timeout)
-        return error
+        self._record_death("timeout", gen, error, operation)
+        self._emit("worker_timeout", process.pid, operation=operation, timeout=timeout)
+        return error  # type: ignore[return-value]
 
-    def _misbehaved(self, worker: WorkerProcess, operation: str, why: str) -> ProtocolError:
-        worker.kill()
+    def _misbehaved(self, gen: _Generation, operation: str, why: str) -> WorkerError:
+        process = gen.process
+        with gen.end_lock:
+            first = gen.end is None
+            if first:
+                process.kill()
+                code = process.returncode
+                gen.end = _End("protocol", code, signal_name(code), "", operation, gen.inflight)
+        if not first:
+            return self._died(gen, operation)
         error = ProtocolError(
-            f"safechroma worker (pid {worker.pid}) sent an invalid reply to {operation}: "
+            f"safechroma worker (pid {process.pid}) sent an invalid reply to {operation}: "
             f"{why}. It was killed and will be replaced.",
-            pid=worker.pid,
+            pid=process.pid,
             operation=operation,
             outcome_unknown=False,
         )
-        self._drop(worker)
-        self._record_death("protocol", worker, error, operation)
-        self._emit("protocol_error", worker.pid, operation=operation, why=why)
+        self._record_death("protocol", gen, error, operation)
+        self._emit("protocol_error", process.pid, operation=operation, why=why)
         return error
 
-    def _drop(self, worker: WorkerProcess) -> None:
-        worker.close()
-        if self.worker is worker:
-            self.worker = None
-            if self.state is State.READY:
+    def _retire(self, gen: _Generation, why: str) -> bool:
+        """Mark a live worker to be stopped once its calls finish; True the first time."""
+        with self._cond:
+            if gen.retiring is not None or gen.end is not None:
+                return False
+            gen.retiring = why
+            if self._gen is gen and self.state is State.READY:
                 self.state = State.NO_WORKER
-
-    def _retire(self, worker: WorkerProcess, why: str) -> None:
-        """Stop a live worker: ask it to exit, kill it if it does not."""
-        try:
-            worker.exchange(*encode((Op.EXIT, None)), time.monotonic() + 5.0)
-        except (PeerDied, PeerTimedOut, PeerMisbehaved, OSError):
-            pass
-        if worker.wait(5.0) is None:
-            worker.kill()
-        code = worker.popen.returncode
-        if code:
-            # Chroma's runtime can abort while the interpreter exits (chroma-core/chroma#6852).
-            # The worker had finished its work: log it, never raise it, never count it as a
-            # death (a clean stop is not a crash loop).
-            self._emit(
-                "worker_exit_abnormal",
-                worker.pid,
-                why=why,
-                exitcode=code,
-                signal=signal_name(code),
-                log=worker.log_tail(1000),
-            )
-        self._drop(worker)
-        self._emit("worker_retired", worker.pid, why=why)
+            return True
 
     def _record_death(
-        self, kind: str, worker: WorkerProcess, error: BaseException, operation: str
+        self, kind: str, gen: _Generation, error: BaseException, operation: str
     ) -> None:
-        now = time.monotonic()
-        self.death_counts[kind] = self.death_counts.get(kind, 0) + 1
-        self.last_crash = error
-        what = f"pid {worker.pid}: {kind} during {operation} after {worker.served} calls"
-        # A worker that had opened the directory and was then killed from outside (SIGKILL,
-        # SIGTERM: the OOM killer, an operator) did not fail by itself: bad luck, like a death
-        # after serving calls. The same signal while opening still counts (an index that
-        # cannot be loaded within the memory it has is a crash loop).
-        external = worker.opened and kind in _NOT_SELF_INFLICTED
-        opened = self.breaker.record(now, what, served=worker.served, external=external)
-        self.pending_reason = "crash"
-        self.pending_crash = error
-        if kind not in ("damage", "timeout", "protocol", "panic"):
-            self._emit(
-                "worker_died",
-                worker.pid,
-                operation=operation,
-                signal=kind,
-                exitcode=worker.popen.returncode,
-                served=worker.served,
-            )
-        if opened:
-            self.state = State.BROKEN
-            self._emit(
-                "breaker_open",
-                None,
-                why=self.breaker.reason(now),
-                deaths=self.breaker.recent(now),
-            )
-
-    # -- starting a worker -----------------------------------------------------------------
-
-    def _ready_worker(self) -> WorkerProcess:
-        worker = self.worker
-        if self.state is State.READY and worker is not None and self.owner == os.getpid():
-            if not worker.alive():
-                # It died between calls (chroma-core/chroma#6984: a background thread that
-                # segfaults with no call running). Nothing was in flight, so no caller gets an
-                # error: count the death and replace it before this call is sent.
-                self._died_idle(worker)
-            elif self._worn_out(worker):
-                self._retire(worker, "recycled")
-                self._emit("worker_recycled", worker.pid, served=worker.served)
-                self.pending_reason = "recycle"
-            else:
-                return worker
-        if self.owner != os.getpid():
-            # A forked child shares the parent's socket: a call from it would interleave
-            # frames with the parent's and hand replies to the wrong process.
-            raise SafeChromaError(
-                f"this safechroma client for {self.path} belongs to process {self.owner}; "
-                "create a new client after fork()"
-            )
-        if self.state is State.CLOSED:
-            raise ClientClosedError(f"the safechroma client for {self.path} is closed")
-        if self.state is State.BROKEN:
+        served = gen.process.served
+        why: str = ""
+        deaths: list[str] = []
+        with self._cond:
             now = time.monotonic()
-            blocked = self.breaker.blocked_for(now)
-            if blocked is not None:
-                raise CrashLoopError(
-                    f"the worker for {self.path} is in a crash loop "
-                    f"({self.breaker.reason(now)}), so no new worker is started for "
-                    f"{blocked:.1f} s more. Check the directory with "
-                    f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
-                    path=self.path,
-                    deaths=self.breaker.recent(now),
-                    retry_after=blocked,
-                )
-            self.state = State.NO_WORKER
+            self.death_counts[kind] = self.death_counts.get(kind, 0) + 1
+            self.last_crash = error
+            self.pending_reason = "crash"
+            self.pending_crash = error
+            what = f"pid {gen.process.pid}: {kind} during {operation} after {served} calls"
+            # A worker that had opened the directory and was then killed from outside (SIGKILL,
+            # SIGTERM: the OOM killer, an operator) did not fail by itself: bad luck, like a
+            # death after serving calls. The same signal while opening still counts (an index
+            # that cannot be loaded within the memory it has is a crash loop).
+            external = gen.process.opened and kind in _NOT_SELF_INFLICTED
+            opened = self.breaker.record(now, what, served=served, external=external)
+            if self._gen is gen and self.state is State.READY:
+                self.state = State.NO_WORKER
+            if opened:
+                self.state = State.BROKEN
+                why, deaths = self.breaker.reason(now), self.breaker.recent(now)
+        if opened:
+            self._emit("breaker_open", None, why=why, deaths=deaths)
+
+    def _died_idle(self, gen: _Generation) -> None:
+        process = gen.process
+        with gen.end_lock:
+            if gen.end is not None:
+                return
+            code = process.wait(2.0)
+            if code is None:  # pragma: no cover - alive() said it had exited
+                process.kill()
+                code = process.returncode
+            sig = signal_name(code)
+            tail = process.log_tail()
+            gen.end = _End(sig or "exit", code, sig, tail, "no call (between calls)", 0)
+        how = f"was killed by {sig}({code})" if sig else f"exited with status {code}"
+        error = WorkerCrashedError(
+            f"safechroma worker (pid {process.pid}) for {self.path} {how} between calls; it was "
+            "replaced before the next call, which no caller noticed."
+            + (f"\n--- worker log (tail) ---\n{tail}" if tail.strip() else ""),
+            pid=process.pid,
+            exitcode=code,
+            signal=sig,
+            operation=None,
+            crash_log=tail,
+            outcome_unknown=False,
+        )
+        self._record_death(sig or "exit", gen, error, "no call (between calls)")
+        self._emit(
+            "worker_died",
+            process.pid,
+            operation="no call (between calls)",
+            signal=sig or "exit",
+            exitcode=code,
+            served=process.served,
+        )
+
+    # -- replacing the worker: one thread at a time, no call in flight ----------------------
+
+    def _replace_or_share(self, seen: int) -> None:
+        """Replace the worker, or, if another thread did while we waited, share its outcome."""
+        with self._life:
+            with self._cond:
+                if self._replacements != seen:
+                    if self._replace_error is not None:
+                        raise _copy(self._replace_error)
+                    return
+                self._check_usable()
+            try:
+                self._replace()
+            except BaseException as exc:
+                with self._cond:
+                    self._replace_error = exc
+                    self._replacements += 1
+                raise
+            with self._cond:
+                self._replace_error = None
+                self._replacements += 1
+
+    def _replace(self) -> None:
+        old = self._gen
+        if old is not None:
+            with self._cond:
+                while old.inflight:
+                    self._cond.wait()
+            self._stop(old)
+            self._gen = None
+        with self._cond:
+            if self.state is State.BROKEN:
+                now = time.monotonic()
+                blocked = self.breaker.blocked_for(now)
+                if blocked is not None:
+                    raise CrashLoopError(
+                        f"the worker for {self.path} is in a crash loop "
+                        f"({self.breaker.reason(now)}), so no new worker is started for "
+                        f"{blocked:.1f} s more. Check the directory with "
+                        f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
+                        path=self.path,
+                        deaths=self.breaker.recent(now),
+                        retry_after=blocked,
+                    )
+                self.state = State.NO_WORKER
+                reset = True
+            else:
+                reset = False
+            consecutive = self.breaker.consecutive
+        if reset:
             self._emit("breaker_reset", None, why="cooldown")
-        if self.breaker.consecutive > 1:
+        if consecutive > 1:
             # Back off between consecutive respawns of workers that made no progress (the
             # first respawn is immediate; a worker that served calls ends the run).
             state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-            state.attempt_number = self.breaker.consecutive - 1
+            state.attempt_number = consecutive - 1
             self.options.sleep(float(self.options.respawn_wait(state)))
         self._check_and_recover()
-        return self._start()
+        self._start()
+
+    def _stop(self, gen: _Generation) -> None:
+        """Stop a worker no call is using: ask it to exit, kill it if it does not."""
+        process = gen.process
+        if gen.end is None:
+            try:
+                channel = gen.pool.checkout()
+                try:
+                    channel.exchange(*encode((Op.EXIT, None)), time.monotonic() + 5.0)
+                finally:
+                    channel.close()
+            except (PeerDied, PeerTimedOut, PeerMisbehaved, OSError):
+                pass
+            if process.wait(5.0) is None:
+                process.kill()
+            code = process.returncode
+            why = gen.retiring or "replaced"
+            if code:
+                # Chroma's runtime can abort while the interpreter exits (chroma-core/chroma
+                # #6852). The worker had finished its work: log it, never raise it, never count
+                # it as a death (a clean stop is not a crash loop).
+                self._emit(
+                    "worker_exit_abnormal",
+                    process.pid,
+                    why=why,
+                    exitcode=code,
+                    signal=signal_name(code),
+                    log=process.log_tail(1000),
+                )
+            self._emit("worker_retired", process.pid, why=why)
+        else:
+            process.wait(None) if process.returncode is None else None
+        gen.pool.close()
+        process.close()
 
     def _check_and_recover(self) -> None:
         validator = self.options.validator
@@ -615,8 +876,12 @@ class Supervisor:
             )
         if validator is None:
             return
-        attempt = max(1, self.breaker.consecutive)
-        ctx = HookContext(self.path, reason, self.pending_crash, attempt)  # type: ignore[arg-type]
+        ctx = HookContext(
+            self.path,
+            reason,  # type: ignore[arg-type]
+            self.pending_crash,
+            max(1, self.breaker.consecutive),
+        )
         report = validator(ctx)
         if getattr(report, "status", None) == "incompatible":
             # A newer chromadb wrote it (chroma#5909): no worker, no repair, nothing written.
@@ -660,22 +925,39 @@ class Supervisor:
                 self.pending_salvage.append(salvage)
         self._emit("recovered", None, report=result)
 
-    def _start(self) -> WorkerProcess:
+    def _start(self) -> None:
         wal.maintain(self.path)  # no worker has the directory open: compact the kept WAL
-        worker = self._take_standby() or self._spawn()
+        process = self._take_standby() or self._spawn()
+        gen = _Generation(process)
         settings, tenant, database = self.primary
         try:
-            ref = self._exchange(
-                worker,
-                (Op.OPEN, (self.path, settings, tenant, database, self.options.worker_init)),
-                "start",
-                self.options.start_timeout,
-                True,
-            )
+            lease = Lease(gen, gen.pool.checkout())
+            gen.inflight += 1
+            try:
+                ref = self._exchange(
+                    lease,
+                    (Op.OPEN, (self.path, settings, tenant, database, self.options.worker_init)),
+                    "start",
+                    self.options.start_timeout,
+                    True,
+                )
+                process.opened = True
+                self.primary_handle = int(ref[1])
+                self.chroma_version = str(ref[2])
+                self._emit("worker_started", process.pid, serial=gen.serial)
+                # Records a repair saved are written back before any caller uses the worker.
+                self._write_back_salvage(lease)
+            finally:
+                gen.inflight -= 1
+                if lease.broken or gen.end is not None:
+                    gen.pool.discard(lease.channel)
+                else:
+                    gen.pool.checkin(lease.channel)
         except WorkerError as exc:
+            self._stop(gen)
             raise WorkerStartError(
                 f"a new worker for {self.path} could not open it: {exc}",
-                pid=worker.pid,
+                pid=process.pid,
                 operation="start",
                 outcome_unknown=False,
                 exitcode=getattr(exc, "exitcode", None),
@@ -683,30 +965,27 @@ class Supervisor:
                 or ("timeout" if isinstance(exc, WorkerTimeoutError) else None),
                 crash_log=getattr(exc, "crash_log", ""),
             ) from exc
-        except Exception:
-            self._retire(worker, "open failed")
+        except BaseException:
+            gen.retiring = "open failed"
+            self._stop(gen)
             raise
-        worker.opened = True
-        self.primary_handle = int(ref[1])
-        self.chroma_version = str(ref[2])
-        self.worker = worker
-        self.state = State.READY
-        self.started_workers += 1
-        if self.started_workers > 1:
-            self.respawns += 1
-        self.pending_reason = None
-        self.pending_crash = None
-        self._emit("worker_started", worker.pid, serial=worker.serial)
-        self._write_back_salvage(worker)
-        return worker
+        with self._cond:
+            closed = self._closed()  # close() may have begun while this worker started
+            if not closed:
+                self._gen = gen
+                self.state = State.READY
+                self.started_workers += 1
+                if self.started_workers > 1:
+                    self.respawns += 1
+                self.pending_reason = None
+                self.pending_crash = None
+            self._cond.notify_all()
+        if closed:
+            gen.retiring = "closed"
+            self._stop(gen)
+            raise ClientClosedError(f"the safechroma client for {self.path} is closed")
 
-    def _refill_standby(self) -> None:
-        # Spawned only after the new worker has served a call: on two cores a standby importing
-        # chromadb right away would slow the very call a crashed worker's caller waits for.
-        if self.options.standby and self.standby is None and self.state is State.READY:
-            self.standby = self._spawn()
-
-    def _write_back_salvage(self, worker: WorkerProcess) -> None:
+    def _write_back_salvage(self, lease: Lease) -> None:
         reembed = self.options.reembed
         while self.pending_salvage:
             path = self.pending_salvage[0]
@@ -718,14 +997,36 @@ class Supervisor:
 
                 fn = functools.partial(apply_salvage, reembed=reembed)
             summary = self._exchange(
-                worker,
+                lease,
                 (Op.RUN, (self.primary_handle, fn, (path,))),
                 "apply_salvage",
                 None,
                 reembed is not None,
             )
             self.pending_salvage.pop(0)
-            self._emit("salvage_applied", worker.pid, file=path, summary=summary)
+            self._emit("salvage_applied", lease.gen.process.pid, file=path, summary=summary)
+
+    # -- the standby -----------------------------------------------------------------------
+
+    def _refill_standby(self) -> None:
+        # Spawned only after the new worker has served a call: on two cores a standby importing
+        # chromadb right away would slow the very call a crashed worker's caller waits for.
+        with self._cond:
+            if self._refilling or self.standby is not None or self.state is not State.READY:
+                return
+            self._refilling = True
+        try:
+            spare = self._spawn()
+        finally:
+            with self._cond:
+                self._refilling = False
+        with self._cond:
+            keep = self._closed() is False and self.standby is None
+            if keep:
+                self.standby = spare
+        if not keep:
+            spare.kill()
+            spare.close()
 
     def _spawn(self) -> WorkerProcess:
         return WorkerProcess(
@@ -753,15 +1054,9 @@ class Supervisor:
         rss = worker.rss_bytes()
         return rss is not None and rss > ceiling
 
-    def _died_idle(self, worker: WorkerProcess) -> None:
-        self._death(
-            worker,
-            "no call (between calls)",
-            "between calls; it was replaced before the next call, which no caller noticed.",
-        )
-
     def _take_standby(self) -> WorkerProcess | None:
-        standby, self.standby = self.standby, None
+        with self._cond:
+            standby, self.standby = self.standby, None
         if standby is not None and not standby.alive():
             standby.wait(None)
             standby.close()
@@ -770,37 +1065,52 @@ class Supervisor:
 
     def reset_breaker(self) -> None:
         """Close the crash-loop breaker: the next call may start a worker at once."""
-        with self.lock:
+        with self._cond:
             self.breaker.reset()
-            if self.state is State.BROKEN:
+            was_broken = self.state is State.BROKEN
+            if was_broken:
                 self.state = State.NO_WORKER
-                self._emit("breaker_reset", None, why="manual")
+        if was_broken:
+            self._emit("breaker_reset", None, why="manual")
 
     # -- closing ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the worker and the standby, release the lock. Idempotent."""
-        with self.lock:
+        """Stop the worker and the standby, release the lock. Idempotent.
+
+        Calls already in flight finish first (each is bounded by its deadline); calls made
+        after this raise ClientClosedError.
+        """
+        with self._cond:
             if self.state is State.CLOSED:
                 return
             self.state = State.CLOSED
-            if self.worker is not None:
-                self._retire(self.worker, "closed")
-            if self.standby is not None:
-                self.standby.kill()
-                self.standby.close()
-                self.standby = None
+        with self._life:  # an ongoing start finishes first
+            gen = self._gen
+            if gen is not None:
+                with self._cond:
+                    while gen.inflight:
+                        self._cond.wait()
+                gen.retiring = gen.retiring or "closed"
+                self._stop(gen)
+                self._gen = None
+            with self._cond:
+                standby, self.standby = self.standby, None
+            if standby is not None:
+                standby.kill()
+                standby.close()
             if self.started_workers:
                 # The worker is gone, the lock still held. Never on a directory no worker ever
                 # opened (a refused one, e.g. written by a newer chromadb: nothing is written).
                 wal.maintain(self.path)
-            os.close(self.lock_fd)
+            self.dir_lock.release()
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
     # -- observability ---------------------------------------------------------------------
 
     def stats(self) -> Stats:
-        worker = self.worker
+        gen = self._gen
+        worker = gen.process if gen is not None and gen.end is None else None
         return Stats(
             path=self.path,
             calls=self.calls,
@@ -826,6 +1136,20 @@ class Supervisor:
                 self.options.on_event(event)
             except Exception:  # noqa: BLE001 - a broken callback must not break the client
                 logger.exception("safechroma on_event callback failed")
+
+
+def _usable(gen: _Generation) -> bool:
+    return gen.end is None and gen.retiring is None
+
+
+def _copy(error: BaseException) -> BaseException:
+    """A copy of a shared error, so each waiting caller raises its own exception object."""
+    try:
+        dup = copy.copy(error)
+    except Exception:  # noqa: BLE001 - an exception that does not copy is raised as is
+        return error
+    dup.__cause__ = error.__cause__
+    return dup
 
 
 # Signals a worker does not raise by running a call: they come from outside (the OOM killer, an
@@ -873,17 +1197,6 @@ def file_size_limit(path: str, setting: int | str | None) -> int | None:
 # Exchanges that are not a caller's call: a worker that only did these made no progress.
 _NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})
 
-_LOUD: Final = frozenset(
-    {
-        "worker_died",
-        "worker_timeout",
-        "protocol_error",
-        "recovery_failed",
-        "breaker_open",
-        "recovered",
-    }
-)
-
 
 class _Fingerprint:
     """Names one call by its target, method and arguments, for the poison-request ledger.
@@ -891,13 +1204,14 @@ class _Fingerprint:
     The digest is computed only when it is needed: when the worker died with the call in
     flight, or when some call is already poison (then every call is checked)."""
 
-    __slots__ = ("_parts", "_digest")
+    __slots__ = ("_parts", "_digest", "by_value")
 
     def __init__(
         self, owner: _Remote, method: str, args: tuple[Any, ...], kwargs: Any, by_value: bool
     ) -> None:
         self._parts = (owner, method, args, kwargs, by_value)
         self._digest: bytes | None = None
+        self.by_value = by_value
 
     def digest(self) -> bytes:
         if self._digest is None:
@@ -915,12 +1229,27 @@ class _Fingerprint:
         return self._digest
 
 
+_LOUD: Final = frozenset(
+    {
+        "worker_died",
+        "worker_timeout",
+        "protocol_error",
+        "recovery_failed",
+        "breaker_open",
+        "recovered",
+    }
+)
+
+
 class _DamageRetry(Exception):
     """Internal: Chroma raised an error meaning on-disk damage; validate and maybe retry."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy.copy() for callers sharing a failed start
+        return (_DamageRetry, (self.error,))
 
 
 def _brief(detail: dict[str, Any]) -> str:

@@ -1,13 +1,20 @@
-"""The worker process and the socket between it and the caller.
+"""The worker process, and the channels between it and the caller.
 
-Only this module knows about processes and sockets. A :class:`WorkerProcess` is started with
-``subprocess`` (fork+exec of a fresh interpreter, never a bare fork: forking after Chroma's Rust
-runtime has started is unsafe, CHROMA_FACTS.md section 4), so the user's ``__main__`` is never
-re-imported and scripts need no ``if __name__ == "__main__"`` guard.
+Only this module (with :mod:`.template`, which forks workers) knows about processes and sockets.
+A :class:`WorkerProcess` is forked from the process-wide warm template (a fresh interpreter that
+imported chromadb and started no thread), or started with ``subprocess`` when there is none.
+Never a fork of the caller itself: forking after Chroma's Rust runtime has started is unsafe
+(CHROMA_FACTS.md section 4), and the user's ``__main__`` is never re-imported, so scripts need no
+``if __name__ == "__main__"`` guard.
 
-Death is detected without ever blocking on a dead peer: the caller polls the socket and a pidfd
-of the worker together (the pidfd becomes readable the moment the process exits), so a crash is
-seen within a poll wake-up, whatever state the socket is in.
+A worker has one control socket and any number of :class:`Channel` s. Each channel carries one
+exchange at a time and is served by a thread of its own in the worker, so calls on different
+channels run in parallel (Chroma's Rust core releases the GIL) and a reply can only reach the
+caller that sent the request.
+
+Death is detected without ever blocking on a dead peer: a caller polls its channel's socket and
+a pidfd of the worker together (the pidfd becomes readable the moment the process exits), so a
+crash is seen within a poll wake-up by every caller in flight, whatever state the socket is in.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Final
 
@@ -143,73 +151,24 @@ def _allocate(n: int) -> Any:
     return mmap.mmap(-1, n)
 
 
-class WorkerProcess:
-    """One worker: a child interpreter running :func:`safechroma.runtime.worker.main`.
+class Channel:
+    """One socket to the worker, carrying one exchange at a time (a request, then its reply).
 
-    Args:
-        log_dir: folder for the worker's log (its stderr, stdout and faulthandler output).
-        lock_fd: the open, locked directory lock file; the worker inherits it so the lock is
-            held as long as any of our processes lives.
-        memory_limit: address-space ceiling in bytes for the worker, or None.
-        max_reply_bytes: largest reply frame the caller accepts.
-        file_limit: largest file the worker may write (``RLIMIT_FSIZE``), or None.
+    A worker serves each channel in a thread of its own, so calls on different channels run in
+    the worker at the same time, and a reply can only ever reach the caller that sent the request
+    on that channel: there are no request ids to mix up. A channel that saw anything but a clean
+    exchange (death, deadline, a bad frame) is discarded, never reused.
     """
 
-    def __init__(
-        self,
-        *,
-        log_dir: str,
-        lock_fd: int | None,
-        memory_limit: int | None,
-        max_reply_bytes: int,
-        file_limit: int | None = None,
-    ) -> None:
-        self.serial = next(_serial)
-        self.log_path = os.path.join(log_dir, f"worker-{self.serial}.log")
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for sock in (parent_sock, child_sock):
-            # A Unix stream socket moves at most its send buffer per wake-up of the reader;
-            # the default (~208 KiB) costs a context switch every 208 KiB of a bulk transfer.
-            # The kernel caps the value at net.core.wmem_max.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-        info = {
-            "fd": child_sock.fileno(),
-            "sys_path": [p for p in sys.path if p],
-            "log": self.log_path,
-            "ppid": os.getpid(),
-            "memory_limit": memory_limit,
-            "file_limit": file_limit,
-        }
-        pass_fds = [child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, json.dumps(info)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                pass_fds=pass_fds,
-                close_fds=True,
-            )
-        child_sock.close()
-        self.pid = self.popen.pid
-        self.started = time.monotonic()
-        self.sock = parent_sock
-        self.reader = FrameReader(parent_sock, max_reply_bytes)
-        self._pidfd: int | None
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # pragma: no cover - pre-5.3 kernels
-            self._pidfd = None
+    def __init__(self, sock: socket.socket, pidfd: int | None, max_reply_bytes: int) -> None:
+        self.sock = sock
+        self.reader = FrameReader(sock, max_reply_bytes)
         self._poll = select.poll()
-        self._poll.register(parent_sock.fileno(), select.POLLIN)
-        if self._pidfd is not None:
-            self._poll.register(self._pidfd, select.POLLIN)
-        self.opened = False
+        self._poll.register(sock.fileno(), select.POLLIN)
+        if pidfd is not None:
+            self._poll.register(pidfd, select.POLLIN)
+        self._sock_fd = sock.fileno()
         self.closed = False
-        self.served = 0  # calls answered (results or Chroma errors): the breaker's "progress"
-        self.rss_checked = self.started  # when max_worker_rss last read /proc
-
-    # -- talking ---------------------------------------------------------------------------
 
     def exchange(
         self, data: bytes, buffers: list[memoryview], deadline: float | None
@@ -246,7 +205,6 @@ class WorkerProcess:
         return frame
 
     def _wait_readable(self, deadline: float | None) -> None:
-        sock_fd = self.sock.fileno()
         while True:
             remaining = _remaining(deadline)
             timeout_ms = None if remaining is None else max(0, int(remaining * 1000) + 1)
@@ -257,41 +215,199 @@ class WorkerProcess:
                 continue
             # Data first: a reply that arrived before the exit is still a reply.
             for fd, _ in events:
-                if fd == sock_fd:
+                if fd == self._sock_fd:
                     return
             raise PeerDied("process exited")
 
-    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
 
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.popen.poll() is None
 
-    def kill(self) -> None:
-        """SIGKILL the worker and reap it (no-op if already gone)."""
-        if self.popen.returncode is None:
-            try:
-                self.popen.kill()
-            except ProcessLookupError:  # pragma: no cover - raced with exit
-                pass
-        self.wait(None)
+class _Process:
+    """What the caller knows of a worker process: started by ``subprocess`` or forked by the
+    warm template (:mod:`safechroma.runtime.template`)."""
+
+    pid: int
+    pidfd: int | None
+
+    @property
+    def returncode(self) -> int | None:
+        raise NotImplementedError
+
+    def poll(self) -> int | None:
+        raise NotImplementedError
 
     def wait(self, timeout: float | None) -> int | None:
-        """Reap the worker; returns its exit status, or None if still running after timeout."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+
+class _Spawned(_Process):
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # pragma: no cover - pre-5.3 kernels
+            self.pidfd = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None) -> int | None:
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
 
+    def kill(self) -> None:
+        if self.popen.returncode is None:
+            try:
+                self.popen.kill()
+            except ProcessLookupError:  # pragma: no cover - raced with exit
+                pass
+
+
+class WorkerProcess:
+    """One worker: a process running :func:`safechroma.runtime.worker.serve_channels`.
+
+    It is either forked from the process-wide warm template (chromadb already imported: a new
+    worker in milliseconds) or, when there is no template, started as a fresh interpreter.
+    Each worker has a control socket, over which the caller hands it new channels (the
+    channel's socket travels as ``SCM_RIGHTS``), and one channel opened with it.
+
+    Args:
+        log_dir: folder for the worker's log (its stderr, stdout and faulthandler output).
+        lock_fd: the open, locked directory lock file; the worker inherits it so the lock is
+            held as long as any of our processes lives.
+        memory_limit: address-space ceiling in bytes for the worker, or None.
+        max_reply_bytes: largest reply frame the caller accepts.
+        file_limit: largest file the worker may write (``RLIMIT_FSIZE``), or None.
+        use_template: fork from the warm template when it is available.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_dir: str,
+        lock_fd: int | None,
+        memory_limit: int | None,
+        max_reply_bytes: int,
+        file_limit: int | None = None,
+        use_template: bool = True,
+    ) -> None:
+        self.serial = next(_serial)
+        self.log_path = os.path.join(log_dir, f"worker-{self.serial}.log")
+        self.max_reply_bytes = max_reply_bytes
+        parent_ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent_sock, child_sock = _socketpair()
+        info = {
+            "ctl": child_ctl.fileno(),
+            "fd": child_sock.fileno(),
+            "sys_path": [p for p in sys.path if p],
+            "log": self.log_path,
+            "ppid": os.getpid(),
+            "memory_limit": memory_limit,
+            "file_limit": file_limit,
+        }
+        fds = [child_ctl.fileno(), child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
+        self.forked = False
+        try:
+            proc: _Process | None = None
+            if use_template:
+                from . import template
+
+                proc = template.fork_worker(info, fds)
+                self.forked = proc is not None
+            if proc is None:
+                proc = self._spawn(info, fds)
+        finally:
+            child_ctl.close()
+            child_sock.close()
+        self.proc = proc
+        self.pid = proc.pid
+        self.started = time.monotonic()
+        self.ctl = parent_ctl
+        self._ctl_lock = threading.Lock()
+        self.first_channel: Channel | None = Channel(parent_sock, proc.pidfd, max_reply_bytes)
+        self.closed = False
+        self.opened = False  # it answered the open of the directory
+        self.served = 0  # calls answered (results or Chroma errors): the breaker's "progress"
+        self.rss_checked = self.started  # when max_worker_rss last read /proc
+
+    def _spawn(self, info: dict[str, Any], fds: list[int]) -> _Process:
+        with open(self.log_path, "wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, json.dumps(info)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=fds,
+                close_fds=True,
+            )
+        return _Spawned(popen)
+
+    # -- channels --------------------------------------------------------------------------
+
+    def open_channel(self) -> Channel:
+        """A new channel to this worker, served by a new thread in it.
+
+        Raises:
+            PeerDied: the worker is gone (its control socket is closed).
+        """
+        first, self.first_channel = self.first_channel, None
+        if first is not None:
+            return first
+        mine, theirs = _socketpair()
+        try:
+            with self._ctl_lock:
+                socket.send_fds(self.ctl, [b"c"], [theirs.fileno()])
+        except OSError as exc:
+            mine.close()
+            raise PeerDied(str(exc)) from exc
+        finally:
+            theirs.close()
+        return Channel(mine, self.proc.pidfd, self.max_reply_bytes)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the worker and reap it (no-op if already gone)."""
+        self.proc.kill()
+        self.wait(None)
+
+    def wait(self, timeout: float | None) -> int | None:
+        """Reap the worker; returns its exit status, or None if still running after timeout."""
+        return self.proc.wait(timeout)
+
     def close(self) -> None:
-        """Release the caller's ends: socket and pidfd. The process must be reaped first."""
+        """Release the caller's ends: control socket, first channel, pidfd. Reap first."""
         if self.closed:
             return
         self.closed = True
-        self.sock.close()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        if self.first_channel is not None:
+            self.first_channel.close()
+            self.first_channel = None
+        self.ctl.close()
+        if self.proc.pidfd is not None:
+            os.close(self.proc.pidfd)
+            self.proc.pidfd = None
 
     def log_tail(self, limit: int = 4000) -> str:
         """The last ``limit`` characters of the worker's log (faulthandler output, stderr)."""
@@ -314,6 +430,16 @@ class WorkerProcess:
         except OSError:
             return None
         return None
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (a, b):
+        # A Unix stream socket moves at most its send buffer per wake-up of the reader;
+        # the default (~208 KiB) costs a context switch every 208 KiB of a bulk transfer.
+        # The kernel caps the value at net.core.wmem_max.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+    return a, b
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -1,8 +1,9 @@
 """The worker: the only process that opens the persist directory with Chroma.
 
 Started by :class:`safechroma.runtime.transport.WorkerProcess` as ``python -c <boot> <json>``.
-It imports chromadb at once (so a standby worker is warm before it is needed), then serves one
-request at a time until told to exit or until its parent is gone.
+It imports chromadb at once (so a standby worker is warm before it is needed; a worker forked
+from the warm template has it already), then serves each channel the parent opens in a thread
+of its own, until told to exit or until its parent is gone.
 
 What it guarantees to the caller:
 
@@ -20,6 +21,7 @@ import faulthandler
 import functools
 import importlib
 import inspect
+import itertools
 import os
 import select
 import signal
@@ -39,22 +41,70 @@ PARENT_GRACE: Final = 1.5
 _MAX_REQUEST: Final = 1 << 40
 
 
+_local = threading.local()
+
+
+def current_channel() -> socket.socket | None:
+    """The socket of the channel whose request this thread is serving (None outside a call).
+
+    For code run with ``run_in_worker`` that must reach below the protocol (the test suite's
+    hostile-worker tests write raw bytes on it)."""
+    return getattr(_local, "sock", None)
+
+
 class _Worker:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader = FrameReader(sock, _MAX_REQUEST)
+    """The worker's state, shared by the threads that serve its channels.
+
+    Each channel is served by a thread of its own (:meth:`serve`), so calls on different
+    channels run in Chroma at the same time, as they would in one process; Chroma is thread-safe
+    and its Rust core releases the GIL (CHROMA_FACTS.md section 7). Handles are taken from an
+    atomic counter and kept in a dict, both safe to touch from several threads.
+    """
+
+    def __init__(self) -> None:
         self.initialised = False
         self.handles: dict[int, Any] = {}
-        self.next_handle = 1
-        self.busy = False
+        self._ids = itertools.count(1)
+        self._busy_lock = threading.Lock()
+        self._open_lock = threading.Lock()
+        self.busy = 0  # calls being served, for the parent watcher's grace period
 
-    def serve(self) -> None:
+    @property
+    def next_handle(self) -> int:
+        return next(self._ids)
+
+    def accept(self, ctl: socket.socket) -> None:
+        """Serve each channel the parent hands over the control socket, in a thread of its own.
+
+        Returns when the control socket closes (the parent closed this worker or died).
+        """
         while True:
             try:
-                data, buffers = self.reader.read_frame()
+                msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 16)
+            except OSError:
+                return
+            if not msg and not fds:
+                return
+            for fd in fds:
+                self.start_channel(socket.socket(fileno=fd))
+
+    def start_channel(self, sock: socket.socket) -> None:
+        threading.Thread(
+            target=self.serve, args=(sock,), name="safechroma-channel", daemon=True
+        ).start()
+
+    def serve(self, sock: socket.socket) -> None:
+        """Serve one channel: one request, then its reply, until the parent closes it."""
+        reader = FrameReader(sock, _MAX_REQUEST)
+        _local.sock = sock
+        while True:
+            try:
+                data, buffers = reader.read_frame()
             except (PeerDied, OSError):
-                return  # the parent is gone
-            self.busy = True
+                sock.close()
+                return  # the parent closed this channel or is gone
+            with self._busy_lock:
+                self.busy += 1
             start = time.perf_counter()
             status = Status.OK
             op = None
@@ -80,10 +130,16 @@ class _Worker:
                 )
                 out, bufs = encode((int(Status.ERROR), info, elapsed))
             del payload
-            send_frame(self.sock, out, bufs)
-            self.busy = False
-            if op == Op.EXIT:
+            try:
+                send_frame(sock, out, bufs)
+            except OSError:
+                sock.close()
                 return
+            finally:
+                with self._busy_lock:
+                    self.busy -= 1
+            if op == Op.EXIT:
+                _exit()
 
     def dispatch(self, op: int, body: Any) -> Any:
         if op == Op.CALL:
@@ -117,17 +173,18 @@ class _Worker:
     def open(
         self, path: str, settings: Any, tenant: str, database: str, init: Any
     ) -> tuple[str, int, str]:
-        if init is not None and not self.initialised:
-            init()
-        self.initialised = True
-        import chromadb
+        # One open at a time: chromadb's per-path system cache is not built for racing opens.
+        with self._open_lock:
+            if init is not None and not self.initialised:
+                init()
+            self.initialised = True
+            import chromadb
 
-        client = chromadb.PersistentClient(
-            path=path, settings=settings, tenant=tenant, database=database
-        )
-        wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
+            client = chromadb.PersistentClient(
+                path=path, settings=settings, tenant=tenant, database=database
+            )
+            wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
         handle = self.next_handle
-        self.next_handle += 1
         self.handles[handle] = client
         return ("client", handle, str(chromadb.__version__))
 
@@ -142,7 +199,6 @@ class _Worker:
 
     def _ref(self, collection: Any) -> tuple[str, int, Any]:
         handle = self.next_handle
-        self.next_handle += 1
         self.handles[handle] = collection
         return ("collection", handle, collection.get_model())
 
@@ -226,22 +282,37 @@ def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
     return None
 
 
-def _watch_parent(ppid: int, worker: _Worker) -> None:
+def _watch_parent(ppid: int, worker: _Worker, forked: bool) -> None:
     """Exit when the parent dies: at once if idle, after PARENT_GRACE if a call is running."""
     try:
         pidfd = os.pidfd_open(ppid)
+    except ProcessLookupError:
+        os._exit(0)
     except (AttributeError, OSError):
         pidfd = None
-    if os.getppid() != ppid:
+    # A worker forked by the template is the template's child; a spawned one is ours.
+    if not forked and os.getppid() != ppid:
         os._exit(0)
     if pidfd is not None:
         select.select([pidfd], [], [])
     else:  # pragma: no cover - kernels without pidfd
         while os.getppid() == ppid:
             time.sleep(0.2)
+    _exit_after_grace(worker)
+
+
+def _exit_after_grace(worker: _Worker) -> None:
     give_up = time.monotonic() + PARENT_GRACE
     while worker.busy and time.monotonic() < give_up:
         time.sleep(0.02)
+    _exit()
+
+
+def _exit() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Chroma keeps nothing unflushed that a normal exit would write (its WAL is in SQLite,
+    # CHROMA_FACTS.md section 2); skipping interpreter teardown avoids waiting on Rust threads.
     os._exit(0)
 
 
@@ -280,31 +351,32 @@ def _limit_file_size(limit: int | None) -> None:
 
 
 def main(info: dict[str, Any]) -> None:
-    """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT``)."""
+    """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT`` and
+    ``safechroma.runtime.template``)."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)
     _limit_memory(info.get("memory_limit"))
     _limit_file_size(info.get("file_limit"))
-    sock = socket.socket(fileno=info["fd"])
-    worker = _Worker(sock)
+    worker = _Worker()
     threading.Thread(
         target=_watch_parent,
-        args=(info["ppid"], worker),
+        args=(info["ppid"], worker, bool(info.get("forked"))),
         name="safechroma-parent-watch",
         daemon=True,
     ).start()
+    ctl = socket.socket(fileno=info["ctl"])
     # Warm up while the caller does other things: a standby worker is ready when promoted.
     import chromadb  # noqa: F401
 
     from .guard import install as install_guard
 
-    install_guard()
+    install_guard()  # before any request is served
+    worker.start_channel(socket.socket(fileno=info["fd"]))
     try:
-        worker.serve()
+        worker.accept(ctl)
+        # The control socket closed: the parent closed this worker (it stops it right after)
+        # or died; either way finish what is running, briefly, and go.
+        _exit_after_grace(worker)
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Chroma keeps nothing unflushed that a normal exit would write (its WAL is in SQLite,
-        # CHROMA_FACTS.md section 2); skipping interpreter teardown avoids waiting on Rust threads.
-        os._exit(0)
+        _exit()

@@ -1,0 +1,88 @@
+"""The directory lock: one owner per persist directory, across processes.
+
+Owns ``<path>/.safechroma.lock`` and nothing else. The supervisor holds the lock for as long as
+it lives and passes the locked descriptor to each worker, so the directory never has two owners,
+not even while a worker is being replaced or after the parent died with a call in flight (the
+worker keeps the inherited ``flock`` until it exits).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from typing import Final
+
+from .._errors import DirectoryLockedError
+
+LOCK_NAME: Final = ".safechroma.lock"
+
+
+class DirectoryLock:
+    """An exclusive ``flock`` on ``<path>/.safechroma.lock``, taken on construction.
+
+    Args:
+        path: the persist directory (created if missing).
+        timeout: seconds to wait for another process to let go (0: fail at once).
+
+    Raises:
+        DirectoryLockedError: another process holds the lock after ``timeout``.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.lock_path = os.path.join(path, LOCK_NAME)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        give_up = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= give_up:
+                    os.close(fd)
+                    served = _served_at(self.lock_path)
+                    if served is not None:
+                        pid, address = served
+                        raise DirectoryLockedError(
+                            f"{path} is served by `safechroma serve` at {address} "
+                            f"(pid {pid}); connect to it with "
+                            "safechroma.SafeHttpClient(host, port) instead of opening the "
+                            "directory (Chroma is not safe with two owners).",
+                            path=path,
+                            lock_path=self.lock_path,
+                            address=address,
+                        ) from None
+                    raise DirectoryLockedError(
+                        f"{path} is in use by another process (it holds {self.lock_path}); "
+                        "Chroma is not safe with two owners. Close the other program, or pass "
+                        "lock_timeout=<seconds> to wait for it.",
+                        path=path,
+                        lock_path=self.lock_path,
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        """Close the descriptor (workers that inherited it keep the lock until they exit)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _served_at(lock_path: str) -> tuple[str, str] | None:
+    """(pid, address) when ``safechroma serve`` holds the lock: it writes "<pid>\nserve <url>"."""
+    try:
+        with open(lock_path) as f:
+            holder = f.read().split("\n")
+    except OSError:
+        return None
+    served = [ln[6:] for ln in holder if ln.startswith("serve ")]
+    return (holder[0], served[0]) if served else None
