@@ -3,9 +3,13 @@ file descriptor behind fails (the pattern of loky's ``_check_subprocesses_number
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +142,32 @@ def vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def db(tmp_path: Path) -> str:
     return str(tmp_path / "db")
+
+
+def run_plain_chromadb(script: str, path: str) -> str:
+    """Run ``script`` with plain chromadb on ``path`` in a child process (so the test process
+    never opens a Chroma directory); ``path`` and ``chromadb`` are defined. Returns stdout."""
+    code = "import sys, chromadb\npath = sys.argv[1]\n" + textwrap.dedent(script)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str, why: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (root only; otherwise the test is skipped with
+    ``why``), unmounted afterwards."""
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); {why}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

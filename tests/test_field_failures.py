@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import mounted_tmpfs
 
 import safechroma
 from safechroma import SafeClient, WorkerCrashedError, WorkerStartError, WorkerTimeoutError
@@ -145,22 +146,10 @@ def test_max_requests_recycles_the_worker_with_no_error(db: str) -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 128 MiB tmpfs mounted for the test (root only), unmounted after it."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=128M", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here ({proc.stderr.strip()}): a runaway write needs a "
-            "real file system that would fill"
-        )
-    try:
+    with mounted_tmpfs(
+        tmp_path / "disk", "128M", "a runaway write needs a real file system that would fill"
+    ) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _runaway_write(_client: Any, path: str, mib: int) -> int:

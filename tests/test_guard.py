@@ -15,29 +15,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 from chromadb.errors import InvalidArgumentError, NotFoundError
+from conftest import run_plain_chromadb
 
 from safechroma import SafeClient, WorkerCrashedError
 
 X_ADDED = [0.0, 1.0, 0.0]  # the vector x was created with (the last write to x)
 X_IGNORED = [1.0, 0.0, 0.0]  # the vector of the update Chroma ignored (x did not exist yet)
 CONFIG = {"hnsw": {"sync_threshold": 100}}
-
-
-def _plain_chromadb(script: str, path: str) -> str:
-    """Run ``script`` with plain chromadb on ``path`` in a child; return its stdout."""
-    code = "import sys, chromadb\npath = sys.argv[1]\n" + textwrap.dedent(script)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
 
 
 REPRODUCER = """
@@ -62,7 +50,7 @@ def _x(col: object) -> list[float]:
 def test_plain_chromadb_swaps_the_vector(tmp_path: object) -> None:
     """The control: chromadb 1.5.9 itself returns the ignored update's vector for x after any
     later write. If this fails, chromadb fixed the bug; the guard stays harmless."""
-    out = _plain_chromadb(REPRODUCER, str(tmp_path) + "/plain")
+    out = run_plain_chromadb(REPRODUCER, str(tmp_path) + "/plain")
     assert out == f"{X_ADDED} {X_IGNORED}"
 
 
@@ -128,9 +116,9 @@ def test_a_wal_written_before_the_guard_is_replayed_right(tmp_path: object) -> N
     """A directory written by plain chromadb whose WAL holds an update Chroma ignored: the next
     process that writes first gets x swapped under plain chromadb, never under SafeClient."""
     plain, safe = str(tmp_path) + "/plain", str(tmp_path) + "/safe"
-    _plain_chromadb(WAL_WITH_IGNORED_UPDATE, plain)
-    _plain_chromadb(WAL_WITH_IGNORED_UPDATE, safe)
-    assert _plain_chromadb(WRITE_FIRST_THEN_READ, plain) == f"{X_ADDED} {X_IGNORED}"
+    run_plain_chromadb(WAL_WITH_IGNORED_UPDATE, plain)
+    run_plain_chromadb(WAL_WITH_IGNORED_UPDATE, safe)
+    assert run_plain_chromadb(WRITE_FIRST_THEN_READ, plain) == f"{X_ADDED} {X_IGNORED}"
     with SafeClient(safe, validator=None) as client:
         col = client.get_collection("repro", embedding_function=None)
         col.upsert(ids=["b"], embeddings=[[0.5, 0.5, 0]])

@@ -19,7 +19,7 @@ from pathlib import Path
 import chromadb.errors
 import numpy as np
 import pytest
-from conftest import child_pids
+from conftest import child_pids, mounted_tmpfs
 
 from safechroma import SafeClient
 
@@ -155,20 +155,12 @@ def test_two_programs_racing_for_one_directory(db: str, round_: int) -> None:
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs mounted for the test (root only), unmounted after it."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here ({proc.stderr.strip()}); disk-full and "
-            "read-only cases need a real filesystem that fills or is mounted read-only"
-        )
-    try:
+    with mounted_tmpfs(
+        tmp_path / "mnt",
+        "6M",
+        "disk-full and read-only cases need a real filesystem that fills or is mounted read-only",
+    ) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_during_writes_is_a_clear_error_and_keeps_acknowledged_data(

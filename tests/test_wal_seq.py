@@ -11,9 +11,8 @@ Each step runs plain chromadb in a child process, so this process never opens Ch
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
-import textwrap
+
+from conftest import run_plain_chromadb
 
 from safechroma.storage import wal
 
@@ -42,15 +41,6 @@ AFTER = """
 """
 
 
-def _chromadb(script: str, path: str) -> str:
-    code = "import sys, chromadb\npath = sys.argv[1]\n" + textwrap.dedent(script)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
-
-
 def _newest_seq(path: str) -> int:
     con = sqlite3.connect(f"file:{path}/chroma.sqlite3?mode=ro", uri=True)
     try:
@@ -63,12 +53,12 @@ def _newest_seq(path: str) -> int:
 def test_compaction_keeps_the_newest_row_so_later_writes_are_applied(db: str) -> None:
     """Pins the seq-id reuse: after compaction, writes are applied and the newest seq_id
     never goes down."""
-    _chromadb(SETUP, db)
+    run_plain_chromadb(SETUP, db)
     wal.take_over(db)  # before any write: purge off, the collection's WAL is complete
-    _chromadb(WRITES, db)
+    run_plain_chromadb(WRITES, db)
     newest = _newest_seq(db)
     report = wal.compact_wal(db)
     assert report.rows_after < report.rows_before  # it really compacted
     assert _newest_seq(db) == newest
-    out = _chromadb(AFTER, db)
+    out = run_plain_chromadb(AFTER, db)
     assert out == "['new'] ['acknowledged']"
