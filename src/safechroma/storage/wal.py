@@ -8,12 +8,13 @@ retention over:
 
 * :func:`take_over` (the worker, right after it opens the directory, before any write): Chroma's
   purge off. From then on every write stays in the WAL.
-* :func:`compact_wal` (the supervisor, while no worker has the directory open: before each
-  worker start and at close): rows that Chroma would have purged (at or below the purge
-  watermark) are replaced by one row per live id, an ``UPSERT`` with its current vector, at the
-  sequence id of the last write the metadata segment applied to it. Rows above the watermark
-  (the ones Chroma replays on open) are never touched. A rebuild from the WAL (Chroma replays it
-  into an index whose directory is gone) then restores every record exactly, and the kept WAL
+* :func:`compact_wal` (the supervisor, while no worker has the directory open: at a process's
+  first worker start and at close, not on a respawn after a crash): rows that Chroma would
+  have purged (at or below the purge watermark) are replaced by one row per live id, an
+  ``UPSERT`` with its current vector, at the sequence id of the last write the metadata
+  segment applied to it. Rows above the watermark (the ones Chroma replays on open) are never
+  touched. A rebuild from the WAL (Chroma replays it into an index whose directory is gone)
+  then restores every record exactly, and the kept WAL
   is bounded by the live records, not by the write history.
 
 Modes, per directory, in ``<path>/.safechroma/wal.json`` (:func:`set_wal_retention`):
