@@ -139,14 +139,15 @@ def client_factories(upstream_dir: str) -> Iterator[Factories]:
 
 
 # Replace chromadb's fixtures by ours under the same names, before pytest parses the conftest.
-upstream.client = client  # type: ignore[attr-defined]
-upstream.client_factories = client_factories  # type: ignore[attr-defined]
+upstream.client = client
+upstream.client_factories = client_factories
 upstream.upstream_dir = upstream_dir  # type: ignore[attr-defined]
-del upstream.pytest_itemcollected  # type: ignore[attr-defined]
+del upstream.pytest_itemcollected
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    keep, drop = [], []
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         (drop if params.get("system") == "rust_sqlite_ephemeral" else keep).append(item)
