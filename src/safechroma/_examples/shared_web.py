@@ -20,7 +20,6 @@ is there with its text, and exits 0. No network beyond loopback, no model.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
