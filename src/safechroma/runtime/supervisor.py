@@ -962,9 +962,10 @@ class Supervisor:
             consecutive = self.breaker.consecutive
             if blocked is None and self.state is State.BROKEN:
                 self.state = State.NO_WORKER
-        state["worker"] = None
-        state["breaker"] = self.breaker.dump()
-        rendezvous.save_state(self.path, state)
+        if state:  # nothing to record on a directory no shared worker has served
+            state["worker"] = None
+            state["breaker"] = self.breaker.dump()
+            rendezvous.save_state(self.path, state)
         if blocked is not None:
             with self._cond:
                 self.state = State.BROKEN
@@ -985,6 +986,7 @@ class Supervisor:
         if reason == "start":
             wal.maintain(self.path)  # no worker has the directory open (see _replace)
         process = self._spawn()
+        state["breaker"] = self.breaker.dump()
         state["worker"] = {
             "pid": process.pid,
             "address": self.address,
