@@ -368,14 +368,14 @@ _HOLDER = """
 import sys, time
 sys.path.insert(0, {src!r})
 from safechroma import SafeClient
-c = SafeClient({db!r}, validator=None)
+c = SafeClient({db!r}, validator=None, exclusive=True)
 standby = c._sup.standby.pid if c._sup.standby else 0
 print(c.stats().worker_pid, standby, flush=True)
 time.sleep({hold})
 """
 
 
-def test_second_program_is_refused_cleanly(db: str) -> None:
+def test_second_program_is_refused_cleanly_by_an_exclusive_owner(db: str) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER.format(src=str(SRC), db=db, hold=60)],
         stdout=subprocess.PIPE,
@@ -503,7 +503,7 @@ def test_client_used_after_fork_refuses_instead_of_sharing_the_socket(db: str) -
 def test_reset_when_settings_allow_it_keeps_the_directory_locked(db: str) -> None:
     from chromadb.config import Settings
 
-    with SafeClient(db, Settings(allow_reset=True), validator=None) as client:
+    with SafeClient(db, Settings(allow_reset=True), validator=None, exclusive=True) as client:
         client.create_collection("gone", embedding_function=None).add(ids=["1"], embeddings=[[1.0]])
         assert client.reset() is True
         assert client.list_collections() == []

@@ -223,6 +223,23 @@ class IncompatibleDirectoryError(SafeChromaError):
     unknown_migrations: list[str]
 
 
+class IncompatibleWorkerError(SafeChromaError):
+    """The worker serving the directory for another process runs other versions.
+
+    Processes that share a directory's worker must run the same safechroma and chromadb (and
+    wire protocol): requests travel as pickles between them. The message names both sides.
+
+    Attributes:
+        path: the persist directory.
+        worker_versions: ``{"protocol", "safechroma", "chromadb"}`` of the worker.
+        client_versions: the same for this process.
+    """
+
+    path: str
+    worker_versions: dict[str, Any]
+    client_versions: dict[str, Any]
+
+
 class ChromaPanicError(SafeChromaError, RuntimeError):
     """Chroma's Rust core panicked (``pyo3_runtime.PanicException``) during the call.
 

@@ -143,8 +143,13 @@ class Options:
         replay_writes: replay ``add``/``upsert``/``update``/``delete`` after a crash instead of
             raising ``WorkerCrashedError(outcome_unknown=True)``. These are safe to resend in
             Chroma (duplicate ids in ``add`` are ignored, the others are idempotent).
-        lock_timeout: seconds to wait for another process to release the directory (0: fail
-            at once with ``DirectoryLockedError``).
+        exclusive: False (the default): processes of the same user that open the directory
+            share its one supervised worker (the first one starts it, the others attach, the
+            last one to close ends it). True: this process alone uses the directory, and
+            another process's client gets ``DirectoryLockedError`` (or waits ``lock_timeout``).
+        lock_timeout: seconds to wait for a process that holds the directory without sharing
+            it (an exclusive client, ``safechroma serve``, a repair) to release it (0: fail at
+            once with ``DirectoryLockedError``).
         validator: called before each start; returns a report with a ``healthy`` attribute.
             None disables validation.
         recovery: called when the report says damaged; may return a report with
@@ -184,6 +189,7 @@ class Options:
     start_timeout: float = 120.0
     read_retries: int = 2
     replay_writes: bool = False
+    exclusive: bool = False
     lock_timeout: float = 0.0
     validator: Validator | None = default_validator
     recovery: Recovery | None = default_recovery

@@ -106,6 +106,39 @@ class Breaker:
         self.strikes.clear()
         self.poison.clear()
 
+    # -- one history for several processes (a shared directory) --------------------------
+
+    def dump(self) -> dict[str, object]:
+        """The death history as JSON-able data (poison strikes stay per process)."""
+        return {
+            "deaths": [[d.at, d.what, d.progress] for d in self.deaths],
+            "consecutive": self.consecutive,
+            "open_until": self.open_until,
+        }
+
+    def load(self, data: object, now: float) -> None:
+        """Replace the death history by ``data`` from :meth:`dump` (another process's).
+
+        Times are ``time.monotonic`` values, which every process on one boot shares; entries
+        from the future (an earlier boot) are dropped."""
+        if not isinstance(data, dict):
+            return
+        deaths = data.get("deaths")
+        self.deaths = collections.deque(
+            Death(float(at), str(what), bool(progress))
+            for at, what, progress in (deaths if isinstance(deaths, list) else [])
+            if float(at) <= now
+        )
+        consecutive = data.get("consecutive")
+        self.consecutive = int(consecutive) if isinstance(consecutive, int) else 0
+        until = data.get("open_until")
+        self.open_until = (
+            float(until)
+            if isinstance(until, (int, float)) and until - now <= self.policy.cooldown
+            else None
+        )
+        self._forget(now)
+
     # -- poison requests -----------------------------------------------------------------
 
     def strike(self, fingerprint: bytes) -> bool:

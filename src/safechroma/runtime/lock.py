@@ -46,25 +46,7 @@ class DirectoryLock:
                     raise
                 if time.monotonic() >= give_up:
                     os.close(fd)
-                    served = _served_at(self.lock_path)
-                    if served is not None:
-                        pid, address = served
-                        raise DirectoryLockedError(
-                            f"{path} is served by `safechroma serve` at {address} "
-                            f"(pid {pid}); connect to it with "
-                            "safechroma.SafeHttpClient(host, port) instead of opening the "
-                            "directory (Chroma is not safe with two owners).",
-                            path=path,
-                            lock_path=self.lock_path,
-                            address=address,
-                        ) from None
-                    raise DirectoryLockedError(
-                        f"{path} is in use by another process (it holds {self.lock_path}); "
-                        "Chroma is not safe with two owners. Close the other program, or pass "
-                        "lock_timeout=<seconds> to wait for it.",
-                        path=path,
-                        lock_path=self.lock_path,
-                    ) from None
+                    raise locked_error(path, self.lock_path) from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -75,6 +57,42 @@ class DirectoryLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def locked_error(path: str, lock_path: str) -> DirectoryLockedError:
+    """The error for a directory another process holds and does not share."""
+    served = _served_at(lock_path)
+    if served is not None:
+        pid, address = served
+        return DirectoryLockedError(
+            f"{path} is served by `safechroma serve` at {address} "
+            f"(pid {pid}); connect to it with "
+            "safechroma.SafeHttpClient(host, port) instead of opening the "
+            "directory (Chroma is not safe with two owners).",
+            path=path,
+            lock_path=lock_path,
+            address=address,
+        )
+    return DirectoryLockedError(
+        f"{path} is in use by another process (it holds {lock_path}) that does not share it "
+        "(an exclusive client or a repair); Chroma is not safe with two owners. Close the "
+        "other program, or pass lock_timeout=<seconds> to wait for it.",
+        path=path,
+        lock_path=lock_path,
+    )
+
+
+def being_shared(lock_path: str) -> bool:
+    """Whether the lock's holder is a shared worker, or a process replacing one (or a holder
+    that has not yet written who it is: worth waiting for)."""
+    try:
+        with open(lock_path) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return False
+    if not any(lines):
+        return True  # its holder has only just taken it and not yet said who it is
+    return any(ln.startswith("share ") or ln == "cycle" for ln in lines)
 
 
 def _served_at(lock_path: str) -> tuple[str, str] | None:

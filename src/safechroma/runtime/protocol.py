@@ -44,6 +44,7 @@ class Op(enum.IntEnum):
     RUN = 5  # run "module:function"(client, *args) inside the worker: recovery write-back
     EXIT = 6  # finish and exit cleanly
     PING = 7  # answer at once; used to measure the transport alone
+    SHARE = 8  # start listening on the rendezvous socket: other processes may attach
 
 
 class Status(enum.IntEnum):
@@ -52,6 +53,7 @@ class Status(enum.IntEnum):
     OK = 0  # payload is the result
     ERROR = 1  # payload is an ErrorInfo tuple: the call raised
     PANIC = 2  # payload is an ErrorInfo tuple: Chroma's Rust core panicked
+    RETIRED = 3  # not run: the worker is stopping (another process retired it); try the next
 
 
 # (module, qualname, args, message, remote traceback text)

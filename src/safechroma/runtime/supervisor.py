@@ -69,11 +69,19 @@ from .._errors import (
 )
 from .._policy import Event, HookContext, Options, Stats
 from ..storage import wal
+from . import rendezvous
 from .breaker import Breaker
 from .channels import ChannelPool
-from .lock import LOCK_NAME, DirectoryLock
+from .lock import LOCK_NAME, DirectoryLock, being_shared, locked_error
 from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
-from .transport import Channel, PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
+from .transport import (
+    AttachedWorker,
+    Channel,
+    PeerDied,
+    PeerMisbehaved,
+    PeerTimedOut,
+    WorkerProcess,
+)
 
 __all__ = ["LOCK_NAME", "Supervisor", "acquire", "file_size_limit", "rebuild_error", "release"]
 
@@ -172,12 +180,23 @@ class Supervisor:
         self.options = options
         self.primary = primary  # settings, tenant, database of the first client
         self.refs = 0
-        self.log_dir = tempfile.mkdtemp(prefix="safechroma-")
-        try:
-            self.dir_lock = DirectoryLock(path, options.lock_timeout)
-        except BaseException:
-            shutil.rmtree(self.log_dir, ignore_errors=True)
-            raise
+        # Shared (the default): the worker is this directory's, for every process of this
+        # user (see _join_or_start); exclusive: this process holds the lock for its whole life.
+        self.shared = not options.exclusive
+        self.lock_path = os.path.join(path, LOCK_NAME)
+        self._cycle_fd: int | None = None  # the lock, held while this process replaces the worker
+        self.dir_lock: DirectoryLock | None = None
+        if self.shared:
+            os.makedirs(path, exist_ok=True)
+            self.address = rendezvous.socket_path(path)
+            self.log_dir = rendezvous.socket_folder()  # where every sharing process can read it
+        else:
+            self.log_dir = tempfile.mkdtemp(prefix="safechroma-")
+            try:
+                self.dir_lock = DirectoryLock(path, options.lock_timeout)
+            except BaseException:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+                raise
         self.breaker = Breaker(options.breaker)
         # _cond guards the fields below and every _Generation.inflight; _life is held by the
         # one thread that replaces the worker (never taken while holding _cond).
@@ -216,7 +235,9 @@ class Supervisor:
 
     @property
     def lock_fd(self) -> int | None:
-        return self.dir_lock.fd
+        if self.dir_lock is not None:
+            return self.dir_lock.fd
+        return self._cycle_fd
 
     @property
     def worker(self) -> WorkerProcess | None:
@@ -250,7 +271,10 @@ class Supervisor:
         attempts = 1 + max(0, retries) if (read or replay) else 1
         poison = _Fingerprint(owner, method, args, kwargs, by_value)
         suspect = False
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        refused = 0
+        while attempt < attempts:
+            attempt += 1
             try:
                 if not suspect:
                     return self._attempt(owner, method, args, kwargs, timeout, read, poison)
@@ -269,6 +293,18 @@ class Supervisor:
                         with self._cond:
                             self._alone = None
                             self._cond.notify_all()
+            except _Retired:
+                refused += 1
+                if refused > _MAX_REFUSALS:
+                    raise WorkerCrashedError(
+                        f"{method} on {self.path} was refused unrun by {refused} stopping "
+                        "workers in a row",
+                        pid=None,
+                        operation=method,
+                        outcome_unknown=False,
+                    ) from None
+                attempt -= 1  # never run: it does not use up a retry
+                continue
             except (WorkerCrashedError, ProtocolError, _DamageRetry) as exc:
                 if attempt >= attempts:
                     if isinstance(exc, _DamageRetry):
@@ -479,7 +515,12 @@ class Supervisor:
         if self.breaker.consecutive:
             with self._cond:
                 self.breaker.served()  # a served call ends a run of deaths without progress
-        if self.options.standby and self.standby is None and not self._refilling:
+        if (
+            self.options.standby
+            and not self.shared
+            and self.standby is None
+            and not self._refilling
+        ):
             self._refill_standby()
 
     def _closed(self) -> bool:
@@ -567,11 +608,16 @@ class Supervisor:
             status, payload, spent = reply
             status = Status(status)
             spent = float(spent)
-            if status is not Status.OK and not is_error_info(payload):
+            if status not in (Status.OK, Status.RETIRED) and not is_error_info(payload):
                 raise ValueError(f"malformed error report {payload!r:.100}")
         except Exception as exc:  # noqa: BLE001 - any undecodable reply is a protocol error
             lease.broken = True
             raise self._misbehaved(gen, operation, f"undecodable reply: {exc!r}") from None
+        if status is Status.RETIRED:
+            # Another process retired this shared worker: the request was not run. Have the
+            # worker replaced and run the call on the next one (safe even for a write).
+            self._retire(gen, "retired elsewhere")
+            raise _Retired
         self.last_worker_seconds = spent
         if operation not in _NOT_CALLS:
             gen.process.served += 1  # progress, for the breaker: it answered a call
@@ -620,6 +666,8 @@ class Supervisor:
             how = f"was killed (SIGKILL) because it sent an invalid reply to {end.operation}"
         elif end.signal:
             how = f"was killed by {end.signal}({end.exitcode})"
+        elif end.exitcode is None:
+            how = "ended (its exit status is recorded only by the process that started it)"
         else:
             how = f"exited with status {end.exitcode}"
         tail = end.tail
@@ -724,7 +772,11 @@ class Supervisor:
             # death after serving calls. The same signal while opening still counts (an index
             # that cannot be loaded within the memory it has is a crash loop).
             external = gen.process.opened and kind in _NOT_SELF_INFLICTED
-            opened = self.breaker.record(now, what, served=served, external=external)
+            # A shared directory's breaker is kept by whichever process replaces the worker,
+            # once per death, from how the worker ended (_cycle); here only what we saw.
+            opened = not self.shared and self.breaker.record(
+                now, what, served=served, external=external
+            )
             if self._gen is gen and self.state is State.READY:
                 self.state = State.NO_WORKER
             if opened:
@@ -797,6 +849,9 @@ class Supervisor:
                     self._cond.wait()
             self._stop(old)
             self._gen = None
+        if self.shared:
+            self._join_or_start()
+            return
         with self._cond:
             if self.state is State.BROKEN:
                 now = time.monotonic()
@@ -825,24 +880,171 @@ class Supervisor:
             state.attempt_number = consecutive - 1
             self.options.sleep(float(self.options.respawn_wait(state)))
         self._check_and_recover()
-        self._start()
+        if self.pending_reason == "start":
+            # No worker has the directory open: compact the kept WAL. Only at the first start
+            # (and at close), never on the way back from a crash: compacting a busy session's
+            # WAL takes up to a second, which a caller waiting for the respawn would pay
+            # (measured: worker SIGKILLed to next count() 989 ms with it, ~120 ms without).
+            wal.maintain(self.path)
+        self._start(self._take_standby() or self._spawn())
+
+    # -- a shared directory: attach to its worker, or be the one process that replaces it ---
+
+    def _join_or_start(self) -> None:
+        """Attach to the directory's worker, or, holding the lock, start the next one.
+
+        Every wait is bounded: a worker being replaced by another process is waited for up to
+        ``start_timeout``; a directory held by a process that does not share (an exclusive
+        client, ``safechroma serve``, a repair) fails after ``lock_timeout``.
+        """
+        started = time.monotonic()
+        while True:
+            self._check_usable()
+            address = rendezvous.announced(self.lock_path)
+            if address is not None:
+                try:
+                    worker = AttachedWorker(
+                        address, self.path, self.lock_path, self.options.max_reply_bytes
+                    )
+                except ConnectionError:
+                    pass  # that worker is gone (or going): its replacement is on its way
+                else:
+                    self._start(worker)
+                    return
+            fd = rendezvous.try_lock(self.lock_path)
+            if fd is not None:
+                self._cycle_fd = fd
+                try:
+                    self._cycle(fd)
+                finally:
+                    self._cycle_fd = None
+                    os.close(fd)  # the new worker holds its own copy of the lock
+                return
+            waited = time.monotonic() - started
+            if not being_shared(self.lock_path) and waited >= self.options.lock_timeout:
+                raise locked_error(self.path, self.lock_path)
+            if waited >= self.options.start_timeout:
+                raise WorkerStartError(
+                    f"no worker for {self.path} within {self.options.start_timeout} s: another "
+                    f"process holds {self.lock_path} and has not started one",
+                    pid=None,
+                    operation="start",
+                    outcome_unknown=False,
+                    exitcode=None,
+                    signal=None,
+                    crash_log="",
+                )
+            time.sleep(0.01)
+
+    def _cycle(self, fd: int) -> None:
+        """With the lock held and no worker running: account for how the last worker ended,
+        validate (and repair) once, start the next worker and announce it."""
+        rendezvous.write_lock_file(fd, f"{os.getpid()}\ncycle\n")
+        state = rendezvous.load_state(self.path)
+        now = time.monotonic()
+        with self._cond:
+            self.breaker.load(state.get("breaker"), now)
+            # The files that recorded the life of the worker before last go now; the last
+            # one's stay for one more cycle, for processes still reading how it ended.
+            for stale in state.pop("stale", None) or []:
+                rendezvous.remove_markers(stale)
+            last = state.get("worker")
+            if last:
+                state["stale"] = [
+                    {
+                        **rendezvous.marker_paths(str(last["address"]), int(last["pid"])),
+                        "log": str(last.get("log", "")),
+                    }
+                ]
+            reason = self._account_for(last, now)
+            self.pending_reason = reason
+            blocked = self.breaker.blocked_for(now)
+            consecutive = self.breaker.consecutive
+            if blocked is None and self.state is State.BROKEN:
+                self.state = State.NO_WORKER
+        if state:  # nothing to record on a directory no shared worker has served
+            state["worker"] = None
+            state["breaker"] = self.breaker.dump()
+            rendezvous.save_state(self.path, state)
+        if blocked is not None:
+            with self._cond:
+                self.state = State.BROKEN
+            raise CrashLoopError(
+                f"the worker for {self.path} is in a crash loop "
+                f"({self.breaker.reason(now)}), so no new worker is started for "
+                f"{blocked:.1f} s more. Check the directory with "
+                f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
+                path=self.path,
+                deaths=self.breaker.recent(now),
+                retry_after=blocked,
+            )
+        if consecutive > 1:
+            wait = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+            wait.attempt_number = consecutive - 1
+            self.options.sleep(float(self.options.respawn_wait(wait)))
+        self._check_and_recover()
+        if reason == "start":
+            wal.maintain(self.path)  # no worker has the directory open (see _replace)
+        process = self._spawn()
+        state["breaker"] = self.breaker.dump()
+        state["worker"] = {
+            "pid": process.pid,
+            "address": self.address,
+            "log": process.log_path,
+            "opened": False,
+        }
+        rendezvous.save_state(self.path, state)
+        self._start(process)
+        state["worker"]["opened"] = True
+        rendezvous.save_state(self.path, state)
+        rendezvous.announce(fd, process.pid, self.address)
+
+    def _account_for(self, last: dict[str, Any] | None, now: float) -> str:
+        """How the previous worker of the directory ended, counted once in its breaker."""
+        if not last:
+            return "start"
+        markers = rendezvous.marker_paths(str(last["address"]), int(last["pid"]))
+        end = rendezvous.read_marker(markers["end"])
+        status = rendezvous.wait_marker(markers["status"], 0.0 if end else 0.5)
+        served = rendezvous.read_marker(markers["served"]) is not None
+        if end in ("closed", "idle"):
+            return "start"  # it exited in order: nothing to suspect
+        if end == "recycled":
+            return "recycle"
+        code = int(status) if status and status.lstrip("-").isdigit() else None
+        kind = end or signal_name(code) or ("exit" if code is not None else "unknown")
+        what = f"pid {last['pid']}: {kind}" + (" after serving calls" if served else "")
+        external = bool(last.get("opened")) and kind in _NOT_SELF_INFLICTED
+        progress = self.options.breaker.progress_calls if served else 0
+        if self.breaker.record(now, what, served=progress, external=external):
+            self._emit("breaker_open", None, why=self.breaker.reason(now), deaths=[what])
+        if end == "damage":
+            return "damage"
+        return "crash"
 
     def _stop(self, gen: _Generation) -> None:
         """Stop a worker no call is using: ask it to exit, kill it if it does not."""
         process = gen.process
+        why = gen.retiring or "replaced"
+        if gen.end is None and why == "retired elsewhere":
+            if process.wait(35.0) is None:  # it lets the calls in flight finish, then exits
+                process.kill()
+            gen.pool.close()
+            process.close()
+            return
         if gen.end is None:
             try:
                 channel = gen.pool.checkout()
                 try:
-                    channel.exchange(*encode((Op.EXIT, None)), time.monotonic() + 5.0)
+                    channel.exchange(*encode((Op.EXIT, why)), time.monotonic() + 5.0)
                 finally:
                     channel.close()
             except (PeerDied, PeerTimedOut, PeerMisbehaved, OSError):
                 pass
-            if process.wait(5.0) is None:
+            # A shared worker lets other processes' calls in flight finish before it exits.
+            if process.wait(35.0 if self.shared else 5.0) is None:
                 process.kill()
             code = process.returncode
-            why = gen.retiring or "replaced"
             if code:
                 # Chroma's runtime can abort while the interpreter exits (chroma-core/chroma
                 # #6852). The worker had finished its work: log it, never raise it, never count
@@ -925,14 +1127,7 @@ class Supervisor:
                 self.pending_salvage.append(salvage)
         self._emit("recovered", None, report=result)
 
-    def _start(self) -> None:
-        if self.pending_reason == "start":
-            # No worker has the directory open: compact the kept WAL. Only at the first start
-            # (and at close), never on the way back from a crash: compacting a busy session's
-            # WAL takes up to a second, which a caller waiting for the respawn would pay
-            # (measured: worker SIGKILLed to next count() 989 ms with it, ~120 ms without).
-            wal.maintain(self.path)
-        process = self._take_standby() or self._spawn()
+    def _start(self, process: WorkerProcess) -> None:
         gen = _Generation(process)
         settings, tenant, database = self.primary
         try:
@@ -949,9 +1144,17 @@ class Supervisor:
                 process.opened = True
                 self.primary_handle = int(ref[1])
                 self.chroma_version = str(ref[2])
-                self._emit("worker_started", process.pid, serial=gen.serial)
+                attached = isinstance(process, AttachedWorker)
+                self._emit(
+                    "worker_attached" if attached else "worker_started",
+                    process.pid,
+                    serial=gen.serial,
+                )
                 # Records a repair saved are written back before any caller uses the worker.
                 self._write_back_salvage(lease)
+                if self.shared and not isinstance(process, AttachedWorker):
+                    # Only now may other processes attach: the salvage is written back.
+                    self._exchange(lease, (Op.SHARE, None), "start", self.options.timeout, False)
             finally:
                 gen.inflight -= 1
                 if lease.broken or gen.end is not None:
@@ -1040,6 +1243,7 @@ class Supervisor:
             memory_limit=self.options.memory_limit,
             max_reply_bytes=self.options.max_reply_bytes,
             file_limit=file_size_limit(self.path, self.options.max_file_bytes),
+            share={"address": self.address} if self.shared else None,
         )
 
     # -- recycling (gunicorn's max_requests; a resident-memory ceiling) --------------------
@@ -1075,8 +1279,29 @@ class Supervisor:
             was_broken = self.state is State.BROKEN
             if was_broken:
                 self.state = State.NO_WORKER
+        if self.shared:
+            self._reset_shared_breaker()
         if was_broken:
             self._emit("breaker_reset", None, why="manual")
+
+    def _reset_shared_breaker(self) -> None:
+        """Forget the directory's death history, for every process. An open breaker means no
+        worker runs, so the lock is free then; a worker serving the directory means there is
+        nothing to reset but what this process saw."""
+        give_up = time.monotonic() + 1.0
+        while True:
+            fd = rendezvous.try_lock(self.lock_path)
+            if fd is not None:
+                try:
+                    state = rendezvous.load_state(self.path)
+                    state["breaker"] = Breaker(self.options.breaker).dump()
+                    rendezvous.save_state(self.path, state)
+                finally:
+                    os.close(fd)
+                return
+            if rendezvous.announced(self.lock_path) or time.monotonic() >= give_up:
+                return
+            time.sleep(0.01)
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -1092,24 +1317,85 @@ class Supervisor:
             self.state = State.CLOSED
         with self._life:  # an ongoing start finishes first
             gen = self._gen
+            last: bool | int = False  # shared: the pid of the worker our leaving ended
             if gen is not None:
                 with self._cond:
                     while gen.inflight:
                         self._cond.wait()
-                gen.retiring = gen.retiring or "closed"
-                self._stop(gen)
+                if self.shared and gen.end is None and gen.retiring is None:
+                    last = self._leave(gen)
+                else:
+                    gen.retiring = gen.retiring or "closed"
+                    self._stop(gen)
                 self._gen = None
             with self._cond:
                 standby, self.standby = self.standby, None
             if standby is not None:
                 standby.kill()
                 standby.close()
-            if self.started_workers:
-                # The worker is gone, the lock still held. Never on a directory no worker ever
-                # opened (a refused one, e.g. written by a newer chromadb: nothing is written).
-                wal.maintain(self.path)
-            self.dir_lock.release()
-            shutil.rmtree(self.log_dir, ignore_errors=True)
+            if self.dir_lock is not None:
+                if self.started_workers:
+                    # The worker is gone, the lock still held. Never on a directory no worker
+                    # ever opened (a refused one, e.g. written by a newer chromadb).
+                    wal.maintain(self.path)
+                self.dir_lock.release()
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+            elif last:
+                self._after_last(last)
+
+    def _leave(self, gen: _Generation) -> bool | int:
+        """Stop using a shared worker; its pid when it exited because no process uses it now
+        (else False)."""
+        gen.pool.close()
+        process = gen.process
+        last = process.leave()
+        if last:
+            if process.wait(10.0) is None:
+                process.kill()
+            code = process.returncode
+            if code:  # an abort at exit (chroma-core/chroma#6852): logged, never raised
+                self._emit(
+                    "worker_exit_abnormal",
+                    process.pid,
+                    why="closed",
+                    exitcode=code,
+                    signal=signal_name(code),
+                    log=process.log_tail(1000),
+                )
+            self._emit("worker_retired", process.pid, why="closed")
+            try:
+                os.unlink(process.log_path)
+            except OSError:
+                pass
+        process.close()
+        return process.pid if last else False
+
+    def _after_last(self, pid: bool | int) -> None:
+        """The last worker exited in order: compact the WAL and clear what recorded its life,
+        unless a process already took the directory again (it then compacts at its own
+        start). Waits at most a second."""
+        give_up = time.monotonic() + 1.0
+        while True:
+            fd = rendezvous.try_lock(self.lock_path)
+            if fd is not None:
+                try:
+                    state = rendezvous.load_state(self.path)
+                    last = state.get("worker") or {}
+                    if last.get("pid") == pid and pid:
+                        markers = rendezvous.marker_paths(str(last["address"]), int(pid))
+                        for stale in state.pop("stale", None) or []:
+                            rendezvous.remove_markers(stale)
+                        rendezvous.remove_markers({**markers, "log": str(last.get("log", ""))})
+                        state["worker"] = None
+                        rendezvous.save_state(self.path, state)
+                    if self.started_workers:
+                        wal.maintain(self.path)
+                finally:
+                    os.close(fd)
+                return
+            if time.monotonic() >= give_up:
+                return
+            time.sleep(0.01)
 
     # -- observability ---------------------------------------------------------------------
 
@@ -1162,6 +1448,9 @@ def _copy(error: BaseException) -> BaseException:
 _NOT_SELF_INFLICTED: Final = frozenset(
     {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGPIPE", "SIGUSR1", "SIGUSR2"}
 )
+
+# How many times in a row a call may be refused unrun by a stopping shared worker.
+_MAX_REFUSALS: Final = 10
 
 # How often a worker's resident memory is read when max_worker_rss is set (seconds).
 _RSS_CHECK_EVERY: Final = 1.0
@@ -1244,6 +1533,10 @@ _LOUD: Final = frozenset(
         "recovered",
     }
 )
+
+
+class _Retired(Exception):
+    """Internal: a shared worker that is stopping refused the request unrun; try the next."""
 
 
 class _DamageRetry(Exception):

@@ -24,7 +24,9 @@ The protocol over its socket pair, fixed 12-byte messages ``<4sii``:
 
 The caller sees a forked worker as a :class:`Forked` process: a pidfd to wait on and to signal
 (no pid reuse race), and the exit status from the template. When the caller exits, the
-template's socket closes and it exits; its workers exit on their own when the caller is gone.
+template's socket closes; its private workers exit on their own when the caller is gone, and the
+template exits once its last shared worker (:mod:`.rendezvous`), which serves on for other
+processes, has exited and its status is recorded where those processes read it.
 
 Memory: the template holds ~85 MB resident (chromadb imported); forked workers share those
 pages copy-on-write until they write them.
@@ -242,23 +244,48 @@ def serve(fd: int) -> None:
     from . import guard, protocol, transport, worker  # noqa: F401
 
     children: dict[int, int] = {}  # pidfd -> pid
+    status_files: dict[int, str] = {}  # pid -> where a shared worker's exit status goes
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
-    while True:
+    caller = True
+    while caller or children:
         for fd_ready, _ in poller.poll():
             if fd_ready == sock.fileno():
-                if not _serve_one(sock, children, poller):
-                    os._exit(0)  # the caller is gone; its workers exit on their own
+                if not _serve_one(sock, children, poller, status_files):
+                    # The caller is gone. Its private workers exit on their own; a shared
+                    # worker serves other processes on, and its exit status is still recorded.
+                    caller = False
+                    poller.unregister(fd_ready)
             else:
                 pid = children.pop(fd_ready)
                 poller.unregister(fd_ready)
                 os.close(fd_ready)
                 _, status = os.waitpid(pid, 0)
                 code = os.waitstatus_to_exitcode(status)
-                sock.sendall(MESSAGE.pack(b"EXIT", pid, code))
+                target = status_files.pop(pid, None)
+                if target is not None:
+                    _record_status(target, code)
+                if caller:
+                    try:
+                        sock.sendall(MESSAGE.pack(b"EXIT", pid, code))
+                    except OSError:
+                        caller = False
+    os._exit(0)
 
 
-def _serve_one(sock: socket.socket, children: dict[int, int], poller: Any) -> bool:
+def _record_status(target: str, code: int) -> None:
+    tmp = f"{target}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(code))
+        os.replace(tmp, target)
+    except OSError:
+        pass
+
+
+def _serve_one(
+    sock: socket.socket, children: dict[int, int], poller: Any, status_files: dict[int, str]
+) -> bool:
     head, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE.size, 16)
     while head and len(head) < MESSAGE.size:
         more, extra, _f, _a = socket.recv_fds(sock, MESSAGE.size - len(head), 16)
@@ -292,6 +319,11 @@ def _serve_one(sock: socket.socket, children: dict[int, int], poller: Any) -> bo
     pidfd = os.pidfd_open(pid)
     mine = os.dup(pidfd)
     children[mine] = pid
+    share = info.get("share")
+    if share:
+        from .rendezvous import marker_paths
+
+        status_files[pid] = marker_paths(share["address"], pid)["status"]
     poller.register(mine, select.POLLIN)
     socket.send_fds(sock, [MESSAGE.pack(b"FORK", pid, 0)], [pidfd])
     os.close(pidfd)
@@ -310,6 +342,8 @@ def _become_worker(
     os.close(log)
     sys.path[:0] = [p for p in info["sys_path"] if p not in sys.path]
     info["ctl"], info["fd"] = fds[0], fds[1]  # the numbers they have in this process
+    if len(fds) > 2:
+        info["lock_fd"] = fds[2]
     from .worker import main
 
     main(info)

@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -303,9 +304,13 @@ class WorkerProcess:
         max_reply_bytes: int,
         file_limit: int | None = None,
         use_template: bool = True,
+        share: dict[str, Any] | None = None,
     ) -> None:
         self.serial = next(_serial)
-        self.log_path = os.path.join(log_dir, f"worker-{self.serial}.log")
+        self.log_path = os.path.join(log_dir, f"worker-{os.getpid()}-{self.serial}.log")
+        if share is not None:
+            share = {**share, "log": self.log_path}
+        self.share = share
         self.max_reply_bytes = max_reply_bytes
         parent_ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent_sock, child_sock = _socketpair()
@@ -317,6 +322,8 @@ class WorkerProcess:
             "ppid": os.getpid(),
             "memory_limit": memory_limit,
             "file_limit": file_limit,
+            "share": share,
+            "lock_fd": lock_fd,
         }
         fds = [child_ctl.fileno(), child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
         self.forked = False
@@ -377,6 +384,18 @@ class WorkerProcess:
             theirs.close()
         return Channel(mine, self.proc.pidfd, self.max_reply_bytes)
 
+    def leave(self) -> bool:
+        """Say goodbye to a shared worker; True when it exits because we were its last user
+        (the caller then waits for its exit before touching the directory)."""
+        try:
+            with self._ctl_lock:
+                self.ctl.settimeout(5.0)
+                self.ctl.sendall(b"b")
+                answer = self.ctl.recv(1)
+        except OSError:
+            return not self.alive()
+        return answer != b"s"
+
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
@@ -430,6 +449,98 @@ class WorkerProcess:
         except OSError:
             return None
         return None
+
+
+class _Attached(_Process):
+    """A worker another process started: watched through a pidfd; its exit status is what its
+    parent (that process's template) recorded, when it did."""
+
+    def __init__(self, pid: int, status_path: str) -> None:
+        self.pid = pid
+        self.pidfd: int | None = os.pidfd_open(pid)
+        self.status_path = status_path
+        self._code: int | None = None
+        self.gone = False
+
+    @property
+    def returncode(self) -> int | None:
+        return self._code
+
+    def poll(self) -> int | None:
+        self.wait(0)
+        return self._code
+
+    def wait(self, timeout: float | None) -> int | None:
+        if not self.gone:
+            if self.pidfd is None:
+                self.gone = True
+            else:
+                ready, _, _ = select.select([self.pidfd], [], [], timeout)
+                if not ready:
+                    return None
+                self.gone = True
+            from .rendezvous import wait_marker
+
+            text = wait_marker(self.status_path, 0.5)
+            self._code = int(text) if text and text.lstrip("-").isdigit() else None
+        return self._code
+
+    def kill(self) -> None:
+        if self.gone or self.pidfd is None:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class AttachedWorker(WorkerProcess):
+    """A worker that another process of this user started and shares (see :mod:`.rendezvous`).
+
+    The same interface as :class:`WorkerProcess`: channels are connections to its rendezvous
+    socket; this process's *session* connection is its membership, and closing it politely
+    (:meth:`leave`) lets the worker exit when no process uses it any more.
+    """
+
+    def __init__(self, address: str, path: str, lock_path: str, max_reply_bytes: int) -> None:
+        from .rendezvous import connect, marker_paths
+
+        self.serial = next(_serial)
+        self.address = address
+        self.dir_path = path
+        self.lock_path = lock_path
+        self.max_reply_bytes = max_reply_bytes
+        session, hello = connect(address, path, "session", lock_path)
+        pid = int(hello["pid"])
+        self.share = {"address": address, "markers": marker_paths(address, pid)}
+        try:
+            self.proc = _Attached(pid, self.share["markers"]["status"])
+        except OSError:
+            session.close()
+            raise ConnectionError(f"worker {pid} is gone") from None
+        self.pid = pid
+        self.log_path = str(hello.get("log", ""))
+        self.started = time.monotonic()
+        self.ctl = session
+        self._ctl_lock = threading.Lock()
+        self.first_channel = None
+        self.closed = False
+        self.opened = True
+        self.served = 0
+        self.rss_checked = self.started
+        self.forked = False
+
+    def open_channel(self) -> Channel:
+        from .rendezvous import connect
+
+        try:
+            sock, _hello = connect(self.address, self.dir_path, "channel", self.lock_path)
+        except ConnectionError as exc:
+            raise PeerDied(str(exc)) from exc
+        return Channel(sock, self.proc.pidfd, self.max_reply_bytes)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and not getattr(self.proc, "gone", False)
 
 
 def _socketpair() -> tuple[socket.socket, socket.socket]:

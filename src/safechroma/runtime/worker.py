@@ -13,6 +13,11 @@ What it guarantees to the caller:
   ``WorkerCrashedError`` carries. stdout and stderr also go to that log, never to the socket.
 - When the parent dies, the worker exits: at once when idle, after at most ``PARENT_GRACE``
   seconds when a call is in flight (so a write in progress usually completes).
+- A *shared* worker (the default, :mod:`.rendezvous`) outlives the process that started it: once
+  that process asks (``Op.SHARE``), it also serves the processes that attach on the rendezvous
+  socket, counts their sessions (the starting process's control socket is one), and exits when
+  the last session ends: at once when it said goodbye, after ``IDLE_GRACE`` seconds when it
+  vanished. It opens Chroma only while it holds the directory lock, which it inherited.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
 
 PARENT_GRACE: Final = 1.5
+# A shared worker whose last session vanished (its process was killed) waits this long for a
+# new one (a restarted web-server worker) before it exits and releases the directory.
+IDLE_GRACE: Final = 0.5
+# How long a retiring shared worker lets the calls in flight finish before it exits anyway.
+DRAIN_GRACE: Final = 30.0
 # Requests come from the trusted parent; the bound only stops a runaway frame.
 _MAX_REQUEST: Final = 1 << 40
 
@@ -68,30 +78,170 @@ class _Worker:
         self._busy_lock = threading.Lock()
         self._open_lock = threading.Lock()
         self.busy = 0  # calls being served, for the parent watcher's grace period
+        self.share: dict[str, Any] | None = None  # the rendezvous, for a shared worker
+        self.lock_fd: int | None = None  # the inherited directory lock
+        self.sessions = 1  # processes using this worker; the starter's control socket is one
+        self.closing = False  # set once: no new session, no new call
+        self.retiring = False  # a retire was asked for: calls get Status.RETIRED
+        self._sessions_lock = threading.Lock()
+        self._served_marked = False
+        self.listener: socket.socket | None = None
 
     @property
     def next_handle(self) -> int:
         return next(self._ids)
 
-    def accept(self, ctl: socket.socket) -> None:
+    def accept(self, ctl: socket.socket) -> bool:
         """Serve each channel the parent hands over the control socket, in a thread of its own.
 
-        Returns when the control socket closes (the parent closed this worker or died).
+        Returns when the control socket closes (the parent closed this worker or died): False,
+        or when a shared worker's starting process said goodbye on it: True.
         """
         while True:
             try:
                 msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 16)
             except OSError:
-                return
+                return False
             if not msg and not fds:
-                return
+                return False
             for fd in fds:
                 self.start_channel(socket.socket(fileno=fd))
+            if msg == b"b":  # goodbye from the starting process, which keeps going
+                self.end_session(ctl, polite=True)
+                return True
 
     def start_channel(self, sock: socket.socket) -> None:
         threading.Thread(
             target=self.serve, args=(sock,), name="safechroma-channel", daemon=True
         ).start()
+
+    # -- sessions (a shared worker) --------------------------------------------------------
+
+    def listen(self) -> None:
+        """Start serving other processes on the rendezvous socket (``Op.SHARE``)."""
+        if self.share is None or self.listener is not None:
+            return
+        from . import rendezvous
+
+        address = self.share["address"]
+        try:
+            os.unlink(address)  # a dead worker's socket: we hold the lock, it is not in use
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            listener.bind(address)
+        finally:
+            os.umask(old)
+        os.chmod(address, 0o600)
+        listener.listen(128)
+        self.listener = listener
+        self._rendezvous = rendezvous
+        threading.Thread(target=self._accept_loop, name="safechroma-accept", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        listener = self.listener
+        assert listener is not None
+        while True:
+            try:
+                conn, _addr = listener.accept()
+            except OSError:
+                return  # closed: the worker is exiting
+            threading.Thread(
+                target=self._handshake, args=(conn,), name="safechroma-handshake", daemon=True
+            ).start()
+
+    def _handshake(self, conn: socket.socket) -> None:
+        rv = self._rendezvous
+        try:
+            _pid, uid, _gid = rv.peer_credentials(conn)
+            if uid != os.getuid():  # the 0600 socket stops them; this is the second wall
+                conn.close()
+                return
+            conn.settimeout(rv.HANDSHAKE_TIMEOUT)
+            hello = rv.recv_json(conn)
+            mine = rv.versions()
+            ok = {k: hello.get(k) for k in mine} == mine
+            with self._sessions_lock:
+                ok = ok and not self.closing
+                if ok and hello.get("kind") == "session":
+                    self.sessions += 1
+            rv.send_json(
+                conn,
+                {**mine, "ok": ok, "pid": os.getpid(), "log": self.share.get("log", "")}
+                if self.share
+                else {"ok": False},
+            )
+            conn.settimeout(None)
+        except (OSError, ValueError, ConnectionError):
+            conn.close()
+            return
+        if not ok:
+            conn.close()
+            return
+        if hello.get("kind") == "session":
+            self._session(conn)
+        else:
+            self.start_channel(conn)
+
+    def _session(self, conn: socket.socket) -> None:
+        try:
+            msg = conn.recv(1)
+        except OSError:
+            msg = b""
+        self.end_session(conn, polite=msg == b"b")
+
+    def end_session(self, conn: socket.socket, *, polite: bool) -> None:
+        """A process left: politely (it waits to hear whether we exit) or by vanishing."""
+        if self.share is None:
+            return
+        with self._sessions_lock:
+            self.sessions -= 1
+            last = self.sessions <= 0 and not self.closing
+            if last and polite:
+                self.closing = True
+        if polite:
+            try:
+                conn.sendall(b"x" if last else b"s")
+            except OSError:
+                pass
+        conn.close()
+        if last and polite:
+            self.finish("closed")
+        elif last:
+            threading.Timer(IDLE_GRACE, self._exit_if_idle).start()
+
+    def _exit_if_idle(self) -> None:
+        with self._sessions_lock:
+            if self.sessions > 0 or self.closing:
+                return
+            self.closing = True
+        self.finish("idle")
+
+    def finish(self, why: str) -> None:
+        """Stop taking sessions and calls, let the calls in flight end, record why, exit."""
+        with self._sessions_lock:
+            self.closing = True
+        if self.listener is not None:
+            self.listener.close()
+        if self.share is not None:
+            address = self.share["address"]
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+            _write(self.share["markers"]["end"], why)
+        give_up = time.monotonic() + (PARENT_GRACE if why in ("closed", "idle") else DRAIN_GRACE)
+        while self.busy > 0 and time.monotonic() < give_up:
+            time.sleep(0.01)
+        _exit()
+
+    def mark_served(self) -> None:
+        if self._served_marked or self.share is None:
+            return
+        self._served_marked = True
+        _write(self.share["markers"]["served"], "1")
 
     def serve(self, sock: socket.socket) -> None:
         """Serve one channel: one request, then its reply, until the parent closes it."""
@@ -114,7 +264,14 @@ class _Worker:
                 request = decode_request(data, buffers)
                 del data, buffers
                 op = request[0]
+                if self.retiring and op != Op.EXIT:
+                    status, payload = Status.RETIRED, None  # not run: the next worker runs it
+                    raise _Retired
                 payload = self.dispatch(op, request[1])
+                if op in (Op.CALL, Op.RUN) and not self._served_marked:
+                    self.mark_served()
+            except _Retired:
+                pass
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a reply
                 if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not is_panic(exc):
                     raise
@@ -139,7 +296,9 @@ class _Worker:
                 with self._busy_lock:
                     self.busy -= 1
             if op == Op.EXIT:
-                _exit()
+                if self.share is None:
+                    _exit()
+                self.finish(str(request[1] or "retired"))
 
     def dispatch(self, op: int, body: Any) -> Any:
         if op == Op.CALL:
@@ -167,6 +326,12 @@ class _Worker:
                 fn = getattr(importlib.import_module(module), name)
             return fn(self.handles[client_handle], *args)
         if op == Op.EXIT:
+            # A shared worker may have calls from other processes in flight: new calls get
+            # Status.RETIRED (never run), those in flight finish, then it exits (finish()).
+            self.retiring = True
+            return None
+        if op == Op.SHARE:
+            self.listen()
             return None
         raise ValueError(f"unknown operation {op!r}")
 
@@ -175,6 +340,7 @@ class _Worker:
     ) -> tuple[str, int, str]:
         # One open at a time: chromadb's per-path system cache is not built for racing opens.
         with self._open_lock:
+            self._check_lock()
             if init is not None and not self.initialised:
                 init()
             self.initialised = True
@@ -187,6 +353,21 @@ class _Worker:
         handle = self.next_handle
         self.handles[handle] = client
         return ("client", handle, str(chromadb.__version__))
+
+    def _check_lock(self) -> None:
+        """Never open Chroma without holding the directory lock (a shared worker's rule)."""
+        if self.lock_fd is None:
+            if self.share is not None:
+                raise RuntimeError("a shared worker started without the directory lock")
+            return
+        import fcntl
+
+        try:  # succeeds at once when our open file description already holds it
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise RuntimeError(
+                "this worker does not hold the directory lock; another process does"
+            ) from exc
 
     def export(self, result: Any) -> Any:
         """Replace Chroma Collection objects (which do not pickle) by (handle, model) refs."""
@@ -201,6 +382,18 @@ class _Worker:
         handle = self.next_handle
         self.handles[handle] = collection
         return ("collection", handle, collection.get_model())
+
+
+class _Retired(Exception):
+    pass
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError:
+        pass
 
 
 @functools.cache
@@ -359,12 +552,20 @@ def main(info: dict[str, Any]) -> None:
     _limit_memory(info.get("memory_limit"))
     _limit_file_size(info.get("file_limit"))
     worker = _Worker()
-    threading.Thread(
-        target=_watch_parent,
-        args=(info["ppid"], worker, bool(info.get("forked"))),
-        name="safechroma-parent-watch",
-        daemon=True,
-    ).start()
+    share = info.get("share")
+    if share is not None:
+        from .rendezvous import marker_paths
+
+        share = {**share, "markers": marker_paths(share["address"], os.getpid())}
+    worker.share = share
+    worker.lock_fd = info.get("lock_fd")
+    if worker.share is None:
+        threading.Thread(
+            target=_watch_parent,
+            args=(info["ppid"], worker, bool(info.get("forked"))),
+            name="safechroma-parent-watch",
+            daemon=True,
+        ).start()
     ctl = socket.socket(fileno=info["ctl"])
     # Warm up while the caller does other things: a standby worker is ready when promoted.
     import chromadb  # noqa: F401
@@ -374,7 +575,12 @@ def main(info: dict[str, Any]) -> None:
     install_guard()  # before any request is served
     worker.start_channel(socket.socket(fileno=info["fd"]))
     try:
-        worker.accept(ctl)
+        polite = worker.accept(ctl)
+        if worker.share is not None:
+            # The starting process left (or vanished): other processes may still use us.
+            if not polite:
+                worker.end_session(ctl, polite=False)
+            threading.Event().wait()  # the sessions' threads decide when to exit
         # The control socket closed: the parent closed this worker (it stops it right after)
         # or died; either way finish what is running, briefly, and go.
         _exit_after_grace(worker)

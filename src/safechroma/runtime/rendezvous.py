@@ -1,0 +1,285 @@
+"""Sharing one directory's worker between processes: the rendezvous socket and the shared state.
+
+What it owns: how a process finds the worker that serves a directory, proves it may use it, and
+hands the worker's life on to the next worker. Nothing here talks to Chroma.
+
+- **The rendezvous** is a Unix stream socket in a per-user folder (``$XDG_RUNTIME_DIR`` or the
+  temp folder, ``safechroma-<uid>``, mode 0700, checked to be ours) named after the directory's
+  real path, mode 0600. The worker listens on it once it has opened the directory; its address
+  is written into the directory's lock file (``share <socket>``) by the process that started it.
+  Both ends check the other's user with ``SO_PEERCRED``: a process of another user cannot reach
+  the socket (0700 folder, 0600 socket) and is refused if it somehow does. Requests carry
+  cloudpickle, so only a process of the same user may ever send one.
+- **A connection** opens with a handshake, one length-prefixed JSON object each way: the
+  client's kind (``session``: one per attached process, its life is the process's membership;
+  ``channel``: one call at a time, exactly like a channel of the starting process) and versions;
+  the worker's pid, its log and its versions. Different safechroma, chromadb or protocol
+  versions refuse to talk: the client raises naming both.
+- **The shared state** (``<dir>/.safechroma/share.json``) is written only by the process that
+  holds the directory lock while no worker runs: the last worker started (pid, the files where
+  its exit status, its first served call and its orderly end are recorded) and the crash-loop
+  breaker's history of deaths. Whichever process replaces a dead worker reads how it ended from
+  there, so one death is counted once for the directory, whoever noticed it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import stat
+import struct
+import tempfile
+import time
+from typing import Any, Final
+
+from .._errors import DirectoryLockedError, IncompatibleWorkerError
+
+PROTOCOL: Final = 1
+_LENGTH: Final = struct.Struct("<I")
+_MAX_HELLO: Final = 1 << 16
+STATE_FILE: Final = "share.json"
+HANDSHAKE_TIMEOUT: Final = 5.0
+
+
+def versions() -> dict[str, Any]:
+    """What must match between a client and the worker it attaches to."""
+    import chromadb
+
+    from .. import __version__
+
+    return {"protocol": PROTOCOL, "safechroma": __version__, "chromadb": chromadb.__version__}
+
+
+# -- where the socket lives ----------------------------------------------------------------
+
+
+def socket_folder() -> str:
+    """This user's folder for rendezvous sockets, created 0700 and checked to be ours."""
+    uid = os.getuid()
+    bases = [os.environ.get("XDG_RUNTIME_DIR") or "", tempfile.gettempdir()]
+    for base in bases:
+        if not base or not os.path.isdir(base) or not os.access(base, os.W_OK):
+            continue
+        folder = os.path.join(base, f"safechroma-{uid}")
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            continue
+        st = os.lstat(folder)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077:
+            return folder
+    raise PermissionError(
+        f"no private folder for safechroma's rendezvous sockets: {bases[-1]}/safechroma-{uid} "
+        "exists but is not a folder of this user with mode 0700"
+    )
+
+
+def socket_path(path: str) -> str:
+    """The rendezvous socket for the persist directory ``path`` (a real path)."""
+    digest = hashlib.blake2b(path.encode(), digest_size=10).hexdigest()
+    return os.path.join(socket_folder(), f"{digest}.sock")
+
+
+def announce(lock_fd: int, worker_pid: int, address: str) -> None:
+    """Write into the held lock file who serves the directory and where to attach."""
+    write_lock_file(lock_fd, f"{worker_pid}\nshare {address}\n")
+
+
+def write_lock_file(lock_fd: int, text: str) -> None:
+    """Replace the held lock file's text with no instant at which it is empty (a reader then
+    sees the old text, or the new lines followed by the old text's tail)."""
+    data = text.encode()
+    os.pwrite(lock_fd, data, 0)
+    os.ftruncate(lock_fd, len(data))
+
+
+def announced(lock_path: str) -> str | None:
+    """The rendezvous address written in the lock file, or None."""
+    try:
+        with open(lock_path) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return None
+    shared = [ln[6:] for ln in lines if ln.startswith("share ")]
+    return shared[0] if shared else None
+
+
+# -- the lock, taken without waiting -------------------------------------------------------
+
+
+def try_lock(lock_path: str) -> int | None:
+    """The lock file's descriptor with the lock held, or None when a worker (or a replacement
+    in progress) holds it. Never waits."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+# -- the handshake -------------------------------------------------------------------------
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+def send_json(sock: socket.socket, obj: dict[str, Any]) -> None:
+    data = json.dumps(obj).encode()
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def recv_json(sock: socket.socket) -> dict[str, Any]:
+    head = _recv_exact(sock, _LENGTH.size)
+    (size,) = _LENGTH.unpack(head)
+    if size > _MAX_HELLO:
+        raise ConnectionError(f"handshake of {size} bytes")
+    obj = json.loads(_recv_exact(sock, size))
+    if not isinstance(obj, dict):
+        raise ConnectionError("handshake is not an object")
+    return obj
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        buf += chunk
+    return buf
+
+
+def connect(
+    address: str, path: str, kind: str, lock_path: str
+) -> tuple[socket.socket, dict[str, Any]]:
+    """Connect to the worker at ``address`` and shake hands; returns the socket and its reply.
+
+    Raises:
+        ConnectionError: nobody listens there (a worker that is gone), or it hung up.
+        DirectoryLockedError: the socket belongs to another user (no attach is possible).
+        IncompatibleWorkerError: the worker runs other versions of safechroma or chromadb.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            sock.connect(address)
+        except PermissionError:
+            raise _foreign(path, lock_path, address) from None
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ConnectionError(str(exc)) from None
+        _pid, uid, _gid = peer_credentials(sock)
+        if uid != os.getuid():
+            raise _foreign(path, lock_path, address, uid)
+        mine = versions()
+        send_json(sock, {**mine, "kind": kind, "pid": os.getpid()})
+        reply = recv_json(sock)
+        theirs = {k: reply.get(k) for k in mine}
+        if theirs != mine:
+            raise IncompatibleWorkerError(
+                f"{path} is served by a safechroma worker (pid {reply.get('pid')}) running "
+                f"safechroma {theirs['safechroma']} with chromadb {theirs['chromadb']} "
+                f"(protocol {theirs['protocol']}); this process has safechroma "
+                f"{mine['safechroma']} with chromadb {mine['chromadb']} (protocol "
+                f"{mine['protocol']}). Processes sharing a directory must run the same "
+                "versions: upgrade one side, or wait until the other programs have closed it.",
+                path=path,
+                worker_versions=theirs,
+                client_versions=mine,
+            )
+        if not reply.get("ok"):
+            raise ConnectionError(str(reply.get("error", "refused")))
+        sock.settimeout(None)
+        return sock, reply
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _foreign(
+    path: str, lock_path: str, address: str, uid: int | None = None
+) -> DirectoryLockedError:
+    owner = f"user {uid}" if uid is not None else "another user"
+    return DirectoryLockedError(
+        f"{path} is served by a safechroma worker of {owner} (rendezvous {address}); only the "
+        "user who owns that worker can attach to it, and Chroma is not safe with two owners. "
+        "Run this program as that user, or connect to a `safechroma serve` of the directory.",
+        path=path,
+        lock_path=lock_path,
+    )
+
+
+# -- the shared state ----------------------------------------------------------------------
+
+
+def state_path(path: str) -> str:
+    from ..storage.wal import STATE_DIR
+
+    return os.path.join(path, STATE_DIR, STATE_FILE)
+
+
+def load_state(path: str) -> dict[str, Any]:
+    """The shared state (empty when there is none or it cannot be read)."""
+    try:
+        with open(state_path(path)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def save_state(path: str, state: dict[str, Any]) -> None:
+    """Replace the shared state atomically (call with the directory lock held)."""
+    target = state_path(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, target)
+
+
+def marker_paths(address: str, pid: int) -> dict[str, str]:
+    """Where a worker's life is recorded: its exit status (written by its parent), its first
+    served call and its orderly end (written by the worker)."""
+    base = f"{address}.{pid}"
+    return {"status": f"{base}.status", "served": f"{base}.served", "end": f"{base}.end"}
+
+
+def read_marker(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def remove_markers(paths: dict[str, str]) -> None:
+    for p in paths.values():
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def wait_marker(path: str, timeout: float) -> str | None:
+    """A marker that its writer is about to write (an exit status right after the exit)."""
+    give_up = time.monotonic() + timeout
+    while True:
+        value = read_marker(path)
+        if value is not None or time.monotonic() >= give_up:
+            return value
+        time.sleep(0.005)
