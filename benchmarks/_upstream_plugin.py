@@ -6,6 +6,8 @@ environment, because it must act when it is imported, before pytest loads chroma
 - ``SAFECHROMA_UPSTREAM_CLIENT``: ``persistent`` (``chromadb.PersistentClient``) or ``safe``
   (``safechroma.SafeClient``). Both sides get the same fixture code and a fresh directory per
   test, so the client class is the only difference between the two runs.
+- ``SAFECHROMA_UPSTREAM_MAX_EXAMPLES``: if set, hypothesis's ``max_examples`` and
+  ``stateful_step_count`` for the tests that do not set their own.
 - ``SAFECHROMA_UPSTREAM_OUTCOMES``: a JSON file to write to: ``{"tests": {nodeid: {"outcome",
   "message"}}, "opened": {client class: how many the fixtures opened}}``.
 
@@ -40,6 +42,7 @@ from typing import Any
 
 import chromadb
 import chromadb.test.conftest as upstream
+import hypothesis
 import pytest
 from chromadb.api.client import AdminClient
 from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
@@ -48,6 +51,16 @@ MODE = os.environ.get("SAFECHROMA_UPSTREAM_CLIENT", "persistent")
 if MODE not in ("persistent", "safe"):
     raise RuntimeError(f"SAFECHROMA_UPSTREAM_CLIENT must be persistent or safe, not {MODE!r}")
 OUTCOMES = os.environ.get("SAFECHROMA_UPSTREAM_OUTCOMES")
+
+# Fewer hypothesis examples than chromadb's smallest preset (50), for its property tests.
+if examples := int(os.environ.get("SAFECHROMA_UPSTREAM_MAX_EXAMPLES", "0")):
+    hypothesis.settings.register_profile(
+        "upstream",
+        hypothesis.settings.get_profile(upstream.CURRENT_PRESET),
+        max_examples=examples,
+        stateful_step_count=examples,
+    )
+    hypothesis.settings.load_profile("upstream")
 
 
 def _settings() -> Settings:

@@ -4,6 +4,10 @@ Usage (from the repository root, after ``pip install -e '.[test,upstream]'``)::
 
     .venv/bin/python benchmarks/upstream_api.py            # both sides, ~3 min on 2 cores
     .venv/bin/python benchmarks/upstream_api.py -k test_add  # a subset (pytest's -k)
+    .venv/bin/python benchmarks/upstream_api.py --max-examples 5 --timeout 180 \
+        --out benchmarks/results/upstream_api_property.md chromadb/test/property/test_add.py \
+        chromadb/test/property/test_embeddings.py chromadb/test/property/test_filtering.py \
+        chromadb/test/property/test_collections.py          # property tests, ~3 min
 
 Runs the tests chromadb's wheel ships (``DEFAULT_TESTS``: ``chromadb/test/api/``,
 ``test_api.py``, ``test_client.py`` and the other files that use its client fixtures) twice,
@@ -88,6 +92,8 @@ def run_side(side: str, tests: list[str], args: argparse.Namespace) -> dict[str,
         HF_HUB_OFFLINE="1",
         HOME=str(home),
     )
+    if args.max_examples:
+        env["SAFECHROMA_UPSTREAM_MAX_EXAMPLES"] = str(args.max_examples)
     cmd = [
         sys.executable,
         "-m",
@@ -204,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", default="persistent,safe")
     parser.add_argument("--timeout", type=int, default=120, help="per-test timeout, seconds")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "upstream_api.md")
+    parser.add_argument(
+        "--max-examples", type=int, default=0, help="hypothesis examples per test (chromadb: 50)"
+    )
     parser.add_argument("--logs", type=Path, help="keep each side's pytest output in this dir")
     args = parser.parse_args(argv)
     sides = args.sides.split(",")
