@@ -909,8 +909,14 @@ class Supervisor:
                 except ConnectionError:
                     pass  # that worker is gone (or going): its replacement is on its way
                 else:
-                    self._start(worker)
-                    return
+                    try:
+                        self._start(worker)
+                        return
+                    except WorkerStartError:
+                        # It died (or was killed) as we attached: its replacement is on its
+                        # way, from us or another process; within start_timeout.
+                        if time.monotonic() - started >= self.options.start_timeout:
+                            raise
             fd = rendezvous.try_lock(self.lock_path)
             if fd is not None:
                 self._cycle_fd = fd
