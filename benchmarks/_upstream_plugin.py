@@ -20,7 +20,7 @@ patched module in ``sys.modules`` when it loads the conftest):
 - ``client_factories``: the same, for the tests that build several clients on one directory:
   ``create_client(...)`` and ``create_client_from_system()`` open the chosen class on the test's
   directory; the admin client is chromadb's ``AdminClient`` on that directory in this process,
-  as chromadb's own ``create_database`` helper makes it from ``client.get_settings()``
+  as chromadb's own ``create_database`` function makes it from ``client.get_settings()``
   (safechroma has no admin client).
 - ``pytest_itemcollected``: removed. It only appends ``[single-region]`` to node ids, through
   ``item._nodeid``, which pytest 9 no longer has (it raises ``AttributeError`` at collection).
@@ -203,7 +203,7 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
         _results[report.nodeid] = {"outcome": "error", "message": str(message)[:300]}
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_unconfigure(config: pytest.Config) -> None:
     if OUTCOMES:
         with open(OUTCOMES, "w") as f:
             json.dump({"tests": _results, "opened": _opened}, f, indent=1, sort_keys=True)
