@@ -548,3 +548,41 @@ def test_add_of_existing_ids_is_ignored_and_leaves_no_wal_row(db: str) -> None:
         finally:
             con.close()
         assert rows == {"x": 1, "y": 1, "z": 1}
+
+
+class _LegacyEmbedding:
+    """An embedding function of the old shape (no name(), no config): chromadb warns."""
+
+    def __call__(self, input: list[str]) -> list[list[float]]:
+        return [[float(len(t)), 1.0] for t in input]
+
+
+def test_chromas_warnings_reach_the_callers_filters(db: str, tmp_path: Path) -> None:
+    """Pins: a warning Chroma raises during a call in the worker is raised in the caller, with
+    its category and message, through the caller's own filters (as with chromadb in one
+    process, where pytest.warns and catch_warnings see it)."""
+    import warnings
+
+    from conftest import run_plain_chromadb
+
+    script = (
+        f"import sys, warnings\nsys.path.insert(0, {str(TESTS)!r})\n"
+        "from test_core import _LegacyEmbedding\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    chromadb.PersistentClient(path).create_collection(\n"
+        "        'legacy', embedding_function=_LegacyEmbedding())\n"
+        "print(sorted({(x.category.__name__, str(x.message)) for x in w}))\n"
+    )
+    plain = run_plain_chromadb(script, str(tmp_path / "plain"))
+    assert "DeprecationWarning" in plain  # the control: chromadb warns here
+    with SafeClient(db, validator=None) as client:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            client.create_collection("legacy", embedding_function=_LegacyEmbedding())
+        mine = sorted({(x.category.__name__, str(x.message)) for x in w})
+        assert str(mine) == plain
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(DeprecationWarning):
+                client.create_collection("legacy-2", embedding_function=_LegacyEmbedding())
