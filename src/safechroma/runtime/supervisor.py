@@ -610,7 +610,7 @@ class Supervisor:
             status, payload, spent = reply[:3]
             caught = reply[3] if len(reply) == 4 else ()
             if type(caught) is not tuple or not all(
-                type(w) is tuple and len(w) == 6 for w in caught
+                type(w) is tuple and len(w) == 5 for w in caught
             ):
                 raise ValueError("malformed warnings")
             status = Status(status)
@@ -1458,18 +1458,13 @@ def _rewarn(caught: Any) -> None:
 
     for item in caught:
         try:
-            module, qualname, message, filename, lineno, origin = item
+            module, qualname, message, filename, lineno = item
             mod = builtins if module == "builtins" else sys.modules.get(str(module))
             category = getattr(mod, str(qualname), None) if mod is not None else None
             if not (isinstance(category, type) and issubclass(category, Warning)):
                 category = UserWarning
             warnings.warn_explicit(
-                str(message),
-                category,
-                str(filename),
-                int(lineno),
-                module=str(origin),  # the module name that filters match, as in one process
-                registry=_warn_registry,
+                str(message), category, str(filename), int(lineno), registry=_warn_registry
             )
         except (TypeError, ValueError):
             continue  # a malformed entry is dropped, never the call's result

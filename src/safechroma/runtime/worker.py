@@ -402,33 +402,7 @@ def _capture_warning(
     if bucket is None:
         _show_warning(message, category, filename, lineno, file, line)
         return
-    bucket.append(
-        (
-            category.__module__,
-            category.__qualname__,
-            str(message),
-            filename,
-            lineno,
-            _module_of(filename),
-        )
-    )
-
-
-_modules_by_file: dict[str, str] = {}
-
-
-def _module_of(filename: str) -> str:
-    """The module a warning came from, as ``warnings.warn`` names it (filters match on it)."""
-    name = _modules_by_file.get(filename)
-    if name is None:
-        for mod_name, mod in list(sys.modules.items()):
-            if getattr(mod, "__file__", None) == filename:
-                name = mod_name
-                break
-        else:
-            name = filename[:-3] if filename.endswith(".py") else filename
-        _modules_by_file[filename] = name
-    return name
+    bucket.append((category.__module__, category.__qualname__, str(message), filename, lineno))
 
 
 _show_warning = __import__("warnings").showwarning
