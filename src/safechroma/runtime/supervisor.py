@@ -605,14 +605,8 @@ class Supervisor:
             raise
         try:
             reply = decode_reply(*frame)
-            if type(reply) is not tuple or len(reply) not in (3, 4):
-                raise ValueError(f"a reply of {len(reply) if type(reply) is tuple else 0} parts")
             status, payload, spent = reply[:3]
             caught = reply[3] if len(reply) == 4 else ()
-            if type(caught) is not tuple or not all(
-                type(w) is tuple and len(w) == 5 for w in caught
-            ):
-                raise ValueError("malformed warnings")
             status = Status(status)
             spent = float(spent)
             if status not in (Status.OK, Status.RETIRED) and not is_error_info(payload):
