@@ -605,8 +605,7 @@ class Supervisor:
             raise
         try:
             reply = decode_reply(*frame)
-            status, payload, spent = reply[:3]
-            caught = reply[3] if len(reply) == 4 else ()
+            status, payload, spent = reply
             status = Status(status)
             spent = float(spent)
             if status not in (Status.OK, Status.RETIRED) and not is_error_info(payload):
@@ -614,8 +613,6 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - any undecodable reply is a protocol error
             lease.broken = True
             raise self._misbehaved(gen, operation, f"undecodable reply: {exc!r}") from None
-        if caught:
-            _rewarn(caught)
         if status is Status.RETIRED:
             # Another process retired this shared worker: the request was not run. Have the
             # worker replaced and run the call on the next one (safe even for a write).
@@ -1436,32 +1433,6 @@ class Supervisor:
                 self.options.on_event(event)
             except Exception:  # noqa: BLE001 - a broken callback must not break the client
                 logger.exception("safechroma on_event callback failed")
-
-
-# The caller-side registry of the worker's warnings, so that "default" and "once" filters
-# show each one once, as they would in one process.
-_warn_registry: dict[Any, Any] = {}
-
-
-def _rewarn(caught: Any) -> None:
-    """Raise in the caller, through its own filters, the warnings a call raised in the worker.
-
-    The category is rebuilt only from builtins and modules the caller already imported (as for
-    errors); anything else is a UserWarning."""
-    import warnings
-
-    for item in caught:
-        try:
-            module, qualname, message, filename, lineno = item
-            mod = builtins if module == "builtins" else sys.modules.get(str(module))
-            category = getattr(mod, str(qualname), None) if mod is not None else None
-            if not (isinstance(category, type) and issubclass(category, Warning)):
-                category = UserWarning
-            warnings.warn_explicit(
-                str(message), category, str(filename), int(lineno), registry=_warn_registry
-            )
-        except (TypeError, ValueError):
-            continue  # a malformed entry is dropped, never the call's result
 
 
 def _usable(gen: _Generation) -> bool:

@@ -258,7 +258,6 @@ class _Worker:
             start = time.perf_counter()
             status = Status.OK
             op = None
-            _local.warnings = []
             try:
                 # Decoding can fail too (an embedding function pickled by reference to a module
                 # this process cannot import): that is the call's error, not the worker's death.
@@ -279,12 +278,8 @@ class _Worker:
                 status = Status.PANIC if is_panic(exc) else Status.ERROR
                 payload = error_info(exc, traceback.format_exc())
             elapsed = time.perf_counter() - start
-            caught, _local.warnings = _local.warnings, None
             try:
-                # Warnings Chroma raised during the call go back with the reply, so that the
-                # caller's own warning filters (pytest.warns, catch_warnings) see them.
-                reply = (int(status), payload, elapsed, tuple(caught)) if caught else None
-                out, bufs = encode(reply or (int(status), payload, elapsed))
+                out, bufs = encode((int(status), payload, elapsed))
             except Exception as exc:  # noqa: BLE001 - an unencodable result is the call's error
                 info = error_info(
                     TypeError(f"the result of this call cannot be sent to the caller: {exc}"),
@@ -391,21 +386,6 @@ class _Worker:
 
 class _Retired(Exception):
     pass
-
-
-def _capture_warning(
-    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
-) -> None:
-    """``warnings.showwarning`` in the worker: a call's warnings go back with its reply (per
-    thread: channels are served in parallel); any other warning goes to the worker's log."""
-    bucket = getattr(_local, "warnings", None)
-    if bucket is None:
-        _show_warning(message, category, filename, lineno, file, line)
-        return
-    bucket.append((category.__module__, category.__qualname__, str(message), filename, lineno))
-
-
-_show_warning = __import__("warnings").showwarning
 
 
 def _write(path: str, text: str) -> None:
@@ -569,11 +549,6 @@ def main(info: dict[str, Any]) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)
-    import warnings
-
-    # Every occurrence is captured here; whether it is shown is the caller's filters' call.
-    warnings.simplefilter("always")
-    warnings.showwarning = _capture_warning
     _limit_memory(info.get("memory_limit"))
     _limit_file_size(info.get("file_limit"))
     worker = _Worker()
