@@ -259,6 +259,14 @@ def marker_paths(address: str, pid: int) -> dict[str, str]:
     return {"status": f"{base}.status", "served": f"{base}.served", "end": f"{base}.end"}
 
 
+def worker_files(record: dict[str, Any]) -> dict[str, str]:
+    """Every file a worker recorded in ``share.json`` left behind: its markers and its log."""
+    return {
+        **marker_paths(str(record["address"]), int(record["pid"])),
+        "log": str(record.get("log", "")),
+    }
+
+
 def read_marker(path: str) -> str | None:
     try:
         with open(path) as f:

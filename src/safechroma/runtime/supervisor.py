@@ -857,15 +857,7 @@ class Supervisor:
                 now = time.monotonic()
                 blocked = self.breaker.blocked_for(now)
                 if blocked is not None:
-                    raise CrashLoopError(
-                        f"the worker for {self.path} is in a crash loop "
-                        f"({self.breaker.reason(now)}), so no new worker is started for "
-                        f"{blocked:.1f} s more. Check the directory with "
-                        f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
-                        path=self.path,
-                        deaths=self.breaker.recent(now),
-                        retry_after=blocked,
-                    )
+                    raise self._crash_loop(now, blocked)
                 self.state = State.NO_WORKER
                 reset = True
             else:
@@ -873,12 +865,7 @@ class Supervisor:
             consecutive = self.breaker.consecutive
         if reset:
             self._emit("breaker_reset", None, why="cooldown")
-        if consecutive > 1:
-            # Back off between consecutive respawns of workers that made no progress (the
-            # first respawn is immediate; a worker that served calls ends the run).
-            state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-            state.attempt_number = consecutive - 1
-            self.options.sleep(float(self.options.respawn_wait(state)))
+        self._back_off(consecutive)
         self._check_and_recover()
         if self.pending_reason == "start":
             # No worker has the directory open: compact the kept WAL. Only at the first start
@@ -887,6 +874,25 @@ class Supervisor:
             # (measured: worker SIGKILLed to next count() 989 ms with it, ~120 ms without).
             wal.maintain(self.path)
         self._start(self._take_standby() or self._spawn())
+
+    def _crash_loop(self, now: float, blocked: float) -> CrashLoopError:
+        return CrashLoopError(
+            f"the worker for {self.path} is in a crash loop "
+            f"({self.breaker.reason(now)}), so no new worker is started for "
+            f"{blocked:.1f} s more. Check the directory with "
+            f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
+            path=self.path,
+            deaths=self.breaker.recent(now),
+            retry_after=blocked,
+        )
+
+    def _back_off(self, consecutive: int) -> None:
+        """Back off between consecutive respawns of workers that made no progress (the first
+        respawn is immediate; a worker that served calls ends the run)."""
+        if consecutive > 1:
+            wait = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+            wait.attempt_number = consecutive - 1
+            self.options.sleep(float(self.options.respawn_wait(wait)))
 
     # -- a shared directory: attach to its worker, or be the one process that replaces it ---
 
@@ -956,12 +962,7 @@ class Supervisor:
                 rendezvous.remove_markers(stale)
             last = state.get("worker")
             if last:
-                state["stale"] = [
-                    {
-                        **rendezvous.marker_paths(str(last["address"]), int(last["pid"])),
-                        "log": str(last.get("log", "")),
-                    }
-                ]
+                state["stale"] = [rendezvous.worker_files(last)]
             reason = self._account_for(last, now)
             self.pending_reason = reason
             blocked = self.breaker.blocked_for(now)
@@ -975,19 +976,8 @@ class Supervisor:
         if blocked is not None:
             with self._cond:
                 self.state = State.BROKEN
-            raise CrashLoopError(
-                f"the worker for {self.path} is in a crash loop "
-                f"({self.breaker.reason(now)}), so no new worker is started for "
-                f"{blocked:.1f} s more. Check the directory with "
-                f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
-                path=self.path,
-                deaths=self.breaker.recent(now),
-                retry_after=blocked,
-            )
-        if consecutive > 1:
-            wait = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-            wait.attempt_number = consecutive - 1
-            self.options.sleep(float(self.options.respawn_wait(wait)))
+            raise self._crash_loop(now, blocked)
+        self._back_off(consecutive)
         self._check_and_recover()
         if reason == "start":
             wal.maintain(self.path)  # no worker has the directory open (see _replace)
@@ -1388,10 +1378,9 @@ class Supervisor:
                     state = rendezvous.load_state(self.path)
                     last = state.get("worker") or {}
                     if last.get("pid") == pid and pid:
-                        markers = rendezvous.marker_paths(str(last["address"]), int(pid))
                         for stale in state.pop("stale", None) or []:
                             rendezvous.remove_markers(stale)
-                        rendezvous.remove_markers({**markers, "log": str(last.get("log", ""))})
+                        rendezvous.remove_markers(rendezvous.worker_files(last))
                         state["worker"] = None
                         rendezvous.save_state(self.path, state)
                     if self.started_workers:
