@@ -14,12 +14,9 @@ import sys
 from pathlib import Path
 
 
-def test_uvicorn_with_two_workers_loses_nothing_through_kills(tmp_path: Path) -> None:
-    """Every request got an answer (200, or 503 with a JSON error) or, when its uvicorn worker
-    was the one killed, a dropped connection; every acknowledged note reads back with its text;
-    the safechroma worker exits after the server; the demo removes its directory."""
+def _run_example(name: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
-        [sys.executable, "-m", "safechroma._examples.shared_web"],
+        [sys.executable, "-m", f"safechroma._examples.{name}"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -27,6 +24,14 @@ def test_uvicorn_with_two_workers_loses_nothing_through_kills(tmp_path: Path) ->
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return out
+
+
+def test_uvicorn_with_two_workers_loses_nothing_through_kills(tmp_path: Path) -> None:
+    """Every request got an answer (200, or 503 with a JSON error) or, when its uvicorn worker
+    was the one killed, a dropped connection; every acknowledged note reads back with its text;
+    the safechroma worker exits after the server; the demo removes its directory."""
+    out = _run_example("shared_web", tmp_path)
     assert "OK: two uvicorn workers shared one supervised Chroma" in out.stdout
     summary = re.search(
         r"(\d+) writes: (\d+) acknowledged, (\d+) answered 503, (\d+) dropped .*; "
@@ -45,14 +50,6 @@ def test_several_programs_example(tmp_path: Path) -> None:
     """``python -m safechroma._examples.shared_processes``: three programs on one directory,
     the one that started the worker SIGKILLed; one worker served all three, every acknowledged
     note is there, nothing is left running."""
-    out = subprocess.run(
-        [sys.executable, "-m", "safechroma._examples.shared_processes"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    out = _run_example("shared_processes", tmp_path)
     assert "OK: one worker served all three" in out.stdout
     assert out.stdout.count("150 notes acknowledged") == 2
