@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -346,3 +347,29 @@ async def _aoutcome(coro: Any) -> Any:
         return await coro
     except Exception as exc:  # noqa: BLE001 - the outcome under test
         return exc
+
+
+def test_threads_that_see_one_exit_at_once_all_get_its_status(db: str) -> None:
+    """Pins: eight threads asking a killed worker's process for its status at the same moment
+    (what eight channels in flight do when it dies) all get SIGKILL's status; none gets
+    "unknown" because another thread had already taken the template's one report."""
+    with SafeClient(db) as client:
+        client.heartbeat()
+        worker = client._sup.worker
+        assert worker is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        start = threading.Barrier(8)
+        codes: list[int | None] = []
+
+        def ask() -> None:
+            start.wait()
+            codes.append(worker.proc.wait(10.0))
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes == [-signal.SIGKILL] * 8
+        assert client.heartbeat() > 0  # and the next call is served by a new worker
+        assert client.stats().deaths == {"SIGKILL": 1}

@@ -119,10 +119,10 @@ class Template:
                     return None
                 try:
                     kind, other, code, got = self._read(max(0.001, give_up - time.monotonic()))
+                except TimeoutError:  # an OSError too: no answer yet is not a broken template
+                    return None
                 except (OSError, _TemplateGone):
                     self.broken = True
-                    return None
-                except TimeoutError:
                     return None
                 for fd in got:
                     os.close(fd)
@@ -160,6 +160,9 @@ class Forked(_Process):
         self.pidfd: int | None = pidfd
         self._code: int | None = None
         self._gone = False
+        # Several threads notice the same exit (a channel's poll, ``alive()``, the crash path):
+        # one asks the template, the others wait for its answer instead of asking again.
+        self._reaping = threading.Lock()
 
     @property
     def returncode(self) -> int | None:
@@ -186,10 +189,13 @@ class Forked(_Process):
         return self._code
 
     def _reap(self) -> None:
-        # The template reaps it at once and reports the status; if the template is gone, the
-        # status is lost (None) but the process is gone all the same.
-        self._code = self.template.status(self.pid, 5.0)
-        self._gone = True
+        # The template reaps it at once and reports the status, once: asking twice would make
+        # the second asker wait for an answer that never comes and overwrite the status with
+        # None. If the template is gone, the status is lost (None) but the process is gone.
+        with self._reaping:
+            if not self._gone:
+                self._code = self.template.status(self.pid, 5.0)
+                self._gone = True
 
     def kill(self) -> None:
         if self._gone or self.pidfd is None:

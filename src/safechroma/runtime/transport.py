@@ -461,6 +461,7 @@ class _Attached(_Process):
         self.status_path = status_path
         self._code: int | None = None
         self.gone = False
+        self._reaping = threading.Lock()  # several threads may notice the exit at once
 
     @property
     def returncode(self) -> int | None:
@@ -472,17 +473,17 @@ class _Attached(_Process):
 
     def wait(self, timeout: float | None) -> int | None:
         if not self.gone:
-            if self.pidfd is None:
-                self.gone = True
-            else:
+            if self.pidfd is not None:
                 ready, _, _ = select.select([self.pidfd], [], [], timeout)
                 if not ready:
                     return None
-                self.gone = True
-            from .rendezvous import wait_marker
+            with self._reaping:
+                if not self.gone:  # read the status before saying it is gone
+                    from .rendezvous import wait_marker
 
-            text = wait_marker(self.status_path, 0.5)
-            self._code = int(text) if text and text.lstrip("-").isdigit() else None
+                    text = wait_marker(self.status_path, 0.5)
+                    self._code = int(text) if text and text.lstrip("-").isdigit() else None
+                    self.gone = True
         return self._code
 
     def kill(self) -> None:
