@@ -30,8 +30,12 @@ class ChannelPool:
     def __init__(self, worker: WorkerProcess, limit: int = MAX_CHANNELS) -> None:
         self.worker = worker
         self._limit = limit
+        # Idle channels: list.pop() and list.append() are atomic, so the common case (an idle
+        # channel there, or nobody waiting for one) takes no lock. The lock guards opening
+        # channels, closing the pool and waiting when all ``limit`` channels are busy.
         self._idle: list[Channel] = []
         self._open = 0
+        self._waiting = 0
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
 
@@ -41,16 +45,27 @@ class ChannelPool:
         Raises:
             PeerDied: the pool is closed or the worker is gone.
         """
+        if not self._closed:
+            try:
+                return self._idle.pop()
+            except IndexError:
+                pass
         with self._cond:
-            while True:
-                if self._closed:
-                    raise PeerDied("the worker's channels are closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._open < self._limit:
-                    self._open += 1
-                    break
-                self._cond.wait()
+            # Counted before looking at the idle list: checkin() appends, then reads this, so
+            # a channel checked in meanwhile is either seen here or followed by a notify.
+            self._waiting += 1
+            try:
+                while True:
+                    if self._closed:
+                        raise PeerDied("the worker's channels are closed")
+                    if self._idle:
+                        return self._idle.pop()
+                    if self._open < self._limit:
+                        self._open += 1
+                        break
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
         try:
             return self.worker.open_channel()
         except BaseException:
@@ -61,12 +76,22 @@ class ChannelPool:
 
     def checkin(self, channel: Channel) -> None:
         """Give back a channel whose last exchange completed cleanly."""
+        if not self._closed:
+            self._idle.append(channel)
+            if not self._waiting and not self._closed:
+                return
+            with self._cond:
+                if not self._closed:
+                    self._cond.notify()
+                    return
+                # close() ran meanwhile: it may not have seen this channel.
+                try:
+                    self._idle.remove(channel)
+                except ValueError:
+                    return  # close() closed it and counted it
         with self._cond:
-            if self._closed:
-                channel.close()
-                self._open -= 1
-            else:
-                self._idle.append(channel)
+            channel.close()
+            self._open -= 1
             self._cond.notify()
 
     def discard(self, channel: Channel) -> None:

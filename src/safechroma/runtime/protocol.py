@@ -110,16 +110,12 @@ def encode(obj: Any, *, by_value: bool = False) -> tuple[bytes, list[memoryview]
             ``__main__``, in a test module or as lambdas by value. Only requests that carry
             an embedding function or data loader need it; plain data uses the faster C pickler.
     """
-    buffers: list[memoryview] = []
-
-    def keep(buf: pickle.PickleBuffer) -> None:
-        buffers.append(buf.raw())
-
+    kept: list[pickle.PickleBuffer] = []
     if by_value:
-        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=kept.append)
     else:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=keep)
-    return data, buffers
+        data = pickle.dumps(obj, protocol=5, buffer_callback=kept.append)
+    return data, [buf.raw() for buf in kept] if kept else []
 
 
 def frame_header(data: bytes, buffers: list[memoryview]) -> bytes:

@@ -527,7 +527,7 @@ class Supervisor:
         return self.state is State.CLOSED
 
     def _check_usable(self) -> None:
-        if self.owner != os.getpid():
+        if self.owner != _this_pid:
             # A forked child shares the parent's sockets: a call from it would interleave
             # frames with the parent's and hand replies to the wrong process.
             raise SafeChromaError(
@@ -584,7 +584,8 @@ class Supervisor:
         *,
         seconds: bool = False,
     ) -> Any:
-        data, buffers = encode(request, by_value=by_value)
+        # The operation goes as a plain int: an enum member would be pickled by reference.
+        data, buffers = encode((request[0].value, request[1]), by_value=by_value)
         deadline = None if timeout is None else time.monotonic() + timeout
         gen = lease.gen
         try:
@@ -606,14 +607,15 @@ class Supervisor:
         try:
             reply = decode_reply(*frame)
             status, payload, spent = reply
-            status = Status(status)
+            if status not in _STATUSES:
+                raise ValueError(f"unknown status {status!r:.100}")
             spent = float(spent)
-            if status not in (Status.OK, Status.RETIRED) and not is_error_info(payload):
+            if status != Status.OK and status != Status.RETIRED and not is_error_info(payload):
                 raise ValueError(f"malformed error report {payload!r:.100}")
         except Exception as exc:  # noqa: BLE001 - any undecodable reply is a protocol error
             lease.broken = True
             raise self._misbehaved(gen, operation, f"undecodable reply: {exc!r}") from None
-        if status is Status.RETIRED:
+        if status == Status.RETIRED:
             # Another process retired this shared worker: the request was not run. Have the
             # worker replaced and run the call on the next one (safe even for a write).
             self._retire(gen, "retired elsewhere")
@@ -621,11 +623,11 @@ class Supervisor:
         self.last_worker_seconds = spent
         if operation not in _NOT_CALLS:
             gen.process.served += 1  # progress, for the breaker: it answered a call
-        if status is Status.OK:
+        if status == Status.OK:
             self.calls += 1
             return spent if seconds else payload
         self.errors += 1
-        if status is Status.PANIC:
+        if status == Status.PANIC:
             self._retire(gen, "panic")
             raise ChromaPanicError(
                 f"Chroma's Rust core panicked during {operation}: {payload[3]}. The worker was "
@@ -1484,7 +1486,19 @@ def file_size_limit(path: str, setting: int | str | None) -> int | None:
 
 
 # Exchanges that are not a caller's call: a worker that only did these made no progress.
+# os.getpid() is a system call; every call checks it (see _check_usable), so it is kept here.
+_this_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _this_pid
+    _this_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 _NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})
+_STATUSES: Final = frozenset(int(s) for s in Status)
 
 
 class _Fingerprint:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from .protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
@@ -62,20 +63,36 @@ class PeerMisbehaved(Exception):
     """The worker sent bytes that are not a valid frame."""
 
 
-def send_frame(sock: socket.socket, data: bytes, buffers: list[memoryview]) -> None:
-    """Send one frame; large buffers go to the kernel without being copied first."""
-    parts = [memoryview(frame_header(data, buffers)), memoryview(data)]
-    parts.extend(b for b in buffers if b.nbytes)
-    i = 0
-    while i < len(parts):
-        sent = sock.sendmsg(parts[i : i + _IOV_MAX])
-        while sent:
-            size = parts[i].nbytes
+def send_frame(
+    sock: socket.socket,
+    data: bytes,
+    buffers: list[memoryview],
+    wait: Callable[[], None] | None = None,
+) -> None:
+    """Send one frame; large buffers go to the kernel without being copied first.
+
+    ``wait``: for a non-blocking socket, called when the kernel takes no more bytes for now; it
+    returns when the socket is writable again (or raises).
+    """
+    parts: list[Any] = [frame_header(data, buffers), data]
+    if buffers:
+        parts.extend(b for b in buffers if b.nbytes)
+    i, count = 0, len(parts)
+    while i < count:
+        try:
+            sent = sock.sendmsg(parts[i : i + _IOV_MAX])
+        except BlockingIOError:
+            if wait is None:
+                raise
+            wait()
+            continue
+        while sent:  # skip what went out; the parts are bytes or 1-D byte views: len == size
+            size = len(parts[i])
             if sent >= size:
                 sent -= size
                 i += 1
             else:
-                parts[i] = parts[i][sent:]
+                parts[i] = memoryview(parts[i])[sent:]
                 sent = 0
 
 
@@ -83,13 +100,18 @@ class FrameReader:
     """Reads frames from a socket: one ``recv`` for a small frame, direct reads for big buffers.
 
     Args:
-        sock: the socket (blocking, or with a timeout that bounds each read).
+        sock: the socket: blocking, or non-blocking with ``wait``.
         max_bytes: frames announcing more than this are refused before any allocation.
+        wait: for a non-blocking socket, called when no bytes are there yet; returns when the
+            socket is readable (or raises).
     """
 
-    def __init__(self, sock: socket.socket, max_bytes: int) -> None:
+    def __init__(
+        self, sock: socket.socket, max_bytes: int, wait: Callable[[], None] | None = None
+    ) -> None:
         self._sock = sock
         self._max = max_bytes
+        self._wait = wait
         self._buf = bytearray(_SCRATCH)
         self._view = memoryview(self._buf)
         self._pos = 0
@@ -102,6 +124,17 @@ class FrameReader:
 
     def read_frame(self) -> tuple[Any, list[Any]]:
         """Read one frame and return its pickle stream and its out-of-band buffers."""
+        if self._pos == self._end:  # nothing buffered: the usual start of a frame
+            self._pos = self._end = 0
+            self._end = self._recv_into(self._view)
+        # The common case, a small frame with no buffers that one read brought in whole.
+        pos, end = self._pos, self._end
+        if end - pos >= HEADER.size:
+            magic, n, plen = HEADER.unpack_from(self._view, pos)
+            start = pos + HEADER.size
+            if not n and magic == MAGIC and end - start >= plen and plen <= self._max:
+                self._pos = start + plen
+                return self._view[start : start + plen].tobytes(), []
         magic, n, plen = HEADER.unpack(self._read(HEADER.size))
         if magic != MAGIC or n > MAX_BUFFERS:
             raise PeerMisbehaved(f"bad frame header (magic={magic!r}, buffers={n})")
@@ -122,20 +155,29 @@ class FrameReader:
             self._pos += have
         while have < n:
             if n - have >= _SCRATCH:
-                got = self._sock.recv_into(target[have:])
-                if not got:
-                    raise PeerDied("socket closed")
-                have += got
+                have += self._recv_into(target[have:])
                 continue
             self._pos = 0
-            self._end = self._sock.recv_into(self._view)
-            if not self._end:
-                raise PeerDied("socket closed")
+            self._end = 0
+            self._end = self._recv_into(self._view)
             take = min(self._end, n - have)
             target[have : have + take] = self._view[:take]
             self._pos = take
             have += take
         return out
+
+    def _recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                got = self._sock.recv_into(view)
+            except BlockingIOError:
+                if self._wait is None:
+                    raise
+                self._wait()
+                continue
+            if not got:
+                raise PeerDied("socket closed")
+            return got
 
 
 def _allocate(n: int) -> Any:
@@ -162,13 +204,19 @@ class Channel:
     """
 
     def __init__(self, sock: socket.socket, pidfd: int | None, max_reply_bytes: int) -> None:
+        # Non-blocking: every wait is one poll() on the socket and the worker's pidfd together,
+        # bounded by the call's deadline (a socket timeout would cost an extra poll and two
+        # ioctls per exchange inside CPython, and could not watch the process).
+        sock.setblocking(False)
         self.sock = sock
-        self.reader = FrameReader(sock, max_reply_bytes)
+        self._sock_fd = sock.fileno()
+        self._pidfd = pidfd
         self._poll = select.poll()
-        self._poll.register(sock.fileno(), select.POLLIN)
+        self._poll.register(self._sock_fd, select.POLLIN)
         if pidfd is not None:
             self._poll.register(pidfd, select.POLLIN)
-        self._sock_fd = sock.fileno()
+        self._deadline: float | None = None
+        self.reader = FrameReader(sock, max_reply_bytes, self._wait_readable)
         self.closed = False
 
     def exchange(
@@ -181,39 +229,40 @@ class Channel:
             PeerTimedOut: ``deadline`` (a ``time.monotonic`` value) passed.
             PeerMisbehaved: the reply is not a valid frame.
         """
+        self._deadline = deadline
         try:
-            self.sock.settimeout(_remaining(deadline))
-            send_frame(self.sock, data, buffers)
-        except TimeoutError as exc:
-            raise PeerTimedOut from exc
-        except OSError as exc:
-            raise PeerDied(str(exc)) from exc
-        return self.receive(deadline)
-
-    def receive(self, deadline: float | None) -> tuple[Any, list[Any]]:
-        """Wait for the next frame, watching the process as well as the socket."""
-        if not self.reader.buffered:
-            self._wait_readable(deadline)
-        try:
-            self.sock.settimeout(_remaining(deadline))
+            send_frame(self.sock, data, buffers, self._wait_writable)
+            self._wait(self._poll)  # a reply is never there yet: sleep before the first read
             frame = self.reader.read_frame()
-        except TimeoutError as exc:
-            raise PeerTimedOut from exc
         except OSError as exc:
             raise PeerDied(str(exc)) from exc
         if self.reader.buffered:
             raise PeerMisbehaved("the worker sent bytes after its reply")
         return frame
 
-    def _wait_readable(self, deadline: float | None) -> None:
+    def _wait_readable(self) -> None:
+        self._wait(self._poll)
+
+    def _wait_writable(self) -> None:
+        # Rare: only a request bigger than the socket buffer waits for the worker to read.
+        poller = select.poll()
+        poller.register(self._sock_fd, select.POLLOUT)
+        if self._pidfd is not None:
+            poller.register(self._pidfd, select.POLLIN)
+        self._wait(poller)
+
+    def _wait(self, poller: Any) -> None:
+        deadline = self._deadline
         while True:
-            remaining = _remaining(deadline)
-            timeout_ms = None if remaining is None else max(0, int(remaining * 1000) + 1)
-            events = self._poll.poll(timeout_ms)
-            if not events:
-                if deadline is not None and time.monotonic() >= deadline:
+            if deadline is None:
+                events = poller.poll()
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise PeerTimedOut
-                continue
+                events = poller.poll(int(remaining * 1000) + 1)
+            if not events:
+                continue  # the deadline is checked above
             # Data first: a reply that arrived before the exit is still a reply.
             for fd, _ in events:
                 if fd == self._sock_fd:
@@ -552,11 +601,3 @@ def _socketpair() -> tuple[socket.socket, socket.socket]:
         # The kernel caps the value at net.core.wmem_max.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
     return a, b
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    # Never 0: a zero timeout makes the socket non-blocking and a read would fail with
-    # BlockingIOError, which would look like a dead peer instead of a timeout.
-    return max(0.001, deadline - time.monotonic())
