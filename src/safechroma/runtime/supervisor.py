@@ -1658,3 +1658,6 @@ def _close_all() -> None:
             sup.close()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             logger.exception("closing %s at exit failed", sup.path)
+    from . import template
+
+    template.leave_at_exit()

@@ -150,6 +150,16 @@ class Template:
             self.popen.kill()
         self.popen.wait()
 
+    def leave(self, grace: float) -> None:
+        """At exit: hang up and give the template ``grace`` seconds to exit. It exits at once
+        unless a worker it forked still serves other processes; then it stays until that
+        worker exits, to record its status (it is left running, not killed)."""
+        self.sock.close()
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+
 
 class Forked(_Process):
     """A worker forked by the template: waited on and signalled through its pidfd."""
@@ -208,6 +218,13 @@ class Forked(_Process):
 
 _template: Template | None = None
 _template_lock = threading.Lock()
+
+
+def leave_at_exit() -> None:
+    """Hang up on this process's template, after every client closed (interpreter exit)."""
+    template = _template
+    if template is not None and template.owner == os.getpid():
+        template.leave(0.5)
 
 
 def fork_worker(info: dict[str, Any], fds: list[int]) -> Forked | None:
