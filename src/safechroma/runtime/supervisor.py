@@ -69,7 +69,10 @@ from .._errors import (
 )
 from .._policy import Event, HookContext, Options, Stats
 from ..storage import wal
-from . import rendezvous
+
+# template: imported for its exit hook (hang up on the worker template), which must run after
+# this module's _close_all: atexit runs hooks last-registered first.
+from . import rendezvous, template  # noqa: F401
 from .breaker import Breaker
 from .channels import ChannelPool
 from .lock import LOCK_NAME, DirectoryLock, being_shared, locked_error
@@ -1658,6 +1661,3 @@ def _close_all() -> None:
             sup.close()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             logger.exception("closing %s at exit failed", sup.path)
-    from . import template
-
-    template.leave_at_exit()

@@ -34,6 +34,7 @@ pages copy-on-write until they write them.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -220,8 +221,11 @@ _template: Template | None = None
 _template_lock = threading.Lock()
 
 
-def leave_at_exit() -> None:
-    """Hang up on this process's template, after every client closed (interpreter exit)."""
+@atexit.register
+def _leave_at_exit() -> None:
+    """Hang up on this process's template at interpreter exit. Registered when this module is
+    imported, which the supervisor does before it registers its own hook that closes every
+    client: hooks run last-registered first, so the clients are closed by then."""
     template = _template
     if template is not None and template.owner == os.getpid():
         template.leave(0.5)
