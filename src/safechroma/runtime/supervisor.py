@@ -1488,7 +1488,6 @@ def file_size_limit(path: str, setting: int | str | None) -> int | None:
     return min(largest + max(64 << 20, free // 2), plausible_max_file_bytes(path))
 
 
-# Exchanges that are not a caller's call: a worker that only did these made no progress.
 # os.getpid() is a system call; every call checks it (see _check_usable), so it is kept here.
 _this_pid = os.getpid()
 
@@ -1500,6 +1499,7 @@ def _forked() -> None:
 
 os.register_at_fork(after_in_child=_forked)
 
+# Exchanges that are not a caller's call: a worker that only did these made no progress.
 _NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})
 _STATUSES: Final = frozenset(int(s) for s in Status)
 

@@ -232,7 +232,7 @@ class Channel:
         self._deadline = deadline
         try:
             send_frame(self.sock, data, buffers, self._wait_writable)
-            self._wait(self._poll)  # a reply is never there yet: sleep before the first read
+            self._wait_readable()  # a reply is never there yet: sleep before the first read
             frame = self.reader.read_frame()
         except OSError as exc:
             raise PeerDied(str(exc)) from exc

@@ -397,7 +397,6 @@ def _write(path: str, text: str) -> None:
 
 
 @functools.cache
-@functools.cache
 def _collection_class() -> Any:
     from chromadb.api.models.Collection import Collection
 
