@@ -146,7 +146,9 @@ def verify_dir(path: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Open ``path`` with Chroma in a child; compare with what ``spec`` wrote.
 
     Returns:
-        name -> ``{"count", "missing", "bad_document", "not_first"}`` (lists of ids), or
+        name -> ``{"count", "missing", "bad_document", "not_first", "wrong_vector"}`` (lists of
+        ids; ``not_first``: the id's own vector does not find it first, an approximate-search
+        property; ``wrong_vector``: its stored vector is not the one written, exact), or
         ``{"error": ...}`` / ``{"crash": returncode}`` when Chroma fails.
     """
     try:
@@ -689,6 +691,26 @@ def probe(dest: str, near: list[float] | None = None) -> dict[str, Any]:
     return res
 
 
+def _wrong_vectors(exp: dict[str, Any], ids: list[str], embeddings: Any) -> list[str]:
+    """Expected ids whose stored vector is not the one written (exact, unlike ``not_first``).
+
+    Cosine collections store unit vectors, so directions are compared there.
+    """
+    got = dict(zip(ids, embeddings if embeddings is not None else [], strict=False))
+    cosine = exp["space"] == "cosine"
+    wrong = []
+    for i, want in zip(exp["ids"], exp["vectors"], strict=False):
+        if i not in got:
+            continue  # reported as missing
+        have = np.asarray(got[i], dtype=np.float32)
+        w = np.asarray(want, dtype=np.float32)
+        if cosine:
+            have, w = have / np.linalg.norm(have), w / np.linalg.norm(w)
+        if have.shape != w.shape or not np.allclose(have, w, atol=1e-5):
+            wrong.append(i)
+    return wrong
+
+
 def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
     client = _child_client(p["path"])
     out: dict[str, Any] = {}
@@ -713,9 +735,11 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
                 ]
             # A live id with no vector makes every get that includes embeddings fail ("Error
             # finding id"); a repair must not leave one behind (issue 7).
+            wrong_vector: list[str] = []
             try:
-                col.get(include=["embeddings"])
+                stored = col.get(include=["embeddings"])
                 emb_error = None
+                wrong_vector = _wrong_vectors(exp, stored["ids"], stored["embeddings"])
             except Exception as e:  # noqa: BLE001 - reported to the test
                 emb_error = f"{type(e).__name__}: {e}"
             out[name] = {
@@ -723,6 +747,7 @@ def _child_verify(p: dict[str, Any]) -> dict[str, Any]:
                 "missing": missing,
                 "bad_document": bad_doc,
                 "not_first": not_first,
+                "wrong_vector": wrong_vector,
                 "get_embeddings_error": emb_error,
             }
         except Exception as e:  # noqa: BLE001 - reported to the test, which decides

@@ -62,6 +62,7 @@ def test_vectors_on_disk_come_back_whole(base: str, tmp_path: Path, kind: str) -
     assert p.returncode == 0, p.stdout + p.stderr
     res = cd.verify_dir(d, SPEC)["coll"]
     assert res["missing"] == [] and res["bad_document"] == [] and res["not_first"] == []
+    assert res["wrong_vector"] == []
     assert res["get_embeddings_error"] is None
     assert not os.path.exists(os.path.join(d, "PWNED"))  # the malicious pickle never ran
 
@@ -82,3 +83,4 @@ def test_gone_vectors_are_named_and_restorable(base: str, tmp_path: Path, kind: 
     assert r.returncode == 0, r.stdout + r.stderr
     res = cd.verify_dir(d, SPEC)["coll"]
     assert res["missing"] == [] and res["bad_document"] == [] and res["not_first"] == []
+    assert res["wrong_vector"] == []

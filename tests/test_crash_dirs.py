@@ -45,6 +45,7 @@ def _assert_all_records_intact(path: str, spec: dict[str, Any]) -> None:
     report = chroma_dirs.verify_dir(path, spec)["coll"]
     assert report.get("count") == N, report
     assert report["missing"] == [] and report["bad_document"] == [] and report["not_first"] == []
+    assert report["wrong_vector"] == []
 
 
 def test_segfaulting_query_without_hooks_ends_at_the_breaker(

@@ -108,6 +108,7 @@ def test_lost_label_map_comes_back_whole(
     assert col["not_recovered"] == [] and col["label_map"]["proven"] is True
     res = cd.verify_dir(d, SPECS[spec])["coll"]
     assert res["missing"] == [] and res["bad_document"] == [] and res["not_first"] == []
+    assert res["wrong_vector"] == []
     assert res["get_embeddings_error"] is None
 
 
@@ -129,6 +130,7 @@ def test_pickle_deleted_opened_through_safeclient(base: dict[str, str], tmp_path
     assert saved.read_bytes() == before and any(before)
     res = cd.verify_dir(d, SPECS["l2"])["coll"]
     assert res["missing"] == [] and res["not_first"] == [] and res["bad_document"] == []
+    assert res["wrong_vector"] == []
 
 
 def test_unprovable_pairing_guesses_nothing(tmp_path: Path) -> None:
@@ -150,6 +152,7 @@ def test_unprovable_pairing_guesses_nothing(tmp_path: Path) -> None:
     res = cd.verify_dir(d, spec)["coll"]
     # Every record is either whole or named; none has a vector that is not its own.
     assert set(res["missing"]) == lost and set(res["not_first"]) == lost
+    assert res["wrong_vector"] == []
     assert res["bad_document"] == [] and res["get_embeddings_error"] is None
     (applied,) = out["applied"]
     saved = json.loads(Path(applied["salvage_file"] + ".removed.json").read_text())

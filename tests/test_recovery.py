@@ -91,6 +91,7 @@ def test_repair_recovers_or_names_the_lost(
     # collection Chroma can serve in full (issue 7: left in place they failed every get).
     assert set(res["missing"]) == lost and res["bad_document"] == []
     assert set(res["not_first"]) == lost
+    assert res["wrong_vector"] == []
     assert res["get_embeddings_error"] is None
     for s in out["applied"]:
         assert set(s["removed"]) == {r["id"] for r in s["not_recovered"]}
@@ -167,6 +168,7 @@ def test_crash_mid_repair_leaves_old_state_plus_backup(
     assert r.returncode == 0, r.stdout + r.stderr
     res = cd.verify_dir(d, SPECS["l2"])["coll"]
     assert res["missing"] == [] and res["not_first"] == [] and res["bad_document"] == []
+    assert res["wrong_vector"] == []
 
 
 def test_keep_full_wal_roundtrip(base: dict[str, str], tmp_path: Path) -> None:
@@ -208,6 +210,7 @@ def test_repair_leaves_no_id_chroma_cannot_find(base: dict[str, str], tmp_path: 
     assert res["get_embeddings_error"] is None
     assert set(res["missing"]) == lost and res["count"] == 600 - len(lost)
     assert set(res["not_first"]) == lost
+    assert res["wrong_vector"] == []
     again = repair_directory(d)
     assert again.status == "nothing_to_do", again.message
 
@@ -230,7 +233,15 @@ def test_repair_ignores_the_vector_of_an_ignored_add(base: dict[str, str], tmp_p
     assert (
         res["missing"] == [] and res["bad_document"] == [] and res["get_embeddings_error"] is None
     )
-    assert res["not_first"] == []  # before the fix: coll-0 .. coll-19 (the ignored vectors)
+    # Before the fix: coll-0 .. coll-19 came back with the ignored vectors.
+    assert res["wrong_vector"] == []
+    # Chroma's HNSW search is approximate: in about one run in 25 of this test, one id whose
+    # stored vector is exact is not found first by its own vector (the graph differs from run
+    # to run). Plain chromadb does the same: 600 ids written by the same calls (100 adds, then
+    # 500 upserts) in an EphemeralClient missed one id in 1 of 150 trials, with or without 20
+    # re-added ids before the upserts. The stored vectors above are what the repair answers
+    # for; before the fix all 20 re-added ids were here too.
+    assert len(res["not_first"]) <= 2, res["not_first"]
 
 
 def test_torn_pickle_salvaged_through_the_label_map_snapshot(
@@ -263,3 +274,4 @@ def test_torn_pickle_salvaged_through_the_label_map_snapshot(
     res = cd.verify_dir(d, {"collections": [{"n": 700, "sync_threshold": 100}]})["coll"]
     assert res["missing"] == [] and res["bad_document"] == []
     assert res["not_first"] == [] and res["get_embeddings_error"] is None
+    assert res["wrong_vector"] == []

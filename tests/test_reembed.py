@@ -70,6 +70,7 @@ def test_reembed_command_puts_everything_back(lost: str, tmp_path: Path) -> None
     assert f"restored {len(names)} records" in p.stdout
     res = cd.verify_dir(d, SPEC)["coll"]
     assert res["missing"] == [] and res["bad_document"] == [] and res["not_first"] == []
+    assert res["wrong_vector"] == []
     assert res["get_embeddings_error"] is None
     assert saved_records(d, "coll") == []  # done: a second run has nothing to restore
     again = _cli("reembed", d, "--collection", "coll", "--embedding-function", "reembed_fn:embed")
@@ -106,6 +107,7 @@ def test_reembed_function_through_safeclient(lost: str, tmp_path: Path) -> None:
     assert out["error"] is None and out["remaining"] == [] and out["restored"]
     res = cd.verify_dir(d, SPEC)["coll"]
     assert res["missing"] == [] and res["not_first"] == []
+    assert res["wrong_vector"] == []
 
 
 def test_recovery_refuses_an_unchecked_reembed(tmp_path: Path) -> None:

@@ -110,6 +110,7 @@ def test_plain_chromadb_directory_salvaged(base: str, tmp_path: Path, kind: str)
     # Every record either came back, first for its own vector, or is named as lost.
     assert sorted(seen["missing"]) == sorted(col.not_recovered)
     assert seen["not_first"] == [] and seen["get_embeddings_error"] is None
+    assert seen["wrong_vector"] == []
     assert col.salvaged == seen["count"] == N - len(col.not_recovered)
     assert rep.not_recovered == col.not_recovered
     if kind in WHOLE:
