@@ -235,7 +235,7 @@ def test_repair_ignores_the_vector_of_an_ignored_add(base: dict[str, str], tmp_p
     )
     # Before the fix: coll-0 .. coll-19 came back with the ignored vectors.
     assert res["wrong_vector"] == []
-    # Chroma's HNSW search is approximate: in about one run in 25 of this test, one id whose
+    # Chroma's HNSW search is approximate: in 1 of 31 runs of this scenario, one id whose
     # stored vector is exact is not found first by its own vector (the graph differs from run
     # to run). Plain chromadb does the same: 600 ids written by the same calls (100 adds, then
     # 500 upserts) in an EphemeralClient missed one id in 1 of 150 trials, with or without 20
