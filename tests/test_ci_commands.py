@@ -15,15 +15,27 @@ def readme_commands() -> list[str]:
     return [line.strip() for line in block.splitlines()]
 
 
-def ci_commands() -> list[str]:
+def ci_lines() -> list[str]:
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
     body = lines[lines.index('cd "$(dirname "$0")/.."') + 1 :]
     return [line.strip() for line in body if line.strip() and not line.startswith("#")]
 
 
+def ci_commands() -> list[str]:
+    """The commands of ``.ci/run``, without the subshell around each."""
+    return [line[1:-1] if line[:1] + line[-1:] == "()" else line for line in ci_lines()]
+
+
 def test_ci_runs_the_readme_commands() -> None:
     assert readme_commands() == ci_commands()
     assert len(ci_commands()) == 2
+
+
+def test_a_failure_anywhere_in_a_ci_line_fails_ci() -> None:
+    """``set -e`` ignores a failure inside an ``&&`` list unless it is the last command: a failed
+    install would skip that line's tests and CI would go on. In a subshell it cannot."""
+    assert all(line.startswith("(") and line.endswith(")") for line in ci_lines()), ci_lines()
+    assert "set -euo pipefail" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_ci_installs_the_framework_extra_and_pins_the_oldest_supported_chromadb() -> None:
