@@ -160,9 +160,15 @@ def _run(args: argparse.Namespace, work: str) -> int:
     direct_client = chromadb.PersistentClient(
         direct_path, settings=Settings(anonymized_telemetry=False)
     )
-    direct = {"client": direct_client, "col": direct_client.get_collection(name)}
+    direct = {
+        "client": direct_client,
+        "col": direct_client.get_collection(name, embedding_function=None),
+    }
     safe_client = SafeClient(safe_path)
-    safe = {"client": safe_client, "col": safe_client.get_collection(name)}
+    safe = {
+        "client": safe_client,
+        "col": safe_client.get_collection(name, embedding_function=None),
+    }
     worker = safe_client.stats().worker_pid
 
     # What stats().last_call_worker_seconds reports, read from the supervisor itself: building
