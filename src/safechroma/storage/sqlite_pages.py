@@ -25,7 +25,14 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["readable_copy", "read_table", "scan_leaf_pages", "claimed_pages", "page_size_of"]
+__all__ = [
+    "claimed_pages",
+    "page_size_of",
+    "read_table",
+    "readable_copy",
+    "rebuild_header",
+    "scan_leaf_pages",
+]
 
 _MAGIC = b"SQLite format 3\x00"
 _PAGE_TYPES = (0x02, 0x05, 0x0A, 0x0D)
@@ -72,6 +79,15 @@ def page_size_of(path: str) -> int:
 
 
 def _header(page_size: int, pages: int) -> bytes:
+    """A valid 100-byte header for a rollback-journal (``journal_mode=delete``) UTF-8 file.
+
+    Fixed fields as SQLite writes them (https://sqlite.org/fileformat2.html#the_database_header):
+    write/read versions 1 (legacy rollback journal), no reserved bytes, payload fractions
+    64/32/32, schema format 4, UTF-8. The change counter equals the version-valid-for number, so
+    SQLite trusts the page count. The freelist was in the lost header: none is declared (its
+    pages read as unused, which is harmless to a reader). The schema cookie only has to stay
+    the same while a connection is open.
+    """
     ps = 1 if page_size == 65536 else page_size
     return (
         _MAGIC
@@ -84,6 +100,78 @@ def _header(page_size: int, pages: int) -> bytes:
     )
 
 
+def _page1_fits(head: bytes, page_size: int) -> bool:
+    """Page 1's b-tree header (at offset 100) is consistent with ``page_size``."""
+    if len(head) < 112 or head[100] not in (0x05, 0x0D):
+        return False
+    cells = struct.unpack(">H", head[103:105])[0]
+    start = struct.unpack(">H", head[105:107])[0] or 65536
+    ptrs = 100 + (12 if head[100] == 0x05 else 8)
+    if start > page_size or ptrs + 2 * cells > page_size:
+        return False
+    for c in range(cells):
+        off = struct.unpack(">H", head[ptrs + 2 * c : ptrs + 2 * c + 2])[0]
+        if not ptrs + 2 * cells <= off < page_size:
+            return False
+    return True
+
+
+def _root_score(path: str, page_size: int) -> int:
+    """How many b-tree roots named in ``sqlite_master`` start with a page of their kind.
+
+    -1 when SQLite cannot read the schema under this page size. A wrong page size points the
+    roots at the wrong bytes (measured: 4096-byte pages read as 8192 made the file "malformed",
+    issue 21), so the true size scores highest.
+    """
+    try:
+        con = _connect(path)
+        try:
+            roots = con.execute(
+                "SELECT type, rootpage FROM sqlite_master WHERE rootpage > 0"
+            ).fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return -1
+    score = 0
+    with open(path, "rb") as f:
+        for kind, root in roots:
+            f.seek((int(root) - 1) * page_size + (100 if root == 1 else 0))
+            b = f.read(1)
+            want = (0x05, 0x0D) if kind == "table" else (0x02, 0x0A)
+            score += bool(b) and b[0] in want
+    return score
+
+
+def rebuild_header(path: str) -> int:
+    """Write a valid 100-byte header over ``path`` (a copy), taken from the file itself.
+
+    Candidate page sizes are the powers of two page 1's b-tree header allows; each is tried
+    with SQLite, and the one under which the most b-tree roots land on pages of their kind
+    wins (ties: the layout guess of :func:`page_size_of`). The page count is the file size over
+    the page size (a torn last page is left out).
+
+    Returns:
+        The page size written.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    guess = page_size_of(path)
+    best, best_score = guess, -2
+    for ps in (guess, 4096, 1024, 2048, 8192, 16384, 32768, 65536, 512):
+        if size < ps or not _page1_fits(head, ps):
+            continue
+        with open(path, "r+b") as f:
+            f.write(_header(ps, size // ps))
+        score = _root_score(path, ps)
+        if score > best_score:
+            best, best_score = ps, score
+    with open(path, "r+b") as f:
+        f.write(_header(best, max(1, size // best)))
+    return best
+
+
 def readable_copy(db: str, dest: str) -> tuple[str, bool]:
     """Copy ``db`` to ``dest`` and, if SQLite cannot open it, rewrite the copy's header.
 
@@ -93,12 +181,7 @@ def readable_copy(db: str, dest: str) -> tuple[str, bool]:
     shutil.copyfile(db, dest)
     if _opens(dest):
         return dest, False
-    ps = page_size_of(dest)
-    pages = max(1, os.path.getsize(dest) // ps)
-    head = _header(ps, pages)
-    assert len(head) == 100
-    with open(dest, "r+b") as f:
-        f.write(head)
+    rebuild_header(dest)
     return dest, True
 
 
