@@ -62,9 +62,11 @@ _EXPORTS = {
     "call_timeout": "._policy",
     "check_directory": ".storage.validate",
     "keep_full_wal": ".storage.recovery",
+    "patch": ".launch",
     "reembed": ".storage.recovery",
     "repair_directory": ".storage.recovery",
     "set_wal_retention": ".storage.wal",
+    "unpatch": ".launch",
 }
 
 __all__ = [
@@ -108,9 +110,11 @@ __all__ = [
     "call_timeout",
     "check_directory",
     "keep_full_wal",
+    "patch",
     "reembed",
     "repair_directory",
     "set_wal_retention",
+    "unpatch",
 ]
 
 
@@ -154,6 +158,7 @@ if _typing.TYPE_CHECKING:
     from .api.client import SafeClient
     from .api.collection import SafeCollection
     from .api.http import AsyncSafeHttpClient, HttpStats, SafeHttpClient
+    from .launch import patch, unpatch
     from .storage.hnsw import Finding
     from .storage.recovery import (
         RepairReport,

@@ -2,6 +2,6 @@
 
 import sys
 
-from safechroma.cli import main
+from safechroma._entry import main
 
 sys.exit(main())

@@ -181,6 +181,12 @@ class Options:
             (the default) allows the largest file of the directory plus half the free disk,
             so a runaway write fails in the worker instead of filling the disk; an int sets
             it; None: no limit.
+        keep_warm: seconds a shared worker stays up after its last process ended without
+            closing its clients (a short command that simply exits), so that the next command
+            on the directory joins it instead of paying a worker start (~0.7 s). ``close()``
+            still releases the directory at once, a process that was killed releases it after
+            0.5 s, and ``safechroma repair``, an exclusive client and ``safechroma release``
+            ask an idle warm worker to leave at once. 0: leave with the last process.
         on_event: called with each :class:`Event` (in the thread that observed it).
         sleep: how to sleep between respawns (tests pass a recorder).
     """
@@ -206,6 +212,7 @@ class Options:
     max_requests: int | None = None
     max_worker_rss: int | None = None
     max_file_bytes: int | Literal["auto"] | None = "auto"
+    keep_warm: float = 10.0
     on_event: Callable[[Event], None] | None = None
     sleep: Callable[[float], None] = time.sleep
 

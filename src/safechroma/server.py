@@ -57,6 +57,7 @@ from typing import Any, Final
 import httpx
 import tenacity
 
+from ._env import private_env
 from ._errors import CrashLoopError, DirectoryLockedError, RecoveryError, ServeError, signal_name
 from ._policy import (
     BreakerPolicy,
@@ -760,7 +761,10 @@ def _url_host(host: str) -> str:
 
 def _child_env() -> dict[str, str]:
     # Chroma reads CHROMA_* variables over the YAML keys: none of them reach the child.
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith("CHROMA_")}
+    # And never the launcher's trigger: `chroma run` here is safechroma's own, supervised.
+    return {
+        k: v for k, v in private_env().items() if not k.upper().startswith("CHROMA_")
+    }
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -47,6 +47,7 @@ import threading
 import time
 from typing import Any, Final
 
+from .._env import mark_own_process, private_env
 from .transport import _Process
 
 MESSAGE: Final = struct.Struct("<4sii")
@@ -69,7 +70,7 @@ class Template:
     def __init__(self) -> None:
         self.owner = os.getpid()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {**os.environ, **_ENV}
+        env = {**private_env(), **_ENV}
         path = json.dumps([p for p in sys.path if p])
         self.popen = subprocess.Popen(
             [sys.executable, "-c", _BOOT, path, str(theirs.fileno())],
@@ -260,6 +261,7 @@ def warm() -> Template | None:
 
 def serve(fd: int) -> None:
     """The template's loop: fork a worker per request, report each worker's exit."""
+    mark_own_process()  # never patched by the launcher's start-up hook
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)

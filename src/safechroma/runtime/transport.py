@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from .._env import private_env
 from .protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
 
 _IOV_MAX: Final = 1024
@@ -408,6 +409,7 @@ class WorkerProcess:
                 stderr=log,
                 pass_fds=fds,
                 close_fds=True,
+                env=private_env(),
             )
         return _Spawned(popen)
 

@@ -37,6 +37,7 @@ import time
 import traceback
 from typing import Any, Final
 
+from .._env import mark_own_process
 from ..storage import wal
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
@@ -546,6 +547,8 @@ def _limit_file_size(limit: int | None) -> None:
 def main(info: dict[str, Any]) -> None:
     """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT`` and
     ``safechroma.runtime.template``)."""
+    # Never patched by the launcher's start-up hook: this process opens Chroma itself.
+    mark_own_process()
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)
