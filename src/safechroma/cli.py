@@ -50,6 +50,7 @@ try:  # recent typer releases carry their own copy of click; older ones use clic
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import ClickException  # type: ignore[assignment,unused-ignore]
 
+from safechroma._env import private_env
 from safechroma.storage.recovery import pending_salvage_files, repair_directory
 from safechroma.storage.validate import DirectoryReport, check_directory
 
@@ -502,6 +503,7 @@ def _write_back(
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
+            env=private_env(),
         )
         assert proc.stdout is not None
         results: list[str] = []
@@ -610,7 +612,9 @@ def _run_counting(
 ) -> tuple[int, list[str], str]:
     """Run a child that prints PROGRESS/TOTAL/RESULT lines; returns rc, RESULT lines, stderr."""
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=err, text=True, env=private_env()
+        )
         assert proc.stdout is not None
         results: list[str] = []
         t0 = time.perf_counter()
@@ -806,6 +810,22 @@ def serve(
             chroma_log=chroma_log,
         )
     )
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+    epilog="Example:\n\n  safechroma run -- chroma-mcp --client-type persistent --data-dir ./db",
+)
+def run(ctx: typer.Context) -> int:
+    """Run a program unchanged; every chromadb.PersistentClient it creates is supervised.
+
+    ``safechroma run [OPTIONS] -- COMMAND [ARGS...]``; ``safechroma run --help`` lists the
+    options. (The command line's entry point runs this without importing typer.)
+    """
+    from safechroma.launch.run import main as run_main
+
+    return run_main(list(ctx.args))
 
 
 @app.command(

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from safechroma._env import private_env
 from safechroma.storage.hnsw import salvage_vectors
 from safechroma.storage.sqlite_pages import (
     claimed_pages,
@@ -573,7 +574,8 @@ def _build(plans: list[dict[str, Any]], work: str, new_dir: str, python: str) ->
     mf = os.path.join(work, "manifest.json")
     with open(mf, "w") as f:
         json.dump(manifest, f)
-    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
+    # Never the launcher's trigger: this child opens the new directory with chromadb itself.
+    env = {**private_env(), "ANONYMIZED_TELEMETRY": "False"}
     proc = subprocess.run(
         [python, "-c", _BUILD, mf, new_dir], capture_output=True, text=True, env=env
     )
