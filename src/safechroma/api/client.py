@@ -18,7 +18,7 @@ from .._policy import Options, Stats, effective_timeout
 from ..runtime import supervisor as _supervisor
 from ..runtime.protocol import Op
 from ..runtime.supervisor import Supervisor, _Remote
-from .collection import _UNSET, SafeCollection
+from .collection import _UNSET, SafeCollection, sendable_function
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +57,7 @@ _EF_CREATE = _default(Client.create_collection, "embedding_function")
 _EF_GET = _default(Client.get_collection, "embedding_function")
 _EF_GET_OR_CREATE = _default(Client.get_or_create_collection, "embedding_function")
 _EF_BY_ID = _default(Client.get_collection_by_id, "embedding_function")
+_sendable = sendable_function
 
 
 def _forward(name: str) -> Callable[..., Any]:
@@ -221,7 +222,7 @@ class SafeClient(ClientAPI, _Remote):
             schema,
             configuration,
             metadata,
-            embedding_function,
+            _sendable(embedding_function),
             data_loader,
             get_or_create,
             by_value=True,
@@ -232,7 +233,9 @@ class SafeClient(ClientAPI, _Remote):
     def get_collection(
         self, name: str, embedding_function: Any = _EF_GET, data_loader: Any = None
     ) -> SafeCollection:
-        ref = self._call("get_collection", name, embedding_function, data_loader, by_value=True)
+        ref = self._call(
+            "get_collection", name, _sendable(embedding_function), data_loader, by_value=True
+        )
         return self._collection(ref, embedding_function, data_loader)
 
     @_mirror(Client.get_or_create_collection)
@@ -251,7 +254,7 @@ class SafeClient(ClientAPI, _Remote):
             schema,
             configuration,
             metadata,
-            embedding_function,
+            _sendable(embedding_function),
             data_loader,
             by_value=True,
         )
@@ -261,7 +264,9 @@ class SafeClient(ClientAPI, _Remote):
     def get_collection_by_id(
         self, id: UUID, embedding_function: Any = _EF_BY_ID, data_loader: Any = None
     ) -> SafeCollection:
-        ref = self._call("get_collection_by_id", id, embedding_function, data_loader, by_value=True)
+        ref = self._call(
+            "get_collection_by_id", id, _sendable(embedding_function), data_loader, by_value=True
+        )
         return self._collection(ref, embedding_function, data_loader)
 
     @_mirror(Client.delete_collection)

@@ -15,6 +15,7 @@ caller's process too. It travels there with cloudpickle, so lambdas and function
 
 from __future__ import annotations
 
+import inspect
 import os
 import weakref
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT
 
 from .._errors import ClientClosedError
 from .._policy import effective_timeout
+from ..runtime.functions import FUNCTIONS, FunctionRef
 from ..runtime.protocol import Op
 from ..runtime.supervisor import Supervisor, _Remote
 
@@ -36,6 +38,33 @@ if TYPE_CHECKING:
     from .client import SafeClient
 
 _UNSET: Any = object()
+
+
+def _defaults() -> frozenset[int]:
+    from chromadb.api.client import Client
+
+    return frozenset(
+        id(inspect.signature(getattr(Client, m)).parameters["embedding_function"].default)
+        for m in (
+            "create_collection",
+            "get_collection",
+            "get_or_create_collection",
+            "get_collection_by_id",
+        )
+    )
+
+
+# chromadb's default arguments mean "the collection's recorded function" or "chromadb's
+# default": they go as they are (they hold no model until used).
+_DEFAULTS = _defaults()
+
+
+def sendable_function(ef: Any) -> Any:
+    """What stands for ``ef`` in a request: a :class:`FunctionRef`, sent once per worker."""
+    if ef is None or id(ef) in _DEFAULTS or isinstance(ef, FunctionRef):
+        return ef
+    return FUNCTIONS.ref(ef)
+
 
 # Methods that only read: retried on a fresh worker after a crash.
 READS = frozenset(
@@ -63,10 +92,15 @@ def _proxy(name: str) -> Callable[..., Any]:
     read = name in READS
     replay = name in REPLAYABLE
 
+    embeds = _EMBEDDED_ARGS.get(name)
+    signature = inspect.signature(original) if embeds else None
+
     def method(self: SafeCollection, *args: Any, **kwargs: Any) -> Any:
         client = self._client
         if client._closed:
             raise ClientClosedError(f"the SafeClient of collection {self.name!r} is closed")
+        if embeds and signature is not None and self._caller_side():
+            args, kwargs = self._embed_here(signature, embeds, args, kwargs)
         result = self._sup.call(
             self,
             name,
@@ -91,6 +125,15 @@ def _proxy(name: str) -> Callable[..., Any]:
     )
     method.__wrapped__ = original  # type: ignore[attr-defined]
     return method
+
+
+# Methods whose texts chromadb embeds: (texts argument, vectors argument, is a query).
+_EMBEDDED_ARGS: dict[str, tuple[str, str, bool]] = {
+    "add": ("documents", "embeddings", False),
+    "upsert": ("documents", "embeddings", False),
+    "update": ("documents", "embeddings", False),
+    "query": ("query_texts", "query_embeddings", True),
+}
 
 
 class SafeCollection(Collection, _Remote):
@@ -190,7 +233,10 @@ class SafeCollection(Collection, _Remote):
         self._open_kwargs = (
             {}
             if embedding_function is _UNSET
-            else {"embedding_function": embedding_function, "data_loader": data_loader}
+            else {
+                "embedding_function": sendable_function(embedding_function),
+                "data_loader": data_loader,
+            }
         )
         self._owns_client = False
         self._slot = [serial, handle]
@@ -217,6 +263,34 @@ class SafeCollection(Collection, _Remote):
     def _reopen_request(self, sup: Supervisor, lease: Lease) -> tuple[Op, Any, bool]:
         client_handle = sup._handle_of(lease, self._client)
         return (Op.OPEN_HANDLE, (client_handle, self.id, self._open_kwargs), True)
+
+    def _caller_side(self) -> bool:
+        ref = self._open_kwargs.get("embedding_function")
+        return isinstance(ref, FunctionRef) and ref.caller_side
+
+    def _embed_here(
+        self,
+        signature: inspect.Signature,
+        embeds: tuple[str, str, bool],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Compute the vectors in this process (a function that cannot run in the worker),
+        with chromadb's own ``_embed``, so that only vectors are sent."""
+        texts_arg, vectors_arg, is_query = embeds
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return args, kwargs  # chromadb reports the bad call, in the worker
+        texts = bound.arguments.get(texts_arg)
+        if texts is None or bound.arguments.get(vectors_arg) is not None:
+            return args, kwargs
+        if isinstance(texts, str):
+            texts = [texts]
+        bound.arguments[vectors_arg] = self._embed(input=texts, is_query=is_query)
+        if is_query:
+            del bound.arguments[texts_arg]  # chromadb takes one of the two
+        return bound.args[1:], bound.kwargs
 
     for _name in sorted(PROXIED):
         locals()[_name] = _proxy(_name)

@@ -45,6 +45,8 @@ class Op(enum.IntEnum):
     EXIT = 6  # finish and exit cleanly
     PING = 7  # answer at once; used to measure the transport alone
     SHARE = 8  # start listening on the rendezvous socket: other processes may attach
+    REGISTER = 9  # the program's registered embedding-function classes: [(kind, name, blob)]
+    DEFINE = 10  # build an embedding function once for this worker: (token, alternatives)
 
 
 class Status(enum.IntEnum):

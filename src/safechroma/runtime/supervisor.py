@@ -42,6 +42,7 @@ import functools
 import hashlib
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -72,9 +73,10 @@ from ..storage import wal
 
 # template: imported for its exit hook (hang up on the worker template), which must run after
 # this module's _close_all: atexit runs hooks last-registered first.
-from . import rendezvous, template  # noqa: F401
+from . import functions, rendezvous, template  # noqa: F401
 from .breaker import Breaker
 from .channels import ChannelPool
+from .functions import FUNCTIONS, FunctionRef
 from .lock import LOCK_NAME, DirectoryLock, being_shared, locked_error
 from .protocol import ErrorInfo, Op, Status, decode_reply, encode, is_error_info
 from .transport import (
@@ -161,6 +163,10 @@ class _Generation:
         self.retiring: str | None = None  # why it is stopped once idle (panic, damage, ...)
         self.end: _End | None = None  # set once, under end_lock, by the first to see it
         self.end_lock = threading.Lock()
+        # Embedding functions (runtime/functions.py): tokens this worker has built, and the
+        # caller's registry signature it was last sent.
+        self.defined: set[str] = set()
+        self.registry = -1
 
 
 class Lease:
@@ -587,6 +593,8 @@ class Supervisor:
         *,
         seconds: bool = False,
     ) -> Any:
+        if request[0] in _FUNCTION_OPS:
+            self._send_functions(lease, request[1] if by_value else None)
         # The operation goes as a plain int: an enum member would be pickled by reference.
         data, buffers = encode((request[0].value, request[1]), by_value=by_value)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -638,6 +646,9 @@ class Supervisor:
                 operation=operation,
             ) from RemoteTraceback(payload[4])
         error = rebuild_error(payload)
+        if type(error) is ValueError and (fuller := FUNCTIONS.explain(str(error))):
+            error = ValueError(fuller).with_traceback(None)
+            error.__cause__ = RemoteTraceback(payload[4])
         if self.options.recover_on_damage_errors and _means_damage(payload):
             # The files are damaged: stop this worker so the validator and the recovery hook
             # can run on a quiet directory before the next call (reads retry after that).
@@ -647,6 +658,44 @@ class Supervisor:
                     self.pending_reason = "damage"
             raise _DamageRetry(error)
         raise error
+
+    def _send_functions(self, lease: Lease, body: Any) -> None:
+        """Before a call: the program's registered classes, and each embedding function the
+        call carries, sent to this worker once (runtime/functions.py)."""
+        gen = lease.gen
+        signature = FUNCTIONS.registry_signature()
+        if gen.registry != signature:
+            entries = FUNCTIONS.registry_payload()
+            if entries:
+                self._exchange(
+                    lease, (Op.REGISTER, entries), "register", self.options.start_timeout, False
+                )
+            gen.registry = signature
+        if body is None:
+            return
+        for ref in _function_refs(body):
+            if ref.token in gen.defined:
+                continue
+            alternatives = [
+                (mode, pickle.PickleBuffer(data) if isinstance(data, bytes) else data)
+                for mode, data in FUNCTIONS.definition(ref)
+            ]
+            mode, failures = self._exchange(
+                lease,
+                (Op.DEFINE, (ref.token, alternatives)),
+                "define",
+                self.options.start_timeout,
+                False,
+            )
+            if mode == functions.CALLER and not ref.caller_side:
+                ref.caller_side = True
+                logger.warning(
+                    "the embedding function %s cannot run in the worker (%s): it runs in this "
+                    "process, and only its vectors are sent",
+                    ref.name,
+                    "; ".join(failures) or "it cannot be pickled",
+                )
+            gen.defined.add(ref.token)
 
     # -- failures: each caller gets its own error, the death is recorded once ---------------
 
@@ -1500,7 +1549,24 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 # Exchanges that are not a caller's call: a worker that only did these made no progress.
-_NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})
+_NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage", "register", "define"})
+# Requests that may build a collection in the worker, and so need its embedding functions.
+_FUNCTION_OPS: Final = frozenset({Op.CALL, Op.OPEN_HANDLE, Op.RUN})
+
+
+def _function_refs(body: Any, depth: int = 0) -> list[FunctionRef]:
+    """The :class:`FunctionRef` objects in a request body (arguments, keyword arguments)."""
+    if isinstance(body, FunctionRef):
+        return [body]
+    if depth >= 3:
+        return []
+    if isinstance(body, (tuple, list)):
+        return [r for item in body for r in _function_refs(item, depth + 1)]
+    if isinstance(body, dict):
+        return [r for item in body.values() for r in _function_refs(item, depth + 1)]
+    return []
+
+
 _STATUSES: Final = frozenset(int(s) for s in Status)
 
 

@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from .._env import mark_own_process
 from ..storage import wal
+from . import functions
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
 
@@ -334,6 +335,11 @@ class _Worker:
         if op == Op.SHARE:
             self.listen()
             return None
+        if op == Op.REGISTER:
+            functions.register(body)
+            return None
+        if op == Op.DEFINE:
+            return functions.define(*body)
         raise ValueError(f"unknown operation {op!r}")
 
     def open(
