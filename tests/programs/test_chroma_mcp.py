@@ -1,0 +1,344 @@
+"""chroma-mcp 0.2.6, the real server over real stdio MCP, under ``python -m safechroma run``.
+
+Issue 20, "How it will be checked": with an embedding function registered only in the
+program's own code, chroma-mcp's own process never opens ``chroma.sqlite3``; after a SIGKILLed
+worker, after a restart, and on a copy of a directory whose index kills plain chroma-mcp, every
+query gives the same answer and every write lands.
+
+The program is a launcher file (see ``mcp_driver.LAUNCHER``) that registers ``hash_ef`` with
+``@register_embedding_function``, offers it to chroma-mcp's ``chroma_create_collection`` and
+runs chroma-mcp's ``main``; the test drives it with the mcp package's own stdio client. Answers
+are checked against brute force over the launcher's deterministic vectors (squared L2, as
+Chroma's ``l2``), not only against each other.
+
+chroma-mcp pins ``mcp==1.6.0``, which needs ``pydantic<2.11``: it lives in its own venv
+(``.venv-mcp``); elsewhere this module skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip(
+    "chroma_mcp",
+    reason="chroma-mcp 0.2.6 pins mcp==1.6.0 (pydantic<2.11), so it runs in its own venv: "
+    "python3 -m venv .venv-mcp && .venv-mcp/bin/pip install -e '.[test]' 'chroma-mcp==0.2.6' "
+    "'pydantic<2.11'",
+)
+
+import anyio  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .mcp_driver import (  # noqa: E402
+    EF_NAME,
+    Server,
+    ServerDied,
+    alive,
+    hash_vector,
+    holders,
+    mapped_files,
+    open_files,
+    program_argv,
+    stderr_lines,
+    wait_gone,
+    write_launcher,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import chroma_dirs as cd  # noqa: E402
+
+COLL = "notes"
+TOPICS = ["rust", "sqlite", "hnsw", "signals", "pipes", "locks", "memory"]
+
+
+def doc(i: int) -> str:
+    return f"note {i} about {TOPICS[i % len(TOPICS)]}"
+
+
+FIRST = range(0, 40)
+LATER = range(40, 50)
+QUERIES = [doc(3), doc(17), doc(39), "what did we decide about locks?", "zzz"]
+K = 5
+
+
+def ids_of(r: range) -> list[str]:
+    return [f"n{i}" for i in r]
+
+
+def expected_query(live: range, text: str, k: int = K) -> tuple[list[str], list[float]]:
+    """Brute-force top-k by Chroma's ``l2`` (squared Euclidean) over the launcher's vectors."""
+    vecs = np.array([hash_vector(doc(i)) for i in live], dtype=np.float32)
+    q = np.array(hash_vector(text), dtype=np.float32)
+    dist = ((vecs - q) ** 2).sum(axis=1)
+    order = np.argsort(dist, kind="stable")[:k]
+    return [f"n{live[j]}" for j in order], [float(dist[j]) for j in order]
+
+
+# -- what the program answers ----------------------------------------------------------------
+
+
+async def create_and_add(s: Server, r: range, metadata: dict[str, Any] | None = None) -> None:
+    out = await s.call(
+        "chroma_create_collection",
+        collection_name=COLL,
+        embedding_function_name=EF_NAME,
+        metadata=metadata,
+    )
+    assert out.startswith(f"Successfully created collection {COLL}"), out
+    await add(s, r)
+
+
+async def add(s: Server, r: range) -> None:
+    out = await s.call(
+        "chroma_add_documents",
+        collection_name=COLL,
+        documents=[doc(i) for i in r],
+        ids=ids_of(r),
+        metadatas=[{"i": i} for i in r],
+    )
+    assert out.startswith(f"Successfully added {len(r)} documents"), out
+
+
+async def answers(s: Server) -> dict[str, Any]:
+    """Every read the test compares: queries, get of everything, count."""
+    queries = await s.call(
+        "chroma_query_documents", collection_name=COLL, query_texts=QUERIES, n_results=K
+    )
+    got = await s.call("chroma_get_documents", collection_name=COLL)
+    count = await s.call("chroma_get_collection_count", collection_name=COLL)
+    order = sorted(range(len(got["ids"])), key=lambda j: got["ids"][j])
+    return {
+        "ids": queries["ids"],
+        "documents": queries["documents"],
+        "metadatas": queries["metadatas"],
+        "distances": queries["distances"],
+        "get": [(got["ids"][j], got["documents"][j], got["metadatas"][j]) for j in order],
+        "count": count,
+    }
+
+
+def assert_answers(got: dict[str, Any], live: range) -> None:
+    """``got`` is exactly what a healthy Chroma holding ``live`` answers."""
+    for qi, text in enumerate(QUERIES):
+        ids, dists = expected_query(live, text)
+        assert got["ids"][qi] == ids, f"query {text!r}"
+        assert got["distances"][qi] == pytest.approx(dists, abs=1e-5), f"query {text!r}"
+        assert got["documents"][qi] == [doc(int(i[1:])) for i in ids], f"query {text!r}"
+        assert got["metadatas"][qi] == [{"i": int(i[1:])} for i in ids], f"query {text!r}"
+    assert got["get"] == sorted((f"n{i}", doc(i), {"i": i}) for i in live)
+    assert got["count"] == len(live)
+
+
+def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two runs gave the same answers: ids and documents equal, distances within 1e-5."""
+    assert a["ids"] == b["ids"] and a["documents"] == b["documents"]
+    assert a["metadatas"] == b["metadatas"] and a["get"] == b["get"]
+    assert a["count"] == b["count"]
+    for da, db in zip(a["distances"], b["distances"], strict=True):
+        assert da == pytest.approx(db, abs=1e-5)
+
+
+# -- which process holds what ---------------------------------------------------------------
+
+
+def the_worker(s: Server, data_dir: str) -> int:
+    """The one process that has ``<data_dir>/chroma.sqlite3`` open, checked against the lock
+    file and against the program: it is never the program or anything else of its tree.
+
+    The check reads ``/proc/<pid>/fd`` and ``/proc/<pid>/maps`` of every process of the
+    session's tree (the program, safechroma's template and workers), and of every process on
+    the machine for ``chroma.sqlite3``.
+    """
+    db = os.path.join(data_dir, "chroma.sqlite3")
+    owners = holders(db)
+    assert len(owners) == 1, f"{db} is open in {sorted(owners)}: one owner expected"
+    (worker,) = owners
+    assert worker != s.program_pid, "the program itself opened chroma.sqlite3"
+    with open(os.path.join(data_dir, ".safechroma.lock")) as f:
+        lock_pid = f.read().split("\n")[0]
+    assert lock_pid == str(worker), f"lock file names {lock_pid!r}, sqlite is held by {worker}"
+    tree = s.track() | {s.program_pid}
+    data_real = os.path.realpath(data_dir)
+    for pid in tree - {worker}:
+        touched = {
+            p
+            for p in open_files(pid) | mapped_files(pid)
+            if p.startswith(data_real + os.sep)
+            and not os.path.basename(p).startswith(".safechroma")
+            and "/.safechroma/" not in p
+        }
+        who = "the program" if pid == s.program_pid else "not the worker"
+        assert not touched, f"pid {pid} ({who}) has Chroma's files open: {sorted(touched)}"
+    return worker
+
+
+def new_events(errlog: Path, since: int) -> list[str]:
+    """The program's stderr lines from safechroma since line ``since``."""
+    return [ln for ln in stderr_lines(errlog)[since:] if ln.startswith("safechroma:")]
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    anyio.run(fn)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> tuple[str, str]:
+    return write_launcher(tmp_path)
+
+
+# -- the scenarios ---------------------------------------------------------------------------
+
+
+def test_program_never_opens_chroma_sqlite(tmp_path: Path, launcher: tuple[str, str]) -> None:
+    """Create a collection with the program's registered function, write, read: the answers
+    are Chroma's, and only safechroma's worker ever has the directory's files open."""
+    data = str(tmp_path / "db")
+    errlog = tmp_path / "stderr.log"
+
+    async def scenario() -> None:
+        async with Server(program_argv(launcher[0], data, safe=True), errlog, launcher[1]) as s:
+            # Before the first call: the program has created its client (chroma-mcp builds it
+            # in main), so the directory is already open, by the worker.
+            the_worker(s, data)
+            await create_and_add(s, FIRST)
+            assert_answers(await answers(s), FIRST)
+            the_worker(s, data)
+            await add(s, LATER)
+            assert_answers(await answers(s), range(0, 50))
+            the_worker(s, data)
+
+    run(scenario)
+    assert new_events(errlog, 0) == [], "nothing died or was repaired"
+
+
+def test_sigkilled_worker_same_answers_and_writes_land(
+    tmp_path: Path, launcher: tuple[str, str]
+) -> None:
+    """SIGKILL the worker between calls: the next reads give the same answers (the registered
+    embedding function works in the new worker), the next write lands, one line on stderr."""
+    data = str(tmp_path / "db")
+    errlog = tmp_path / "stderr.log"
+
+    async def scenario() -> None:
+        async with Server(program_argv(launcher[0], data, safe=True), errlog, launcher[1]) as s:
+            await create_and_add(s, FIRST)
+            before = await answers(s)
+            assert_answers(before, FIRST)
+            for round_ in range(2):  # the second death hits a worker that itself replaced one
+                worker = the_worker(s, data)
+                seen = len(stderr_lines(errlog))
+                os.kill(worker, signal.SIGKILL)
+                assert not wait_gone({worker}, 10.0)
+                after = await answers(s)
+                assert_same(after, before)
+                assert alive(s.program_pid)
+                replacement = the_worker(s, data)
+                assert replacement != worker
+                lines = new_events(errlog, seen)
+                assert len(lines) == 1, f"one line per worker death, got {lines}"
+                assert "SIGKILL" in lines[0] and str(worker) in lines[0], lines[0]
+                if round_ == 0:
+                    await add(s, LATER)
+                    before = await answers(s)
+                    assert_answers(before, range(0, 50))
+            # The write after the first death is still there after the second.
+            assert_answers(await answers(s), range(0, 50))
+
+    run(scenario)
+
+
+def test_restart_reads_everything_back(tmp_path: Path, launcher: tuple[str, str]) -> None:
+    """Write, end the program (the MCP host closes its stdio and terminates it), start it
+    again: everything reads back, writes land; then once more after every process is gone."""
+    data = str(tmp_path / "db")
+    errlog = tmp_path / "stderr.log"
+    argv = program_argv(launcher[0], data, safe=True)
+    first: dict[str, Any] = {}
+
+    async def write_then_read() -> None:
+        async with Server(argv, errlog, launcher[1]) as s:
+            await create_and_add(s, FIRST)
+            first.update(await answers(s))
+        assert_answers(first, FIRST)
+
+    async def restarted() -> None:
+        async with Server(argv, errlog, launcher[1]) as s:
+            assert_same(await answers(s), first)
+            await add(s, LATER)
+            assert_answers(await answers(s), range(0, 50))
+            the_worker(s, data)
+
+    async def restarted_again() -> None:
+        async with Server(argv, errlog, launcher[1]) as s:
+            assert_answers(await answers(s), range(0, 50))
+            the_worker(s, data)
+
+    run(write_then_read)
+    run(restarted)
+    # Every process of the earlier runs is gone now (Server's exit waits for them), so this
+    # run starts a new worker that has never seen the program's embedding function.
+    assert not holders(os.path.join(data, "chroma.sqlite3"))
+    run(restarted_again)
+    assert new_events(errlog, 0) == [], "nothing died or was repaired"
+
+
+def test_index_that_kills_plain_chroma_mcp(tmp_path: Path, launcher: tuple[str, str]) -> None:
+    """A level-0 neighbour id past the end of the index (CHROMA_FACTS §3): plain chroma-mcp
+    dies with SIGSEGV on the first query; under ``safechroma run`` every query on a copy of the
+    same directory answers as plain chroma-mcp did before the damage, and writes land."""
+    healthy = str(tmp_path / "healthy")
+    errlog = tmp_path / "stderr.log"
+    baseline: dict[str, Any] = {}
+
+    async def build_with_plain() -> None:
+        async with Server(program_argv(launcher[0], healthy, safe=False), errlog, launcher[1]) as s:
+            # A small sync threshold (chroma-mcp passes collection metadata through) makes
+            # Chroma write the HNSW index to disk with a few dozen records, as it does with
+            # 1000 by default; the damage below is to those files.
+            await create_and_add(s, FIRST, {"hnsw:sync_threshold": 10, "hnsw:batch_size": 10})
+            baseline.update(await answers(s))
+
+    run(build_with_plain)
+    assert_answers(baseline, FIRST)
+    seg = cd.segment_dir(healthy, COLL)
+    assert os.path.exists(os.path.join(seg, "index_metadata.pickle")), "index never flushed"
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(healthy, damaged)
+    cd.corrupt(damaged, "level0_neighbor_oob", collection=COLL)
+    for_safe = str(tmp_path / "for-safe")
+    shutil.copytree(damaged, for_safe)
+
+    plain_log = tmp_path / "plain-stderr.log"
+
+    async def plain_on_damaged() -> None:
+        argv = program_argv(launcher[0], damaged, safe=False)
+        async with Server(argv, plain_log, launcher[1], env={"PYTHONFAULTHANDLER": "1"}) as s:
+            assert await s.call("chroma_get_collection_count", collection_name=COLL) == 40
+            with pytest.raises(ServerDied):
+                await s.call(
+                    "chroma_query_documents", collection_name=COLL, query_texts=QUERIES[:1]
+                )
+
+    run(plain_on_damaged)
+    assert "Fatal Python error: Segmentation fault" in plain_log.read_text()
+
+    async def safe_on_damaged() -> None:
+        async with Server(program_argv(launcher[0], for_safe, safe=True), errlog, launcher[1]) as s:
+            assert_same(await answers(s), baseline)
+            assert_answers(await answers(s), FIRST)
+            await add(s, LATER)
+            assert_answers(await answers(s), range(0, 50))
+            the_worker(s, for_safe)
+            assert alive(s.program_pid)
+
+    run(safe_on_damaged)
+    # The repair (or the death that led to it) was told to the user, on stderr.
+    assert new_events(errlog, 0), "the repair was silent"
