@@ -459,11 +459,12 @@ def test_get_settings_is_chromadbs(db: str) -> None:
         assert client.get_version() == chromadb.__version__
 
 
-def test_request_the_worker_cannot_decode_is_an_error_not_a_death(
-    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_function_the_worker_cannot_decode_runs_in_the_caller_not_a_death(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Regression: an embedding function pickled by reference to a module the worker cannot
-    import used to kill the worker's loop; it must be the call's error."""
+    import used to kill the worker's loop. Then it was the call's error; now (issue 20) the
+    function runs in the caller, only vectors are sent, and a warning names it."""
     with SafeClient(db, validator=None) as client:
         pid = client.stats().worker_pid
         (tmp_path / "late_module.py").write_text(
@@ -477,8 +478,14 @@ def test_request_the_worker_cannot_decode_is_an_error_not_a_death(
         monkeypatch.syspath_prepend(str(tmp_path))  # after the worker started: it lacks it
         import late_module  # type: ignore[import-not-found]
 
-        with pytest.raises(ModuleNotFoundError, match="late_module"):
-            client.create_collection("late", embedding_function=late_module.LateEF())
+        col = client.create_collection("late", embedding_function=late_module.LateEF())
+        assert "LateEF cannot run in the worker" in caplog.text
+        assert "late_module" in caplog.text
+        col.add(ids=["a", "b"], documents=["x", "y"])
+        got = col.get(include=["embeddings", "documents"])
+        assert got["documents"] == ["x", "y"]
+        assert got["embeddings"].tolist() == [[1.0, 2.0], [1.0, 2.0]]
+        assert col.query(query_texts=["z"], n_results=1)["ids"] == [["a"]]
         assert client.stats().worker_pid == pid
         assert client.heartbeat() > 0
 

@@ -309,13 +309,9 @@ class Server:
             )
         os.makedirs(self.path, exist_ok=True)
         lock_path = os.path.join(self.path, LOCK_NAME)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+        # A shared worker kept warm with no process using it (keep_warm) leaves at once.
+        fd = _lock_or_ask(self.path, lock_path)
+        if fd is None:
             try:
                 with open(lock_path) as f:
                     holder = " ".join(f.read().split())
@@ -757,6 +753,25 @@ def _drain(fd: int) -> None:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _lock_or_ask(path: str, lock_path: str) -> int | None:
+    """The locked descriptor of ``lock_path``, asking an idle shared worker to leave first;
+    None when another process holds it."""
+    from .runtime.rendezvous import ask_idle_worker_to_leave
+
+    for attempt in range(2):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if attempt or not ask_idle_worker_to_leave(path, lock_path):
+            return None
+    return None  # pragma: no cover - the loop returns
 
 
 def _child_env() -> dict[str, str]:

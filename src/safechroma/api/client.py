@@ -142,6 +142,10 @@ class SafeClient(ClientAPI, _Remote):
         self._sup = _supervisor.acquire(self._path, opts, (settings, self.tenant, self.database))
         self._closed = False
         self._finalizer = weakref.finalize(self, _supervisor.release, self._sup)
+        # Not at interpreter exit: the supervisor's own exit hook closes every client there,
+        # as a program that ends (the worker may stay warm, Options.keep_warm), where an
+        # explicit close() is a program done with the directory.
+        self._finalizer.atexit = False
         try:
             # chromadb opens the directory in its constructor, so errors surface here too.
             self.heartbeat()
@@ -344,6 +348,7 @@ class SafeClient(ClientAPI, _Remote):
                 _supervisor.release(sup)
                 raise RuntimeError(f"the worker of {self._path} changed while copying")
             new._finalizer = weakref.finalize(new, _supervisor.release, sup)
+            new._finalizer.atexit = False  # as in __init__
         return new
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SafeClient:

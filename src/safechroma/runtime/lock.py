@@ -36,6 +36,7 @@ class DirectoryLock:
         self.lock_path = os.path.join(path, LOCK_NAME)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         give_up = time.monotonic() + timeout
+        asked = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,6 +45,13 @@ class DirectoryLock:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     os.close(fd)
                     raise
+                if not asked:
+                    # A shared worker kept warm with no process using it leaves at once.
+                    asked = True
+                    from .rendezvous import ask_idle_worker_to_leave
+
+                    if ask_idle_worker_to_leave(path, self.lock_path):
+                        continue
                 if time.monotonic() >= give_up:
                     os.close(fd)
                     raise locked_error(path, self.lock_path) from None

@@ -36,7 +36,7 @@ import tempfile
 import time
 from typing import Any, Final
 
-from .._errors import DirectoryLockedError, IncompatibleWorkerError
+from .._errors import DirectoryLockedError, IncompatibleWorkerError, SafeChromaError
 
 PROTOCOL: Final = 1
 _LENGTH: Final = struct.Struct("<I")
@@ -125,6 +125,34 @@ def try_lock(lock_path: str) -> int | None:
             return None
         raise
     return fd
+
+
+def ask_idle_worker_to_leave(path: str, lock_path: str, timeout: float = 5.0) -> bool:
+    """Ask the shared worker of ``path`` to exit now if no process uses it (one kept warm
+    after its last process ended, ``Options.keep_warm``), and wait until the lock is free.
+
+    For a process that needs the directory to itself: a repair, an exclusive client,
+    ``safechroma release``. True when the worker left and the lock was free within
+    ``timeout``; False when there is no such worker or it is in use.
+    """
+    address = announced(lock_path)
+    if address is None:
+        return False
+    try:
+        sock, reply = connect(address, path, "leave", lock_path)
+    except (ConnectionError, OSError, SafeChromaError):
+        return False
+    sock.close()
+    if not reply.get("leaving"):
+        return False
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        fd = try_lock(lock_path)
+        if fd is not None:
+            os.close(fd)
+            return True
+        time.sleep(0.02)
+    return False
 
 
 # -- the handshake -------------------------------------------------------------------------

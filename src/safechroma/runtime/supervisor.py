@@ -1293,7 +1293,9 @@ class Supervisor:
             memory_limit=self.options.memory_limit,
             max_reply_bytes=self.options.max_reply_bytes,
             file_limit=file_size_limit(self.path, self.options.max_file_bytes),
-            share={"address": self.address} if self.shared else None,
+            share={"address": self.address, "keep_warm": self.options.keep_warm}
+            if self.shared
+            else None,
         )
 
     # -- recycling (gunicorn's max_requests; a resident-memory ceiling) --------------------
@@ -1355,11 +1357,12 @@ class Supervisor:
 
     # -- closing ---------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
         """Stop the worker and the standby, release the lock. Idempotent.
 
         Calls already in flight finish first (each is bounded by its deadline); calls made
-        after this raise ClientClosedError.
+        after this raise ClientClosedError. ``linger`` (at interpreter exit, clients never
+        closed): a shared worker left with no process stays warm for ``keep_warm`` seconds.
         """
         with self._cond:
             if self.state is State.CLOSED:
@@ -1373,7 +1376,7 @@ class Supervisor:
                     while gen.inflight:
                         self._cond.wait()
                 if self.shared and gen.end is None and gen.retiring is None:
-                    last = self._leave(gen)
+                    last = self._leave(gen, linger)
                 else:
                     gen.retiring = gen.retiring or "closed"
                     self._stop(gen)
@@ -1388,17 +1391,18 @@ class Supervisor:
                     # The worker is gone, the lock still held. Never on a directory no worker
                     # ever opened (a refused one, e.g. written by a newer chromadb).
                     wal.maintain(self.path)
+                    wal.release(self.path)
                 self.dir_lock.release()
                 shutil.rmtree(self.log_dir, ignore_errors=True)
             elif last:
                 self._after_last(last)
 
-    def _leave(self, gen: _Generation) -> bool | int:
+    def _leave(self, gen: _Generation, linger: bool = False) -> bool | int:
         """Stop using a shared worker; its pid when it exited because no process uses it now
         (else False)."""
         gen.pool.close()
         process = gen.process
-        last = process.leave()
+        last = process.leave(linger)
         if last:
             if process.wait(10.0) is None:
                 process.kill()
@@ -1439,6 +1443,7 @@ class Supervisor:
                         rendezvous.save_state(self.path, state)
                     if self.started_workers:
                         wal.maintain(self.path)
+                        wal.release(self.path)
                 finally:
                     os.close(fd)
                 return
@@ -1724,6 +1729,8 @@ def _close_all() -> None:
         _registry.clear()
     for sup in sups:
         try:
-            sup.close()
+            # The program ends without having closed its clients (a short command): the
+            # next command on the directory may join the worker, kept warm (keep_warm).
+            sup.close(linger=True)
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             logger.exception("closing %s at exit failed", sup.path)

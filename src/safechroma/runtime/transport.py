@@ -36,6 +36,8 @@ from typing import Any, Final
 from .._env import private_env
 from .protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
 
+# Thread-count variables of BLAS and OpenMP runtimes (numpy, torch, onnxruntime's OpenMP).
+THREAD_VARS: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _IOV_MAX: Final = 1024
 _LAZY_ABOVE: Final = 64 << 20
 _SOCKET_BUFFER: Final = 4 << 20
@@ -370,6 +372,9 @@ class WorkerProcess:
             "sys_path": [p for p in sys.path if p],
             "log": self.log_path,
             "ppid": os.getpid(),
+            # The caller's thread settings: the template runs single-threaded (its workers'
+            # own work is Chroma's), but an embedding function must run as in the caller.
+            "threads": {var: os.environ.get(var) for var in THREAD_VARS},
             "memory_limit": memory_limit,
             "file_limit": file_limit,
             "share": share,
@@ -435,13 +440,17 @@ class WorkerProcess:
             theirs.close()
         return Channel(mine, self.proc.pidfd, self.max_reply_bytes)
 
-    def leave(self) -> bool:
+    def leave(self, linger: bool = False) -> bool:
         """Say goodbye to a shared worker; True when it exits because we were its last user
-        (the caller then waits for its exit before touching the directory)."""
+        (the caller then waits for its exit before touching the directory).
+
+        ``linger``: this process is ending without having closed its clients; a worker left
+        with no process stays warm for ``keep_warm`` seconds instead of exiting at once.
+        """
         try:
             with self._ctl_lock:
                 self.ctl.settimeout(5.0)
-                self.ctl.sendall(b"b")
+                self.ctl.sendall(b"w" if linger else b"b")
                 answer = self.ctl.recv(1)
         except OSError:
             return not self.alive()
