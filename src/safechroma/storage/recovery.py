@@ -61,20 +61,25 @@ from safechroma.storage.validate import (
 from safechroma.storage.wal import set_wal_retention
 
 __all__ = [
+    "LOSSES_MARKER",
     "CollectionRepair",
     "LabelMapRebuild",
     "RepairReport",
+    "acknowledge_losses",
     "apply_salvage",
     "check_embedding_function",
     "keep_full_wal",
     "pending_salvage_files",
     "rebuild_label_map",
     "recorded_embedding_function",
+    "record_losses",
     "reembed",
     "repair_directory",
     "restore_saved_records",
+    "roll_back_hot_journal",
     "saved_records",
     "snapshot_label_maps",
+    "unacknowledged_losses",
     "wal_purge_enabled",
 ]
 
@@ -100,6 +105,8 @@ class CollectionRepair:
         quarantined_to: Where the damaged directory went.
         label_map: How the labels of the damaged index were mapped to ids (see
             :class:`LabelMapRebuild`), or ``None`` when the segment's own pickle did it.
+        incomplete_records: Records of this collection that did not come back whole (see
+            :attr:`RepairReport.incomplete_records`).
     """
 
     collection_id: str
@@ -114,6 +121,7 @@ class CollectionRepair:
     salvage_file: str | None = None
     quarantined_to: str | None = None
     label_map: dict[str, Any] | None = None
+    incomplete_records: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict."""
@@ -134,6 +142,13 @@ class RepairReport:
         collections: One entry per damaged collection.
         salvage_files: Files :func:`apply_salvage` must still apply.
         steps: Log of the steps done, in order.
+        incomplete_records: Records that did not come back whole (without their vector,
+            document or metadata, or not at all); 0 means every record known to have existed
+            came back whole. Counted by the ``chroma.sqlite3`` salvage (issue 21).
+        losses_file: The JSON file beside the backup that names each of them and what it
+            lacks (``None`` when nothing is incomplete); also recorded in
+            ``<path>/.safechroma/losses.json`` until acknowledged (:func:`unacknowledged_losses`,
+            :func:`acknowledge_losses`).
     """
 
     path: str
@@ -144,6 +159,8 @@ class RepairReport:
     collections: list[CollectionRepair] = field(default_factory=list)
     salvage_files: list[str] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
+    incomplete_records: int = 0
+    losses_file: str | None = None
 
     @property
     def not_recovered(self) -> list[str]:
@@ -176,6 +193,108 @@ def _write_atomic(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# Issue 21: a repair that could not bring every record back whole says so until a person
+# acknowledges it, so `safechroma check` after it is not "healthy" and the backup holding what
+# is left of those records is not cleaned up by someone who believed a plain "repaired".
+LOSSES_MARKER = "losses.json"
+
+
+def record_losses(path: str | os.PathLike[str], losses_file: str, count: int) -> str:
+    """Record in ``<path>/.safechroma/losses.json`` that a repair left ``count`` records
+    incomplete, listed in ``losses_file``; earlier unacknowledged entries are kept.
+
+    Returns:
+        The marker's path.
+    """
+    root = os.fspath(path)
+    marker = os.path.join(root, STATE_DIR, LOSSES_MARKER)
+    prior = unacknowledged_losses(root) or {}
+    repairs = [*prior.get("repairs", []), {"at": _stamp(), "count": count, "file": losses_file}]
+    doc = {
+        "count": sum(int(r.get("count", 0)) for r in repairs),
+        "files": [r["file"] for r in repairs],
+        "repairs": repairs,
+        "acknowledge": f"safechroma check {root} --ack-losses",
+    }
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    _write_atomic(marker, json.dumps(doc, indent=1).encode())
+    return marker
+
+
+def unacknowledged_losses(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The losses marker of ``path`` (``count``, ``files``, ``repairs``), or ``None``.
+
+    A marker that cannot be read still counts: ``{"count": None, "error": ...}``.
+    """
+    marker = os.path.join(os.fspath(path), STATE_DIR, LOSSES_MARKER)
+    if not os.path.exists(marker):
+        return None
+    try:
+        with open(marker, "rb") as f:
+            doc = json.loads(f.read())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return {"count": None, "files": [], "repairs": [], "error": f"{marker}: {e}"}
+    doc["marker"] = marker
+    return doc
+
+
+def acknowledge_losses(path: str | os.PathLike[str]) -> str | None:
+    """Acknowledge the recorded losses: the marker is renamed (kept, never deleted) to
+    ``losses-acknowledged-<stamp>.json``.
+
+    Returns:
+        The renamed marker, or ``None`` when there was none.
+    """
+    state = os.path.join(os.fspath(path), STATE_DIR)
+    marker = os.path.join(state, LOSSES_MARKER)
+    if not os.path.exists(marker):
+        return None
+    dest = os.path.join(state, f"losses-acknowledged-{_stamp()}.json")
+    os.rename(marker, dest)
+    _fsync_dir(state)
+    return dest
+
+
+def roll_back_hot_journal(path: str | os.PathLike[str]) -> str | None:
+    """Play back a hot ``chroma.sqlite3-journal`` after backing both files up.
+
+    A writer killed inside a transaction leaves its changes half in ``chroma.sqlite3`` and the
+    pages as they were in the journal; SQLite undoes it on the next read-write open (Chroma
+    does so on its first call), but a read-only check cannot ("attempt to write a readonly
+    database") and so cannot judge the file (issue 21). The caller must own the directory.
+
+    Returns:
+        The backup folder, or ``None`` when there was no hot journal.
+    """
+    from safechroma.storage.sqlite_pages import is_hot_journal
+
+    root = os.fspath(path)
+    db = os.path.join(root, SQLITE_FILE)
+    journal = db + "-journal"
+    if not os.path.isfile(db) or not is_hot_journal(journal):
+        return None
+    backups = os.path.join(root, STATE_DIR, "backups")
+    os.makedirs(backups, exist_ok=True)
+    final = os.path.join(backups, _stamp() + "-journal")
+    partial = final + ".partial"
+    os.makedirs(partial)
+    for src in (db, journal):
+        shutil.copyfile(src, os.path.join(partial, os.path.basename(src)))
+    _fsync_dir(partial)
+    os.rename(partial, final)
+    _fsync_dir(backups)
+    con = sqlite3.connect(db, timeout=5.0)
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError:
+        pass  # a damaged file: the salvage reads the backup's pair the same way
+    finally:
+        con.close()
+    return final
 
 
 def _ro(db: str) -> sqlite3.Connection:

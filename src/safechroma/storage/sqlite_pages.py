@@ -27,7 +27,10 @@ from typing import Any
 
 __all__ = [
     "claimed_pages",
+    "is_hot_journal",
     "page_size_of",
+    "read_both_ends",
+    "read_ranges",
     "read_table",
     "readable_copy",
     "rebuild_header",
@@ -42,6 +45,19 @@ def _connect(path: str) -> sqlite3.Connection:
     con = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True, timeout=1.0)
     con.text_factory = lambda b: b.decode("utf-8", "replace")
     return con
+
+
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def is_hot_journal(path: str) -> bool:
+    """``path`` is a rollback journal SQLite would play back: it exists and starts with the
+    journal magic (a journal zeroed or truncated at commit does not)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == _JOURNAL_MAGIC
+    except OSError:
+        return False
 
 
 def _opens(path: str) -> bool:
@@ -179,10 +195,72 @@ def readable_copy(db: str, dest: str) -> tuple[str, bool]:
         (``dest``, whether the header was rewritten).
     """
     shutil.copyfile(db, dest)
+    journal = db + "-journal"
+    if is_hot_journal(journal):
+        # The file holds a transaction that never committed; its journal holds the pages as
+        # they were. SQLite rolls it back on the first read-write open, as Chroma would.
+        shutil.copyfile(journal, dest + "-journal")
+        try:
+            con = sqlite3.connect(dest, timeout=1.0)
+            try:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                con.close()
+        except sqlite3.DatabaseError:
+            pass
+        if os.path.exists(dest + "-journal"):
+            os.remove(dest + "-journal")  # not rolled back: read the file as it is
     if _opens(dest):
         return dest, False
     rebuild_header(dest)
     return dest, True
+
+
+def read_ranges(
+    con: sqlite3.Connection,
+    query: str,
+    lo: int,
+    hi: int,
+    *,
+    budget: int = 2000,
+    min_width: int = 16,
+) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]]]:
+    """Rows of ``query`` (two ``?``: an integer key range, rows ordered by that key, the key
+    first) over ``[lo, hi]``; a range that fails is split and retried.
+
+    Returns:
+        (rows, failed): ``failed`` lists the key ranges that could not be read (each at most
+        ``min_width`` wide, or the rest when the retry budget ran out).
+    """
+    rows: list[tuple[Any, ...]] = []
+    failed: list[tuple[int, int]] = []
+    stack = [(lo, hi)]
+    tries = 0
+    while stack:
+        a, b = stack.pop()
+        if a > b:
+            continue
+        tries += 1
+        if tries > budget:
+            failed.append((a, b))
+            failed.extend(stack)
+            break
+        last = a - 1
+        try:
+            for r in con.execute(query, (a, b)):
+                rows.append(tuple(r))
+                last = int(r[0])
+            continue
+        except sqlite3.DatabaseError:
+            pass
+        a = last + 1
+        if b - a < min_width:
+            failed.append((a, b))
+            continue
+        mid = (a + b) // 2
+        stack.append((mid + 1, b))
+        stack.append((a, mid))
+    return rows, sorted(failed)
 
 
 def read_table(
@@ -193,39 +271,44 @@ def read_table(
     Returns:
         (rows, complete): ``complete`` is False when some range could not be read.
     """
-    rows: dict[int, tuple[Any, ...]] = {}
     q = f'SELECT rowid, * FROM "{table}" WHERE rowid BETWEEN ? AND ? ORDER BY rowid'
     try:
         lo_hi = con.execute(f'SELECT min(rowid), max(rowid) FROM "{table}"').fetchone()
         lo, hi = (int(lo_hi[0]), int(lo_hi[1])) if lo_hi[0] is not None else (1, 0)
     except sqlite3.DatabaseError:
         lo, hi = -(1 << 40), 1 << 40
-    complete = True
-    stack = [(lo, hi)]
-    tries = 0
-    while stack:
-        a, b = stack.pop()
-        if a > b:
-            continue
-        tries += 1
-        if tries > budget:
-            return rows, False
-        last = a - 1
-        try:
-            for r in con.execute(q, (a, b)):
-                rows[int(r[0])] = tuple(r[1:])
-                last = int(r[0])
-            continue
-        except sqlite3.DatabaseError:
-            pass
-        a = last + 1
-        if b - a < min_width:
-            complete = False
-            continue
-        mid = (a + b) // 2
-        stack.append((mid + 1, b))
-        stack.append((a, mid))
-    return rows, complete
+    got, failed = read_ranges(con, q, lo, hi, budget=budget, min_width=min_width)
+    return {int(r[0]): tuple(r[1:]) for r in got}, not failed
+
+
+def read_both_ends(
+    con: sqlite3.Connection, forward: str, backward: str, params: tuple[Any, ...] = ()
+) -> tuple[list[tuple[Any, ...]], bool]:
+    """Rows of a query read from its start and, once it fails, from its end (``backward`` is
+    the same query in reverse order): around a damaged page of an index ordered by text or
+    real values, where rowid ranges cannot step.
+
+    Returns:
+        (rows, complete): the rows of both passes (without duplicates), whether the forward
+        pass read to the end.
+    """
+    rows: list[tuple[Any, ...]] = []
+    try:
+        for r in con.execute(forward, params):
+            rows.append(tuple(r))
+        return rows, True
+    except sqlite3.DatabaseError:
+        pass
+    seen = set(rows)
+    try:
+        for r in con.execute(backward, params):
+            t = tuple(r)
+            if t in seen:
+                break
+            rows.append(t)
+    except sqlite3.DatabaseError:
+        pass
+    return rows, False
 
 
 def claimed_pages(con: sqlite3.Connection) -> tuple[set[int], set[str]]:

@@ -29,6 +29,7 @@ and the recorded embedding function are kept.
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import json
 import os
@@ -48,6 +49,8 @@ from safechroma.storage.hnsw import salvage_vectors
 from safechroma.storage.sqlite_pages import (
     claimed_pages,
     page_size_of,
+    read_both_ends,
+    read_ranges,
     read_table,
     readable_copy,
     scan_leaf_pages,
@@ -205,6 +208,10 @@ class CollectionSalvage:
         lost: Ids with no vector anywhere (kept in ``lost_file``).
         spurious: Rows the page scanner found that validation rejected.
         lost_file: JSON file with the lost records' ids, documents and metadata.
+        incomplete: Records that did not come back whole: ``{"id", "missing", "missing_keys",
+            "rebuilt"}``, ``missing`` naming ``"vector"``, ``"document"``, ``"metadata"``
+            (``missing_keys``: the metadata keys known to be lost, when known); ``rebuilt``
+            says whether the record is in the rebuilt collection (without a vector it is not).
     """
 
     name: str
@@ -216,6 +223,7 @@ class CollectionSalvage:
     lost: list[str] = field(default_factory=list)
     spurious: int = 0
     lost_file: str | None = None
+    incomplete: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -230,6 +238,11 @@ class SqliteSalvage:
         rows: Per table: ``[rows read through SQLite, rows recovered by the scanner]``.
         collections: One entry per collection.
         steps: Log of the steps done.
+        incomplete_records: Records that did not come back whole (see
+            :attr:`CollectionSalvage.incomplete`); 0 only when every record known to have
+            existed came back with its vector, document and metadata.
+        losses_file: ``<backup>/incomplete-records.json``, naming each of them and what it
+            lacks, with what did come back (``None`` when nothing is incomplete, or a dry run).
     """
 
     path: str
@@ -240,6 +253,8 @@ class SqliteSalvage:
     rows: dict[str, list[int]] = field(default_factory=dict)
     collections: list[CollectionSalvage] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
+    incomplete_records: int = 0
+    losses_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict."""
@@ -277,8 +292,11 @@ def _seq(v: Any) -> int:
 # ---- reading --------------------------------------------------------------------------------
 
 
-def _read_all(copy: str, out: SqliteSalvage) -> dict[str, dict[int, tuple[Any, ...]]]:
-    """Every table of :data:`COLUMNS`, as ``{rowid: row}``, from SQLite and the page scanner."""
+def _read_all(
+    copy: str, out: SqliteSalvage
+) -> tuple[dict[str, dict[int, tuple[Any, ...]]], _Index]:
+    """Every table of :data:`COLUMNS`, as ``{rowid: row}``, from SQLite, the page scanner and
+    the indexes (:func:`_from_indexes`)."""
     tables: dict[str, dict[int, tuple[Any, ...]]] = {t: {} for t in COLUMNS}
     complete: dict[str, bool] = {t: False for t in COLUMNS}
     con = sqlite3.connect(f"file:{os.path.abspath(copy)}?mode=ro", uri=True, timeout=1.0)
@@ -303,9 +321,23 @@ def _read_all(copy: str, out: SqliteSalvage) -> dict[str, dict[int, tuple[Any, .
             claimed, failed = set(), set(COLUMNS)
         for t in failed & set(COLUMNS):
             complete[t] = False
+        out.rows = {t: [len(tables[t]), 0] for t in COLUMNS}
+        _scan(copy, tables, complete, claimed, out)
+        index = _from_indexes(con, tables, complete, out)
     finally:
         con.close()
-    out.rows = {t: [len(tables[t]), 0] for t in COLUMNS}
+    tables["_complete"] = {i: (t,) for i, t in enumerate(t for t in COLUMNS if complete[t])}
+    return tables, index
+
+
+def _scan(
+    copy: str,
+    tables: dict[str, dict[int, tuple[Any, ...]]],
+    complete: dict[str, bool],
+    claimed: set[int],
+    out: SqliteSalvage,
+) -> None:
+    """Rows of incomplete tables from the leaf pages no readable b-tree claims."""
     want = [t for t in _SHAPES if not complete[t]]
     if want:
         for _page, rowid, rec in scan_leaf_pages(copy, page_size_of(copy), skip=claimed):
@@ -321,8 +353,122 @@ def _read_all(copy: str, out: SqliteSalvage) -> dict[str, dict[int, tuple[Any, .
                 tables.setdefault("_scanned_" + t, {})[rowid] = ()
                 out.rows[t][1] += 1
                 break
-    tables["_complete"] = {i: (t,) for i, t in enumerate(t for t in COLUMNS if complete[t])}
-    return tables
+
+
+@dataclass
+class _Index:
+    """What Chroma's own indexes say about rows whose table pages were lost.
+
+    ``meta_keys``: ``embeddings`` rowid -> the metadata keys it has (the primary-key index of
+    ``embedding_metadata``, ``(id, key, rowid)``); ``keys_failed``: the rowid ranges of it
+    that could not be read (there, what a record had is unknown); ``keys_complete``: the
+    index was read whole.
+    """
+
+    meta_keys: dict[int, set[str]] = field(default_factory=dict)
+    keys_failed: list[tuple[int, int]] = field(default_factory=list)
+    keys_complete: bool = False
+
+    def keys_known(self, rowid: int) -> bool:
+        """Whether the index was read for this record."""
+        if self.keys_complete:
+            return True
+        i = bisect.bisect_right(self.keys_failed, (rowid, 1 << 62)) - 1
+        return not (i >= 0 and self.keys_failed[i][0] <= rowid <= self.keys_failed[i][1])
+
+
+# Chroma's indexes over embedding_metadata values (schema of chromadb 1.5.9); bool_value has none.
+_VALUE_INDEXES = (
+    ("embedding_metadata_string_value", "string_value", 2),
+    ("embedding_metadata_int_value", "int_value", 3),
+    ("embedding_metadata_float_value", "float_value", 4),
+)
+
+
+def _from_indexes(
+    con: sqlite3.Connection,
+    tables: dict[str, dict[int, tuple[Any, ...]]],
+    complete: dict[str, bool],
+    out: SqliteSalvage,
+) -> _Index:
+    """Fill rows lost with their table pages from the indexes that hold a copy of them.
+
+    An index b-tree lives on other pages than its table, so damage often spares one of the
+    two (issue 21). ``embeddings`` has a unique index on ``(segment_id, embedding_id)`` with
+    the rowid: every record's id and rowid. ``embedding_metadata`` has its primary key
+    ``(id, key)`` with the rowid, and one index per value column ``(key, value)`` with the
+    rowid: joined on the rowid they give back the row itself, except for booleans (no index).
+    The key index also says exactly which keys each record had, so what could not be brought
+    back is known per record rather than guessed.
+    """
+    index = _Index()
+    found = {"embeddings": 0, "embedding_metadata": 0}
+    if not complete["embeddings"]:
+        emb = tables["embeddings"]
+        for seg in {r[0] for r in tables["segments"].values() if r[1] == METADATA_SEGMENT_TYPE}:
+            q = (
+                "SELECT rowid, embedding_id FROM embeddings INDEXED BY "
+                "sqlite_autoindex_embeddings_1 WHERE segment_id = ? ORDER BY embedding_id"
+            )
+            rows, _whole = read_both_ends(con, q, q + " DESC", (seg,))
+            scanned = tables.get("_scanned_embeddings", {})
+            for rowid, eid in rows:
+                if not (isinstance(rowid, int) and isinstance(eid, str)):
+                    continue
+                if rowid not in emb:
+                    emb[rowid] = (rowid, seg, eid, None, None)
+                    found["embeddings"] += 1
+                elif emb[rowid][1:3] == (seg, eid):
+                    scanned.pop(rowid, None)  # the live index confirms the scanned row
+    if complete["embedding_metadata"]:
+        index.keys_complete = True
+    else:
+        q = (
+            "SELECT id, key, rowid FROM embedding_metadata INDEXED BY "
+            "sqlite_autoindex_embedding_metadata_1 WHERE id BETWEEN ? AND ? ORDER BY id"
+        )
+        try:
+            lo, hi = con.execute(
+                "SELECT min(id), max(id) FROM embedding_metadata INDEXED BY "
+                "sqlite_autoindex_embedding_metadata_1"
+            ).fetchone()
+            lo, hi = (int(lo), int(hi)) if lo is not None else (1, 0)
+        except (sqlite3.DatabaseError, TypeError, ValueError):
+            lo, hi = 0, 1 << 40
+        try:
+            rows, index.keys_failed = read_ranges(con, q, lo, hi)
+        except sqlite3.DatabaseError:
+            rows, index.keys_failed = [], [(0, 1 << 62)]
+        index.keys_complete = not index.keys_failed
+        meta = tables["embedding_metadata"]
+        lost: dict[int, tuple[int, str]] = {}
+        for eid, key, rowid in rows:
+            if not (isinstance(eid, int) and isinstance(key, str) and isinstance(rowid, int)):
+                continue
+            index.meta_keys.setdefault(eid, set()).add(key)
+            if rowid not in meta:
+                lost[rowid] = (eid, key)
+        for name, col, pos in _VALUE_INDEXES if lost else ():
+            for key in sorted({k for _e, k in lost.values()}):
+                q = (
+                    f"SELECT rowid, {col} FROM embedding_metadata INDEXED BY {name} "
+                    f"WHERE key = ? AND {col} IS NOT NULL ORDER BY {col}"
+                )
+                try:
+                    vals, _whole = read_both_ends(con, q, q + " DESC", (key,))
+                except sqlite3.DatabaseError:
+                    continue
+                for rowid, value in vals:
+                    if rowid in lost and rowid not in meta and lost[rowid][1] == key:
+                        row: list[Any] = [lost[rowid][0], key, None, None, None, None]
+                        row[pos] = value
+                        meta[rowid] = tuple(row)
+                        found["embedding_metadata"] += 1
+    for t, n in found.items():
+        if n:
+            out.rows[t][1] += n
+            out.steps.append(f"{t}: {n} rows from its indexes")
+    return index
 
 
 # ---- assembling -------------------------------------------------------------------------------
@@ -343,11 +489,14 @@ def _bordering_gaps(rows: dict[int, tuple[Any, ...]]) -> set[int]:
     """Records (``embeddings`` rowids) whose metadata rows border rows that were not recovered.
 
     A record's metadata rows are inserted together, so their rowids are consecutive; when some
-    of them were on a lost page, the record's recovered rows sit next to a gap. A deleted
-    record leaves a gap too, so this over-reports (only used when the table was damaged).
+    of them were on a lost page, the record's recovered rows sit next to a gap, or are the
+    first or last rows recovered (a truncated file loses the rows above: issue 21 found a
+    record that kept its document row and lost the two after it). A deleted record leaves a
+    gap too, so this over-reports (only used when the table was damaged and its key index
+    could not say).
     """
     ids = sorted(rows)
-    out: set[int] = set()
+    out: set[int] = {rows[ids[0]][0], rows[ids[-1]][0]} if ids else set()
     for a, b in zip(ids, ids[1:], strict=False):
         if b - a > 1:
             out.add(rows[a][0])
@@ -379,7 +528,7 @@ def _hnsw_config(schema_str: Any) -> dict[str, Any]:
 
 
 def _assemble(
-    root: str, tables: dict[str, dict[int, tuple[Any, ...]]], state_backup: str
+    root: str, tables: dict[str, dict[int, tuple[Any, ...]]], index: _Index
 ) -> list[dict[str, Any]]:
     complete = {v[0] for v in tables["_complete"].values()}
     scanned_emb = set(tables.get("_scanned_embeddings", {}))
@@ -434,9 +583,11 @@ def _assemble(
                 md = json.loads(mjson) if mjson else None
             except ValueError:
                 md = None
-            if op in (0, 2) and isinstance(md, dict):
+            if op in (0, 2) and (md is None or isinstance(md, dict)):
+                # An add or upsert carries the whole record: from here the WAL holds all of it
+                # (no metadata: it had none).
                 if op == 2 or ident not in wal_meta:
-                    wal_meta[ident] = dict(md)
+                    wal_meta[ident] = dict(md or {})
             elif op == 1 and isinstance(md, dict):
                 wal_meta.setdefault(ident, {}).update(md)
             if _seq(seq) <= start:
@@ -451,6 +602,8 @@ def _assemble(
                 wal_meta.pop(ident, None)
         embeddings_complete = "embeddings" in complete
         meta_complete = "embedding_metadata" in complete
+        fts = tables["embedding_fulltext_search_content"]
+        fts_complete = "embedding_fulltext_search_content" in complete
         doubtful = set() if meta_complete else _bordering_gaps(tables["embedding_metadata"])
         records: list[dict[str, Any]] = []
         lost: list[dict[str, Any]] = []
@@ -468,27 +621,50 @@ def _assemble(
                 spurious += 1  # a stale copy (free page) of a record that has no vector
                 continue
             md = dict(by_rowid_meta.get(rid, {})) if rid is not None else {}
-            partial = False
-            if (not md and (not meta_complete or rid is None)) or rid is None or rid in doubtful:
-                if ident in wal_meta:
-                    # What the table still holds is exact; the WAL's copy fills the rest
-                    # (Chroma's WAL keeps floats at lower precision: 90.33333333333331).
-                    md = {**wal_meta[ident], **md}
-                else:
-                    partial = True
+            had_rows = bool(md)
+            # The keys the record had, when something still says so exactly: the table read
+            # whole, or its key index read over this record (issue 21).
+            expected: set[str] | None = None
+            if rid is not None and meta_complete:
+                expected = set(md)
+            elif rid is not None and index.keys_known(rid):
+                expected = set(index.meta_keys.get(rid, set()))
+            in_doubt = expected is None and (rid is None or not had_rows or rid in doubtful)
+            if (in_doubt or (expected is not None and expected - set(md))) and ident in wal_meta:
+                # What the table still holds is exact; the WAL's copy fills the rest
+                # (Chroma's WAL keeps floats at lower precision: 90.33333333333331).
+                md = {**wal_meta[ident], **md}
+                in_doubt = False
             doc = md.pop("chroma:document", None)
             if doc is None and rid is not None and not meta_complete:
-                fts = tables["embedding_fulltext_search_content"].get(rid)
-                doc = fts[1] if fts else None
+                row = fts.get(rid)
+                doc = row[1] if row else None
+            have = set(md) | ({"chroma:document"} if isinstance(doc, str) else set())
+            missing: list[str] = []
+            missing_keys: list[str] = []
+            if expected is not None:
+                missing_keys = sorted(expected - have)
+                if "chroma:document" in missing_keys:
+                    missing.append("document")
+                if any(k != "chroma:document" for k in missing_keys):
+                    missing.append("metadata")
+            elif in_doubt:
+                # Nothing says what the record had: name it, do not guess it whole.
+                if doc is None and not (fts_complete and rid is not None):
+                    missing.append("document")
+                missing.append("metadata")
             md = {k: v for k, v in md.items() if not k.startswith("chroma:")}
             rec: dict[str, Any] = {
                 "id": ident,
                 "document": doc if isinstance(doc, str) else None,
                 "metadata": md or None,
-                "partial": partial,
+                "partial": "metadata" in missing,
+                "missing": missing,
+                "missing_keys": missing_keys,
                 "order": rid if rid is not None else (1 << 62) + len(records),
             }
             if vec is None:
+                rec["missing"] = ["vector", *missing]
                 lost.append(rec)
             else:
                 rec["vector"] = vec
@@ -686,13 +862,13 @@ def _salvage(
         note("backup", {"backup_dir": final})
 
     copy, out.header_rewritten = readable_copy(db, os.path.join(work, "damaged-copy.sqlite3"))
-    tables = _read_all(copy, out)
+    tables, index = _read_all(copy, out)
     out.steps.append("read " + ", ".join(f"{t} {a}+{b}" for t, (a, b) in out.rows.items()))
     note("read", {"rows": out.rows})
     if not tables["collections"]:
         out.message = "no collection could be read from chroma.sqlite3; nothing was changed"
         return out
-    plans = _assemble(root, tables, out.backup_dir or work)
+    plans = _assemble(root, tables, index)
     for p in plans:
         cs = CollectionSalvage(
             name=p["name"],
@@ -702,13 +878,27 @@ def _salvage(
             partial=[r["id"] for r in p["records"] if r["partial"]],
             lost=[r["id"] for r in p["lost"]],
             spurious=p["spurious"],
+            incomplete=[
+                {
+                    "id": r["id"],
+                    "missing": r["missing"],
+                    "missing_keys": r["missing_keys"],
+                    "rebuilt": "vector" not in r["missing"],
+                }
+                for r in (*p["records"], *p["lost"])
+                if r["missing"]
+            ],
         )
         out.collections.append(cs)
+    out.incomplete_records = sum(len(c.incomplete) for c in out.collections)
     if dry_run:
         out.status = "planned"
         out.message = _summary(out, "would rebuild")
         return out
     assert out.backup_dir is not None
+    if out.incomplete_records:
+        out.losses_file = _write_losses(out, plans)
+        out.steps.append(f"{out.incomplete_records} incomplete records listed in {out.losses_file}")
     for p, cs in zip(plans, out.collections, strict=True):
         if p["lost"]:
             cs.lost_file = os.path.join(out.backup_dir, f"sqlite-lost-{p['old_id']}.json")
@@ -759,19 +949,53 @@ def _salvage(
     return out
 
 
+LOSSES_FILE = "incomplete-records.json"
+
+
+def _write_losses(out: SqliteSalvage, plans: list[dict[str, Any]]) -> str:
+    """``<backup>/incomplete-records.json``: every record that did not come back whole, what it
+    lacks, and what of it did come back (to put it back by hand)."""
+    assert out.backup_dir is not None
+    records = []
+    for p in plans:
+        for r in (*p["records"], *p["lost"]):
+            if r["missing"]:
+                records.append(
+                    {
+                        "collection": p["name"],
+                        "id": r["id"],
+                        "missing": r["missing"],
+                        "missing_keys": r["missing_keys"],
+                        "rebuilt": "vector" not in r["missing"],
+                        "document": r["document"],
+                        "metadata": r["metadata"],
+                    }
+                )
+    path = os.path.join(out.backup_dir, LOSSES_FILE)
+    doc = {"path": out.path, "backup_dir": out.backup_dir, "count": len(records)}
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump({**doc, "records": records}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def _summary(out: SqliteSalvage, verb: str) -> str:
     rec = sum(c.recovered for c in out.collections)
     known = sum(c.known for c in out.collections)
     lost = sum(len(c.lost) for c in out.collections)
-    part = sum(len(c.partial) for c in out.collections)
     s = (
         f"chroma.sqlite3 salvaged: {verb} {len(out.collections)} collection(s), "
         f"{rec} of {known} records with their vectors"
     )
-    if part:
-        s += f" ({part} whose metadata may be incomplete)"
+    if out.incomplete_records:
+        s += f"; {out.incomplete_records} records incomplete"
+        if out.losses_file:
+            s += f", listed in {out.losses_file}"
     if lost:
-        s += f"; {lost} records have no vector anywhere (kept in the backup)"
+        s += f" ({lost} with no vector anywhere, not rebuilt)"
     if out.backup_dir:
         s += f"; backup in {out.backup_dir}"
     return s
@@ -784,14 +1008,22 @@ def repair_sqlite(
 
     What :func:`~safechroma.storage.recovery.repair_directory` returns for a damaged
     ``chroma.sqlite3``: each collection's ``salvaged`` counts the records rebuilt with their
-    vector, ``not_recovered`` names the records with no vector anywhere.
+    vector, ``not_recovered`` names the records with no vector anywhere;
+    ``incomplete_records`` and ``losses_file`` count and list every record that did not come
+    back whole; a repair that left any behind records that in ``.safechroma/losses.json``
+    (:func:`~safechroma.storage.recovery.record_losses`).
     """
-    from safechroma.storage.recovery import CollectionRepair, RepairReport
+    from safechroma.storage.recovery import CollectionRepair, RepairReport, record_losses
 
     s = salvage_sqlite(path, dry_run=dry_run, progress=progress)
     rep = RepairReport(path=s.path, status=s.status, message=s.message, dry_run=dry_run)
     rep.backup_dir = s.backup_dir
     rep.steps = list(s.steps)
+    rep.incomplete_records = s.incomplete_records
+    rep.losses_file = s.losses_file
+    if s.status == "repaired" and s.losses_file:
+        marker = record_losses(s.path, s.losses_file, s.incomplete_records)
+        rep.steps.append(f"losses recorded in {marker}")
     for c in s.collections:
         rep.collections.append(
             CollectionRepair(
@@ -803,6 +1035,7 @@ def repair_sqlite(
                 records=c.known,
                 salvaged=c.recovered,
                 not_recovered=list(c.lost),
+                incomplete_records=len(c.incomplete),
             )
         )
     return rep
