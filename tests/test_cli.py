@@ -111,7 +111,8 @@ def test_repair_that_had_to_remove_records_says_so_and_exits_1(
     healthy_dir: str, tmp_path: Path
 ) -> None:
     """Records whose vectors exist nowhere (index zeroed, WAL purged) are removed and saved;
-    the repair reports them and exits 1 although the directory is healthy again."""
+    the repair reports them and exits 1 although the directory is healthy again, and check says
+    so until the losses are acknowledged (issue 21)."""
     d = str(tmp_path / "z")
     shutil.copytree(healthy_dir, d)
     cd.corrupt(d, "data_zeroed")
@@ -123,7 +124,10 @@ def test_repair_that_had_to_remove_records_says_so_and_exits_1(
     )
     assert p.returncode == 1, p.stdout + p.stderr
     assert "removed" in p.stdout and ".removed.json" in p.stdout
-    assert "after repair: healthy" in p.stdout
+    assert "REPAIRED WITH LOSSES" in p.stdout and "after repair: files healthy" in p.stdout
+    assert "after repair: healthy" not in p.stdout
     saved = [f for f in Path(d, ".safechroma", "backups").rglob("*.removed.json")]
     assert saved and saved[0].stat().st_size > 0
+    assert main(["check", d]) == 1
+    assert main(["check", d, "--ack-losses"]) == 0
     assert main(["check", d]) == 0

@@ -51,7 +51,14 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click import ClickException  # type: ignore[assignment,unused-ignore]
 
 from safechroma._env import private_env
-from safechroma.storage.recovery import pending_salvage_files, repair_directory
+from safechroma.storage.recovery import (
+    acknowledge_losses,
+    pending_salvage_files,
+    record_losses,
+    repair_directory,
+    roll_back_hot_journal,
+    unacknowledged_losses,
+)
 from safechroma.storage.validate import DirectoryReport, check_directory
 
 LOCK_NAME = ".safechroma.lock"
@@ -299,7 +306,9 @@ def _lock(path: str) -> int | None:
         "  safechroma check ./chroma-data\n\n"
         "  safechroma check ./chroma-data --quick\n\n"
         "  safechroma check ./chroma-data --json | jq .status\n\n"
-        "Exit codes: 0 healthy, 1 damaged, 2 cannot check (not a Chroma directory, SQLite busy), "
+        "  safechroma check ./chroma-data --ack-losses   # after reading the losses file\n\n"
+        "Exit codes: 0 healthy, 1 damaged or an earlier repair lost records (until "
+        "--ack-losses), 2 cannot check (not a Chroma directory, SQLite busy), "
         "3 written by a newer chromadb."
     )
 )
@@ -309,18 +318,61 @@ def check(
     quick: Annotated[
         bool, typer.Option("--quick", help="Headers, sizes and pickles only (no full walk).")
     ] = False,
+    ack_losses: Annotated[
+        bool,
+        typer.Option(
+            "--ack-losses",
+            help="Acknowledge the records an earlier repair could not bring back whole "
+            "(.safechroma/losses.json is renamed, not deleted), then check.",
+        ),
+    ] = False,
 ) -> int:
     """Validate a directory: SQLite, every HNSW index, labels, the WAL. Reads only."""
+    acked = acknowledge_losses(path) if ack_losses else None
+    losses = unacknowledged_losses(path)
     if json_out:
         rep = check_directory(path, deep=not quick)
-        print(json.dumps(rep.to_dict(), indent=1))
+        doc = rep.to_dict()
+        doc["losses"] = losses
+        doc["losses_acknowledged"] = acked
+        if losses is not None and rep.status == "healthy":
+            doc["status"] = "losses"  # the files are sound, but records were lost: not healthy
+        print(json.dumps(doc, indent=1))
     else:
         rep = _checked(path, deep=not quick)
         if _is_terminal(sys.stdout):
             render_check(rep, _stdout())
         else:
             _plain_check(rep, sys.stdout)
+        _print_losses(path, losses, acked)
+    if losses is not None and rep.status == "healthy":
+        return 1
     return _EXIT[rep.status]
+
+
+def _print_losses(path: str, losses: dict[str, Any] | None, acked: str | None) -> None:
+    """The check's line about records an earlier repair could not bring back whole."""
+    lines: list[Text] = []
+    if acked:
+        lines.append(Text(f"  losses acknowledged (marker kept as {acked})"))
+    if losses is not None:
+        files = ", ".join(losses.get("files") or []) or "(unknown)"
+        count = losses.get("count")
+        lines.append(
+            Text.assemble(
+                ("LOSSES", "bold red"),
+                f"  {count if count is not None else '?'} records did not come back whole in "
+                f"an earlier repair; listed in {files}"
+                + (f" ({losses['error']})" if losses.get("error") else "")
+                + f". After dealing with them: safechroma check {path} --ack-losses",
+            )
+        )
+    if _is_terminal(sys.stdout):
+        for line in lines:
+            _stdout().print(line)
+    else:
+        for line in lines:
+            print(line.plain)
 
 
 def _index_bytes(segment_path: str | None) -> int:
@@ -444,6 +496,10 @@ def repair(
 
 
 def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
+    # A hot journal (a writer killed inside a transaction) is undone as SQLite and Chroma
+    # would on their next open, after a backup; until then a read-only check cannot judge
+    # the file (issue 21).
+    journal_backup = None if dry_run else roll_back_hot_journal(path)
     before = (
         check_directory(path, wal_coverage=True) if json_out else _checked(path, wal_coverage=True)
     )
@@ -461,6 +517,7 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
         rep = repair_directory(path, before, dry_run=dry_run, progress=note)
         pending = [] if dry_run else pending_salvage_files(path)
         applied: list[dict[str, Any]] = []
+        removed_records: list[dict[str, Any]] = []
         if pending:
             note("write-back", {"files": len(pending)})
             rc, lines, err = _write_back(path, pending, bar, task)
@@ -471,21 +528,44 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
                 )
                 return 1
             applied = json.loads(lines[-1][7:])
+            for a in applied:
+                if a.get("removed"):
+                    # Removed because their vectors exist nowhere: they did not come back
+                    # whole (issue 21), even if reembed can put them back later.
+                    saved = f"{a['salvage_file']}.removed.json"
+                    record_losses(path, saved, len(a["removed"]))
+                    rep.incomplete_records += len(a["removed"])
+                    rep.losses_file = rep.losses_file or saved
+                    removed_records += [
+                        {"collection": a["collection"], "id": i, "missing": ["vector"]}
+                        for i in a["removed"]
+                    ]
         after = None
         if not dry_run and rep.status != "nothing_to_do":
             note("checking the result", {})
             after = check_directory(path)
+    incomplete = removed_records or _incomplete_records(rep.losses_file)
     if json_out:
         result = {
             "repair": rep.to_dict(),
             "applied": applied,
             "after": after.to_dict() if after else None,
+            "journal_backup": journal_backup,
+            "incomplete_records": rep.incomplete_records,
+            "losses_file": rep.losses_file,
+            "incomplete": incomplete,
         }
         print(json.dumps(result, indent=1))
     else:
-        _print_repair(path, rep, applied, after)
+        if journal_backup:
+            print(
+                f"rolled back an unfinished transaction (hot journal); backup in {journal_backup}"
+            )
+        _print_repair(path, rep, applied, after, incomplete)
     if rep.status == "not_repairable":
         return 1
+    if rep.incomplete_records:
+        return 1  # records did not come back whole (issue 21): never a plain success
     if after is not None and after.status != "healthy":
         return 1
     if any(s.get("removed") for s in applied):
@@ -525,14 +605,48 @@ def _write_back(
         return rc, results, err.read()
 
 
+def _incomplete_records(losses_file: str | None) -> list[dict[str, Any]]:
+    """The records a repair listed as incomplete: collection, id, what is missing."""
+    if not losses_file:
+        return []
+    try:
+        with open(losses_file, "rb") as f:
+            records = json.loads(f.read())["records"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [{"error": f"cannot read {losses_file}"}]
+    return [
+        {k: r.get(k) for k in ("collection", "id", "missing", "missing_keys", "rebuilt")}
+        for r in records
+    ]
+
+
+# How many incomplete records the text output names one by one; the rest are in the file.
+_NAMED = 100
+
+
 def _print_repair(
-    path: str, rep: Any, applied: list[dict[str, Any]], after: DirectoryReport | None
+    path: str,
+    rep: Any,
+    applied: list[dict[str, Any]],
+    after: DirectoryReport | None,
+    incomplete: list[dict[str, Any]] | None = None,
 ) -> None:
     lines: list[Text] = []
     style = {"repaired": "bold green", "nothing_to_do": "bold green", "planned": "bold cyan"}.get(
         rep.status, "bold red"
     )
-    lines.append(Text.assemble((rep.status.upper(), style), f": {rep.message}"))
+    word = rep.status.upper()
+    if rep.incomplete_records:
+        # Issue 21: never "REPAIRED" alone when records did not come back whole.
+        word = f"{word} WITH LOSSES" if rep.status != "planned" else "PLANNED WITH LOSSES"
+        style = "bold red"
+        where = f", listed in {rep.losses_file}" if rep.losses_file else ""
+        lines.append(
+            Text.assemble((word, style), f": {rep.incomplete_records:,} records incomplete{where}")
+        )
+        lines.append(Text(f"  {rep.message}"))
+    else:
+        lines.append(Text.assemble((word, style), f": {rep.message}"))
     for c in rep.collections:
         covers = {True: "yes", False: "no", None: "unknown"}[c.wal_covers_all]
         lines.append(
@@ -559,8 +673,26 @@ def _print_repair(
             )
         for r in s["not_recovered"][:10]:
             lines.append(Text(f"      {r['id']}: {str(r['document'])[:60]!r}"))
+    for r in (incomplete or [])[:_NAMED]:
+        lines.append(
+            Text(
+                f"      {r.get('collection')}/{r.get('id')}: missing "
+                f"{', '.join(r.get('missing') or ['?'])}"
+                + (f" (keys {', '.join(r['missing_keys'])})" if r.get("missing_keys") else "")
+            )
+        )
+    if incomplete and len(incomplete) > _NAMED:
+        lines.append(Text(f"      ... {len(incomplete) - _NAMED:,} more in {rep.losses_file}"))
     if after is not None:
-        lines.append(Text.assemble("  after repair: ", (after.status, _STATUS_STYLE[after.status])))
+        status = Text(after.status, _STATUS_STYLE[after.status])
+        if rep.incomplete_records and after.status == "healthy":
+            status = Text.assemble(
+                ("files healthy", "green"),
+                "; ",
+                (f"{rep.incomplete_records:,} records incomplete", "bold red"),
+                f" (until `safechroma check {path} --ack-losses`)",
+            )
+        lines.append(Text.assemble("  after repair: ", status))
     if _is_terminal(sys.stdout):
         console = _stdout()
         for line in lines:
