@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
+from pydantic import ValidationError
 
 EF_NAME = "hash_ef"
+# How long a session's processes may outlive the program before the session kills them: a warm
+# shared worker stays up to keep_warm (10 s by default) after a program that exited.
+GRACE = 15.0
 DIM = 16
 
 LAUNCHER = '''\
@@ -248,6 +253,9 @@ class Server:
         self.program_pid = 0
         self.root = 0
         self.seen: set[int] = set()  # every process seen under the session's first process
+        self.outlived: dict[int, str] = {}  # what was still alive GRACE s after the program
+        self.ended_after = 0.0  # seconds from the program's end to the last process's
+        self.stdout: list[str] = []  # the program's stdout lines that are not MCP messages
         self._stack = contextlib.AsyncExitStack()
         self.session: ClientSession
 
@@ -261,8 +269,9 @@ class Server:
                 stdio_client(self.params, errlog=errlog)
             )
             self.root = self._find_root(before)
+            messages = await self._sort_stdout(read)
             self.session = await self._stack.enter_async_context(
-                ClientSession(read, write, read_timeout_seconds=timedelta(seconds=self.timeout))
+                ClientSession(messages, write, read_timeout_seconds=timedelta(seconds=self.timeout))
             )
             with anyio.fail_after(self.timeout):
                 await self.session.initialize()
@@ -274,11 +283,36 @@ class Server:
             raise
         return self
 
+    async def _sort_stdout(
+        self, read: MemoryObjectReceiveStream[Any]
+    ) -> MemoryObjectReceiveStream[Any]:
+        """Pass the program's MCP messages on; keep every other stdout line in ``self.stdout``
+        (the mcp client reads each line as a message and turns the others into exceptions)."""
+        send, receive = anyio.create_memory_object_stream[Any](0)
+        self._stack.enter_context(receive)
+
+        async def forward() -> None:
+            async with send, read:
+                async for item in read:
+                    if isinstance(item, ValidationError):
+                        self.stdout.append(str(item.errors()[0].get("input")))
+                    else:
+                        await send.send(item)
+
+        tg = await self._stack.enter_async_context(anyio.create_task_group())
+        self._stack.callback(tg.cancel_scope.cancel)
+        tg.start_soon(forward)
+        return receive
+
     def _find_root(self, before: set[int]) -> int:
         new = children(os.getpid()) - before
         mine = [p for p in new if cmdline(p)[: len(self.params.args) + 1][1:] == self.params.args]
         assert len(mine) == 1, f"cannot tell the server among new children {new}"
         return mine[0]
+
+    def _hung(self) -> None:
+        self.outlived[self.root] = "did not end 30 s after SIGTERM: " + " ".join(cmdline(self.root))
+        _kill(self.root)
 
     def track(self) -> set[int]:
         """Note every process now under the session's first process; returns them."""
@@ -291,22 +325,29 @@ class Server:
             self.track()
         # The mcp client sends SIGTERM to the process it started and waits for it; a program
         # that ignores SIGTERM gets SIGKILL after a while instead of hanging the test.
-        watchdog = threading.Timer(30.0, _kill, (self.root,))
+        watchdog = threading.Timer(30.0, self._hung)
         watchdog.start()
         try:
             await self._stack.aclose()
-        except BaseException as exc:
+        except BaseException as err:
             # The client's SIGTERM finds no process when the program already died.
-            if not _only(exc, ProcessLookupError) or alive(self.root):
+            if not _only(err, ProcessLookupError) or alive(self.root):
                 raise
         finally:
             watchdog.cancel()
             # A worker may outlive its program for a while by design (a warm shared worker);
             # give it that while, then end whatever this session started, by pid.
-            left = wait_gone(self.seen, 15.0)
+            ended = time.monotonic()
+            left = wait_gone(self.seen, GRACE)
+            self.ended_after = time.monotonic() - ended
             for pid in left:
+                self.outlived[pid] = " ".join(cmdline(pid))[:300]
                 _kill(pid)
             wait_gone(left, 5.0)
+        if self.outlived and exc[0] is None:
+            raise AssertionError(
+                f"processes outlived the program by more than {GRACE} s: {self.outlived}"
+            )
 
     async def call(self, tool: str, **arguments: Any) -> Any:
         """Call ``tool``; returns its JSON result decoded (or the text when it is not JSON).
