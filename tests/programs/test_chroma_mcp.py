@@ -66,6 +66,7 @@ def doc(i: int) -> str:
 
 FIRST = range(0, 40)
 LATER = range(40, 50)
+MORE = range(50, 60)
 QUERIES = [doc(3), doc(17), doc(39), "what did we decide about locks?", "zzz"]
 K = 5
 
@@ -150,19 +151,21 @@ def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
 # -- which process holds what ---------------------------------------------------------------
 
 
-def the_worker(s: Server, data_dir: str) -> int:
+def the_worker(s: Server, data_dir: str, *, own: bool = True) -> int:
     """The one process that has ``<data_dir>/chroma.sqlite3`` open, checked against the lock
     file and against the program: it is never the program or anything else of its tree.
 
     The check reads ``/proc/<pid>/fd`` and ``/proc/<pid>/maps`` of every process of the
     session's tree (the program, safechroma's template and workers), and of every process on
-    the machine for ``chroma.sqlite3``.
+    the machine for ``chroma.sqlite3``. ``own``: the worker is this session's to end if it
+    outlives the program (not when another program's session started it).
     """
     db = os.path.join(data_dir, "chroma.sqlite3")
     owners = holders(db)
     assert len(owners) == 1, f"{db} is open in {sorted(owners)}: one owner expected"
     (worker,) = owners
-    s.seen.add(worker)  # the session ends it if it outlives the program
+    if own:
+        s.seen.add(worker)
     assert worker != s.program_pid, "the program itself opened chroma.sqlite3"
     with open(os.path.join(data_dir, ".safechroma.lock")) as f:
         lock_pid = f.read().split("\n")[0]
@@ -244,8 +247,9 @@ def test_program_never_opens_chroma_sqlite(tmp_path: Path, launcher: tuple[str, 
 def test_sigkilled_worker_same_answers_and_writes_land(
     tmp_path: Path, launcher: tuple[str, str]
 ) -> None:
-    """SIGKILL the worker between calls: the next reads give the same answers (the registered
-    embedding function works in the new worker), the next write lands, one line on stderr."""
+    """SIGKILL the worker between calls, twice: after the first death the next call is a read
+    (same answers: the registered embedding function works in the new worker), after the
+    second a write (it lands); each death is one line on stderr naming the pid and signal."""
     data = str(tmp_path / "db")
     errlog = tmp_path / "stderr.log"
 
@@ -254,27 +258,39 @@ def test_sigkilled_worker_same_answers_and_writes_land(
             await create_and_add(s, FIRST)
             before = await answers(s)
             assert_answers(before, FIRST)
-            for round_ in range(2):  # the second death hits a worker that itself replaced one
-                worker = the_worker(s, data)
-                seen = len(stderr_lines(errlog))
-                os.kill(worker, signal.SIGKILL)
-                assert not wait_gone({worker}, 10.0)
-                after = await answers(s)
-                assert_same(after, before)
-                assert alive(s.program_pid)
-                replacement = the_worker(s, data)
-                assert replacement != worker
-                lines = new_events(errlog, seen)
-                assert len(lines) == 1, f"one line per worker death, got {lines}"
-                assert "SIGKILL" in lines[0] and str(worker) in lines[0], lines[0]
-                if round_ == 0:
-                    await add(s, LATER)
-                    before = await answers(s)
-                    assert_answers(before, range(0, 50))
-            # The write after the first death is still there after the second.
+
+            worker, seen = killed(s, data, errlog)
+            assert_same(await answers(s), before)
+            await add(s, LATER)
             assert_answers(await answers(s), range(0, 50))
+            check_death_told(s, data, errlog, worker, seen)
+
+            worker, seen = killed(s, data, errlog)
+            await add(s, MORE)
+            assert_answers(await answers(s), range(0, 60))
+            check_death_told(s, data, errlog, worker, seen)
 
     run(scenario)
+
+
+def killed(s: Server, data_dir: str, errlog: Path) -> tuple[int, int]:
+    """SIGKILL the worker, wait until it is gone; returns its pid and the stderr line count
+    before the kill."""
+    worker = the_worker(s, data_dir)
+    seen = len(stderr_lines(errlog))
+    os.kill(worker, signal.SIGKILL)
+    assert not wait_gone({worker}, 10.0)
+    return worker, seen
+
+
+def check_death_told(s: Server, data_dir: str, errlog: Path, worker: int, seen: int) -> None:
+    """The program lives on, a new worker owns the directory, and stderr got one line about
+    the death, naming the worker's pid and the signal."""
+    assert alive(s.program_pid)
+    assert the_worker(s, data_dir) != worker
+    lines = new_events(errlog, seen)
+    assert len(lines) == 1, f"one line per worker death, got {lines}"
+    assert "SIGKILL" in lines[0] and str(worker) in lines[0], lines[0]
 
 
 def test_restart_reads_everything_back(tmp_path: Path, launcher: tuple[str, str]) -> None:
@@ -364,3 +380,37 @@ def test_index_that_kills_plain_chroma_mcp(tmp_path: Path, launcher: tuple[str, 
     # The repair was told to the user, on stderr.
     told = new_events(errlog, 0)
     assert any(ln.startswith(f"safechroma: repaired {for_safe}") for ln in told), told
+
+    async def plain_after_repair() -> None:
+        # The repair is on disk: the user can go back to plain chroma-mcp.
+        async with program(launcher, for_safe, tmp_path / "after.log", safe=False) as s:
+            assert_answers(await answers(s), range(0, 50))
+
+    run(plain_after_repair)
+
+
+def test_two_programs_share_one_worker(tmp_path: Path, launcher: tuple[str, str]) -> None:
+    """Two chroma-mcp servers on one directory at once (two MCP hosts, say): one Chroma
+    serves both, and each sees the other's writes (CHROMA_FACTS §4: two plain Chromas on one
+    directory lose writes silently)."""
+    data = str(tmp_path / "db")
+    errlog = tmp_path / "stderr.log"
+
+    async def scenario() -> None:
+        async with program(launcher, data, errlog) as a:
+            await create_and_add(a, FIRST)
+            worker = the_worker(a, data)
+            async with program(launcher, data, errlog) as b:
+                assert the_worker(b, data, own=False) == worker
+                assert_answers(await answers(b), FIRST)
+                await add(b, LATER)
+                assert_answers(await answers(a), range(0, 50))
+                await add(a, MORE)
+                assert_answers(await answers(b), range(0, 60))
+                assert the_worker(b, data, own=False) == worker
+            # The first program goes on after the second one left.
+            assert_answers(await answers(a), range(0, 60))
+            assert the_worker(a, data) == worker
+
+    run(scenario)
+    assert new_events(errlog, 0) == [], "nothing died or was repaired"
