@@ -288,10 +288,19 @@ def _checked(path: str, **kwargs: Any) -> DirectoryReport:
 
 def _lock(path: str) -> int | None:
     """Take the directory lock (shared with the core's SafeClient) without waiting."""
+    from safechroma.runtime.rendezvous import ask_idle_worker_to_leave
+
     fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        # A shared worker kept warm with no process using it (keep_warm) leaves at once.
+        if ask_idle_worker_to_leave(path, os.path.join(path, LOCK_NAME)):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
         os.close(fd)
         return None
     return fd
@@ -942,6 +951,39 @@ def serve(
             chroma_log=chroma_log,
         )
     )
+
+
+@app.command(
+    epilog="Example:\n\n  safechroma release ./chroma-data && python my_plain_chromadb_app.py"
+)
+def release(path: PathArg) -> int:
+    """Hand a directory back to plain chromadb: stop a warm idle worker, restore Chroma's WAL purge.
+
+    safechroma keeps Chroma's WAL purge off while it manages a directory (a second copy of
+    every vector, for repairs) and turns it back on whenever its last process leaves; this
+    does it now, also after a crash left it off. Exit codes: 0 released, 2 in use by a running
+    program (close it first) or not a Chroma directory.
+    """
+    from safechroma.storage import wal
+
+    if not os.path.isfile(os.path.join(path, "chroma.sqlite3")):
+        _error(f"{path} is not a Chroma directory (no chroma.sqlite3)")
+        return 2
+    fd = _lock(path)
+    if fd is None:
+        _error(
+            f"{path} is in use by a running program (it holds {LOCK_NAME}); close it first, "
+            "then run safechroma release again"
+        )
+        return 2
+    try:
+        wal.maintain(path)
+        purge = wal.release(path)
+    finally:
+        os.close(fd)
+    how = "Chroma's WAL purge is on again" if purge else "WAL retention \"full\" kept"
+    print(f"released {path}: no safechroma worker holds it; {how}")
+    return 0
 
 
 @app.command(

@@ -122,6 +122,10 @@ class Functions:
 
     def ref(self, ef: Any) -> FunctionRef:
         """The ref that stands for ``ef`` in requests (the same for equal configs)."""
+        with self._lock:
+            known = self._refs.get(id(ef))  # a function kept alive here: pickled already
+            if known is not None:
+                return known[0]
         key, alternatives, name = self._describe(ef)
         with self._lock:
             known = self._refs.get(key)
