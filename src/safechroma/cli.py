@@ -554,6 +554,8 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
             note("checking the result", {})
             after = check_directory(path)
     incomplete = removed_records or _incomplete_records(rep.losses_file)
+    # An earlier repair's losses, not yet acknowledged: this run is no plain success either.
+    earlier = None if rep.incomplete_records else unacknowledged_losses(path)
     if json_out:
         result = {
             "repair": rep.to_dict(),
@@ -563,6 +565,7 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
             "incomplete_records": rep.incomplete_records,
             "losses_file": rep.losses_file,
             "incomplete": incomplete,
+            "earlier_losses": earlier,
         }
         print(json.dumps(result, indent=1))
     else:
@@ -571,9 +574,10 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
                 f"rolled back an unfinished transaction (hot journal); backup in {journal_backup}"
             )
         _print_repair(path, rep, applied, after, incomplete)
+        _print_losses(path, earlier, None)
     if rep.status == "not_repairable":
         return 1
-    if rep.incomplete_records:
+    if rep.incomplete_records or earlier is not None:
         return 1  # records did not come back whole (issue 21): never a plain success
     if after is not None and after.status != "healthy":
         return 1

@@ -224,9 +224,15 @@ def read_ranges(
     *,
     budget: int = 2000,
     min_width: int = 16,
+    unique: bool = True,
 ) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]]]:
     """Rows of ``query`` (two ``?``: an integer key range, rows ordered by that key, the key
     first) over ``[lo, hi]``; a range that fails is split and retried.
+
+    With ``unique=False`` (several rows per key, as in an index on ``(id, key)``), a read that
+    fails after some rows of a key is retried from that key, so a key is never taken as read
+    whole when only its first rows were (issue 21: a record whose document row was read and
+    whose other keys were on the lost page). Rows may then repeat.
 
     Returns:
         (rows, failed): ``failed`` lists the key ranges that could not be read (each at most
@@ -253,7 +259,7 @@ def read_ranges(
             continue
         except sqlite3.DatabaseError:
             pass
-        a = last + 1
+        a = last if not unique and last >= a else last + 1
         if b - a < min_width:
             failed.append((a, b))
             continue

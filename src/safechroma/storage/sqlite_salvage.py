@@ -8,8 +8,13 @@ step only after the previous one is on disk, nothing ever deleted:
    ``<stamp>.partial``, then renamed);
 2. read, from a copy: every table row SQLite still reaches by rowid ranges
    (:func:`~safechroma.storage.sqlite_pages.read_table`), then the leaf pages no intact b-tree
-   claims (:func:`~safechroma.storage.sqlite_pages.scan_leaf_pages`); a file whose header is
-   destroyed gets a plausible header in the copy first;
+   claims (:func:`~safechroma.storage.sqlite_pages.scan_leaf_pages`), then the rows still
+   missing from the indexes that keep a copy of them (:func:`_from_indexes`). Cheap damage is
+   undone in the copy first: a destroyed header is rebuilt from the file itself
+   (:func:`~safechroma.storage.sqlite_pages.rebuild_header`), a hot journal is played back.
+   Indexes are read, not rebuilt: a ``REINDEX`` would throw away the second copy they hold,
+   and rows are read by rowid through the table b-trees, which no index affects; the
+   freelist lost with a header only leaves pages unused, which no reader minds;
 3. assemble each collection: its records (``embeddings`` rows), documents and metadata
    (``embedding_metadata``, ``embedding_metadata_array``), vectors from the HNSW files
    (:func:`~safechroma.storage.hnsw.salvage_vectors`) brought up to date by the WAL
@@ -21,10 +26,16 @@ step only after the previous one is on disk, nothing ever deleted:
 5. swap: the old ``chroma.sqlite3`` and segment directories are renamed into
    ``.safechroma/quarantine/<stamp>``, the new ones renamed into place.
 
-The report says how many records came back and names the rest; records with no vector
-anywhere are kept with their document and metadata in ``sqlite-lost-<collection>.json`` in
-the backup. Collections get new ids (Chroma assigns them); names, metadata, configuration
-and the recorded embedding function are kept.
+The report says how many records came back and names the rest (issue 21): every record that
+is not whole (no vector, or a document or metadata keys known or suspected lost) is listed with
+what it lacks in ``incomplete-records.json`` in the backup, and counted in
+``incomplete_records``; records with no vector anywhere are not rebuilt and are kept with their
+document and metadata in ``sqlite-lost-<collection>.json`` too. What a record had is known
+exactly where ``embedding_metadata`` or its key index was read whole over it; elsewhere a
+record is named when its rows border rows that were lost (this names a few whole records too,
+and misses a record whose later update's rows alone were lost, a case the key index covers).
+Collections get new ids (Chroma assigns them); names, metadata, configuration and the recorded
+embedding function are kept.
 """
 
 from __future__ import annotations
@@ -436,7 +447,7 @@ def _from_indexes(
         except (sqlite3.DatabaseError, TypeError, ValueError):
             lo, hi = 0, 1 << 40
         try:
-            rows, index.keys_failed = read_ranges(con, q, lo, hi)
+            rows, index.keys_failed = read_ranges(con, q, lo, hi, unique=False)
         except sqlite3.DatabaseError:
             rows, index.keys_failed = [], [(0, 1 << 62)]
         index.keys_complete = not index.keys_failed
