@@ -185,6 +185,11 @@ def the_worker(s: Server, data_dir: str, *, own: bool = True) -> int:
     return worker
 
 
+def native_core(pid: int) -> list[str]:
+    """Chroma's Rust bindings as mapped into ``pid``'s memory (none: never loaded)."""
+    return [m for m in mapped_files(pid) if "chromadb_rust_bindings" in os.path.basename(m)]
+
+
 def new_events(errlog: Path, since: int) -> list[str]:
     """The program's stderr lines from safechroma since line ``since``."""
     return [ln for ln in stderr_lines(errlog)[since:] if ln.startswith("safechroma:")]
@@ -239,6 +244,9 @@ def test_program_never_opens_chroma_sqlite(tmp_path: Path, launcher: tuple[str, 
             await add(s, LATER)
             assert_answers(await answers(s), range(0, 50))
             the_worker(s, data)
+            # /proc/<pid>/fd shows moments; this shows every moment: Chroma's native core was
+            # never even loaded into the program, so it cannot have opened anything.
+            assert not native_core(s.program_pid), "the program loaded Chroma's Rust core"
 
     run(scenario)
     assert new_events(errlog, 0) == [], "nothing died or was repaired"
@@ -269,6 +277,7 @@ def test_sigkilled_worker_same_answers_and_writes_land(
             await add(s, MORE)
             assert_answers(await answers(s), range(0, 60))
             check_death_told(s, data, errlog, worker, seen)
+            assert not native_core(s.program_pid), "the program loaded Chroma's Rust core"
 
     run(scenario)
 
