@@ -303,8 +303,10 @@ def check_death_told(s: Server, data_dir: str, errlog: Path, worker: int, seen: 
 
 
 def test_restart_reads_everything_back(tmp_path: Path, launcher: tuple[str, str]) -> None:
-    """Write, end the program (the MCP host closes its stdio and terminates it), start it
-    again: everything reads back, writes land; then once more after every process is gone."""
+    """Write, end the program, start it again: everything reads back and writes land; twice,
+    once ended as the mcp client ends a server (SIGTERM), once killed (SIGKILL, as when the MCP
+    host is force-quit). Each restart finds every earlier process gone, so its worker is new and
+    has never seen the program's embedding function."""
     data = str(tmp_path / "db")
     errlog = tmp_path / "stderr.log"
     first: dict[str, Any] = {}
@@ -315,22 +317,26 @@ def test_restart_reads_everything_back(tmp_path: Path, launcher: tuple[str, str]
             first.update(await answers(s))
         assert_answers(first, FIRST)
 
-    async def restarted() -> None:
+    async def restarted_then_killed() -> None:
         async with program(launcher, data, errlog) as s:
             assert_same(await answers(s), first)
             await add(s, LATER)
             assert_answers(await answers(s), range(0, 50))
             the_worker(s, data)
+            os.kill(s.program_pid, signal.SIGKILL)
+            assert not wait_gone({s.program_pid}, 10.0)
 
     async def restarted_again() -> None:
         async with program(launcher, data, errlog) as s:
             assert_answers(await answers(s), range(0, 50))
+            await add(s, MORE)
+            assert_answers(await answers(s), range(0, 60))
             the_worker(s, data)
 
     run(write_then_read)
-    run(restarted)
-    # Every process of the earlier runs is gone now (Server's exit waits for them), so this
-    # run starts a new worker that has never seen the program's embedding function.
+    run(restarted_then_killed)
+    # The killed program's worker let go of the directory (Server's exit waits for every
+    # process of the run, and fails naming any still alive after GRACE seconds).
     assert not holders(os.path.join(data, "chroma.sqlite3"))
     run(restarted_again)
     assert new_events(errlog, 0) == [], "nothing died or was repaired"
