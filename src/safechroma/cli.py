@@ -286,8 +286,20 @@ def _checked(path: str, **kwargs: Any) -> DirectoryReport:
         return check_directory(path, progress=note, **kwargs)
 
 
-def _lock(path: str) -> int | None:
-    """Take the directory lock (shared with the core's SafeClient) without waiting."""
+def _lock(path: str, holder: str = "repair") -> int | None:
+    """Take the directory lock (shared with the core's SafeClient) without waiting, and say in
+    the lock file who holds it: a client that finds it then fails at once with
+    ``DirectoryLockedError`` naming the holder, instead of taking the old worker's address
+    still written there for a worker being replaced and waiting ``start_timeout`` for it."""
+    fd = _take_lock(path)
+    if fd is not None:
+        from safechroma.runtime.rendezvous import write_lock_file
+
+        write_lock_file(fd, f"{os.getpid()}\n{holder}\n")
+    return fd
+
+
+def _take_lock(path: str) -> int | None:
     from safechroma.runtime.rendezvous import ask_idle_worker_to_leave
 
     fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
@@ -973,7 +985,7 @@ def release(path: PathArg) -> int:
     if not os.path.isfile(os.path.join(path, "chroma.sqlite3")):
         _error(f"{path} is not a Chroma directory (no chroma.sqlite3)")
         return 2
-    fd = _lock(path)
+    fd = _lock(path, "release")
     if fd is None:
         _error(
             f"{path} is in use by a running program (it holds {LOCK_NAME}); close it first, "

@@ -81,13 +81,27 @@ def locked_error(path: str, lock_path: str) -> DirectoryLockedError:
             lock_path=lock_path,
             address=address,
         )
+    holder = _holder(lock_path)
+    what = {
+        "repair": "`safechroma repair`",
+        "release": "`safechroma release`",
+    }.get(holder[1] if len(holder) > 1 else "", "an exclusive client or a repair")
+    pid = f", pid {holder[0]}" if holder and holder[0].isdigit() else ""
     return DirectoryLockedError(
-        f"{path} is in use by another process (it holds {lock_path}) that does not share it "
-        "(an exclusive client or a repair); Chroma is not safe with two owners. Close the "
-        "other program, or pass lock_timeout=<seconds> to wait for it.",
+        f"{path} is in use by another process ({what}{pid}; it holds {lock_path}) that does "
+        "not share it; Chroma is not safe with two owners. Wait for it to finish, or pass "
+        "lock_timeout=<seconds> to wait for it.",
         path=path,
         lock_path=lock_path,
     )
+
+
+def _holder(lock_path: str) -> list[str]:
+    try:
+        with open(lock_path) as f:
+            return [ln for ln in f.read().split("\n") if ln]
+    except OSError:
+        return []
 
 
 def being_shared(lock_path: str) -> bool:
