@@ -255,9 +255,10 @@ def test_program_never_opens_chroma_sqlite(tmp_path: Path, launcher: tuple[str, 
 def test_sigkilled_worker_same_answers_and_writes_land(
     tmp_path: Path, launcher: tuple[str, str]
 ) -> None:
-    """SIGKILL the worker between calls, twice: after the first death the next call is a read
-    (same answers: the registered embedding function works in the new worker), after the
-    second a write (it lands); each death is one line on stderr naming the pid and signal."""
+    """SIGKILL the worker three times: between calls, then the next call is a read (same
+    answers: the registered embedding function works in the new worker); between calls, then
+    a write (it lands); during a call (a read: answered right). Each death is one line on
+    stderr naming the pid and the signal."""
     data = str(tmp_path / "db")
     errlog = tmp_path / "stderr.log"
 
@@ -276,6 +277,28 @@ def test_sigkilled_worker_same_answers_and_writes_land(
             worker, seen = killed(s, data, errlog)
             await add(s, MORE)
             assert_answers(await answers(s), range(0, 60))
+            check_death_told(s, data, errlog, worker, seen)
+
+            # The third death comes with a call in flight: the worker is stopped first, so the
+            # program's next call is surely waiting on it when it dies.
+            worker = the_worker(s, data)
+            seen = len(stderr_lines(errlog))
+            got: dict[str, Any] = {}
+
+            async def ask() -> None:
+                got.update(await answers(s))
+
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ask)
+                    await anyio.sleep(1.0)
+                    assert not got, "answered by a stopped worker?"
+                    os.kill(worker, signal.SIGKILL)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+            assert_answers(got, range(0, 60))
             check_death_told(s, data, errlog, worker, seen)
             assert not native_core(s.program_pid), "the program loaded Chroma's Rust core"
 
