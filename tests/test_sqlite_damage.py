@@ -39,16 +39,18 @@ SPEC: dict[str, Any] = {
 }
 ENV = {**os.environ, "ANONYMIZED_TELEMETRY": "False", "NO_COLOR": "1"}
 
-# Reads every record back with plain chromadb: {id: [document, metadata, vector]}.
+# Reads every record of every collection back with plain chromadb:
+# {id: [document, metadata, vector, collection name]}.
 _READ_BACK = """
 import json, sys
 import chromadb
-col = chromadb.PersistentClient(sys.argv[1]).get_collection(sys.argv[2], embedding_function=None)
-g = col.get(include=["documents", "metadatas", "embeddings"])
-out = {
-    i: [d, m, [float(x) for x in e]]
-    for i, d, m, e in zip(g["ids"], g["documents"], g["metadatas"], g["embeddings"])
-}
+client = chromadb.PersistentClient(sys.argv[1])
+out = {}
+for c in client.list_collections():
+    col = client.get_collection(c.name, embedding_function=None)
+    g = col.get(include=["documents", "metadatas", "embeddings"])
+    for i, d, m, e in zip(g["ids"], g["documents"], g["metadatas"], g["embeddings"]):
+        out[i] = [d, m, [float(x) for x in e], c.name]
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -166,7 +168,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _read_back(root: str) -> dict[str, Any]:
     p = subprocess.run(
-        [sys.executable, "-c", _READ_BACK, root, NAME],
+        [sys.executable, "-c", _READ_BACK, root],
         capture_output=True,
         text=True,
         env=ENV,
@@ -186,8 +188,10 @@ def _defects(got: dict[str, Any]) -> dict[str, set[str]]:
         if ident not in got:
             out[ident] = {"vector", "document", "metadata"}
             continue
-        doc, meta, vec = got[ident]
+        doc, meta, vec, name = got[ident]
         bad = set()
+        if name != NAME:
+            bad.add("collection")
         if doc != f"doc {NAME} {i}":
             bad.add("document")
         if meta != {"i": i, "name": NAME}:

@@ -223,6 +223,8 @@ class CollectionSalvage:
             "rebuilt"}``, ``missing`` naming ``"vector"``, ``"document"``, ``"metadata"``
             (``missing_keys``: the metadata keys known to be lost, when known); ``rebuilt``
             says whether the record is in the rebuilt collection (without a vector it is not).
+        name_lost: The collection's row was lost: it was rebuilt as ``recovered-<old id>``
+            (its records are listed as missing ``"collection"``).
     """
 
     name: str
@@ -235,6 +237,7 @@ class CollectionSalvage:
     spurious: int = 0
     lost_file: str | None = None
     incomplete: list[dict[str, Any]] = field(default_factory=list)
+    name_lost: bool = False
 
 
 @dataclass
@@ -543,7 +546,6 @@ def _assemble(
 ) -> list[dict[str, Any]]:
     complete = {v[0] for v in tables["_complete"].values()}
     scanned_emb = set(tables.get("_scanned_embeddings", {}))
-    segs = list(tables["segments"].values())
     seqs = {r[0]: _seq(r[1]) for r in tables["max_seq_id"].values()}
     cmeta: dict[str, dict[str, Any]] = {}
     for r in tables["collection_metadata"].values():
@@ -557,9 +559,7 @@ def _assemble(
         d[r[1]] = ([*cur] if isinstance(cur, list) else []) + [_meta_value(r)]
     queue = sorted(tables["embeddings_queue"].values(), key=lambda r: r[0])
     plans: list[dict[str, Any]] = []
-    for cid, name, dim, _db, cfg_json, schema_str in tables["collections"].values():
-        vseg = next((s[0] for s in segs if s[3] == cid and s[1] == VECTOR_SEGMENT_TYPE), None)
-        mseg = next((s[0] for s in segs if s[3] == cid and s[1] == METADATA_SEGMENT_TYPE), None)
+    for cid, name, dim, cfg_json, schema_str, vseg, mseg, renamed in _catalog(root, tables):
         hcfg = _hnsw_config(schema_str)
         space = hcfg.get("space") or cmeta.get(cid, {}).get("hnsw:space") or "l2"
         m = int(hcfg.get("max_neighbors") or cmeta.get(cid, {}).get("hnsw:M") or 16)
@@ -580,6 +580,8 @@ def _assemble(
                 label_map_file=snap if os.path.isfile(snap) else None,
             )
             vecs = dict(zip(s.ids, s.vectors, strict=True))
+            if dim is None and s.vectors is not None and len(s.vectors):
+                dim = int(len(s.vectors[0]))  # the collection's row was lost
         start = seqs.get(vseg or "", 0)
         wal_meta: dict[str, dict[str, Any]] = {}
         deleted_after: set[str] = set()
@@ -611,7 +613,6 @@ def _assemble(
                 vecs.pop(ident, None)
                 deleted_after.add(ident)
                 wal_meta.pop(ident, None)
-        embeddings_complete = "embeddings" in complete
         meta_complete = "embedding_metadata" in complete
         fts = tables["embedding_fulltext_search_content"]
         fts_complete = "embedding_fulltext_search_content" in complete
@@ -619,10 +620,11 @@ def _assemble(
         records: list[dict[str, Any]] = []
         lost: list[dict[str, Any]] = []
         spurious = 0
-        ids = list(rows)
-        if not embeddings_complete:
-            # Rows lost with their pages: an id with a vector the metadata segment had.
-            ids += [i for i in vecs if i not in rows and i not in deleted_after]
+        # Rows lost with their pages: an id with a vector the metadata segment lacks. Also when
+        # SQLite reads the table as complete: a page overwritten with bytes that parse as a
+        # valid leaf made the table one row long, and 1999 of 2000 records vanished with
+        # exit 0 (issue 21, a fuzz seed). A deletion not yet in the index is in the WAL.
+        ids = list(rows) + [i for i in vecs if i not in rows and i not in deleted_after]
         for ident in ids:
             known_row = rows.get(ident)
             rid: int | None = known_row[0] if known_row else None
@@ -664,6 +666,8 @@ def _assemble(
                 if doc is None and not (fts_complete and rid is not None):
                     missing.append("document")
                 missing.append("metadata")
+            if renamed:
+                missing.append("collection")  # back whole, under another collection name
             md = {k: v for k, v in md.items() if not k.startswith("chroma:")}
             rec: dict[str, Any] = {
                 "id": ident,
@@ -697,9 +701,51 @@ def _assemble(
                 "records": records,
                 "lost": lost,
                 "spurious": spurious,
+                "renamed": renamed,
             }
         )
     return plans
+
+
+def _catalog(
+    root: str, tables: dict[str, dict[int, tuple[Any, ...]]]
+) -> list[tuple[str, str, int | None, Any, Any, str | None, str | None, bool]]:
+    """Each collection with its vector and metadata segments, the lost catalog rows filled in.
+
+    ``(id, name, dimension, config_json_str, schema_str, vector segment, metadata segment,
+    renamed)``. A collection whose ``collections`` row was lost (its id still named by a
+    segment or by the WAL's topics) is rebuilt as ``recovered-<id>`` (``renamed``: its name is
+    gone). A collection whose ``segments`` rows were lost gets the segment directory and the
+    ``embeddings`` segment id nobody else claims, when exactly one of each is left for it
+    (issue 21: one overwritten page emptied ``segments``, and all 2000 records but the one
+    in the WAL were left out of the rebuild).
+    """
+    segs = list(tables["segments"].values())
+    cols: dict[str, list[Any]] = {}
+    for cid, name, dim, _db, cfg_json, schema_str in tables["collections"].values():
+        cols.setdefault(cid, [name, dim, cfg_json, schema_str, False])
+    named = {str(r[3]) for r in segs}
+    named |= {str(r[3]).rsplit("/", 1)[-1] for r in tables["embeddings_queue"].values()}
+    for cid in sorted(c for c in named - set(cols) if _is_uuid(c)):
+        cols[cid] = [f"recovered-{cid}", None, "{}", None, True]
+    vsegs: dict[str, str | None] = {}
+    msegs: dict[str, str | None] = {}
+    for cid in cols:
+        vsegs[cid] = next((s[0] for s in segs if s[3] == cid and s[1] == VECTOR_SEGMENT_TYPE), None)
+        msegs[cid] = next(
+            (s[0] for s in segs if s[3] == cid and s[1] == METADATA_SEGMENT_TYPE), None
+        )
+    claimed = {str(s[0]) for s in segs}
+    free_v = [d for d in _segment_dirs(root) if d not in claimed]
+    free_m = sorted({str(r[1]) for r in tables["embeddings"].values() if _is_uuid(r[1])} - claimed)
+    for segments, free in ((vsegs, free_v), (msegs, free_m)):
+        need = [c for c, v in segments.items() if v is None]
+        if len(need) == 1 and len(free) == 1:
+            segments[need[0]] = free[0]
+    return [
+        (cid, name, dim, cfg_json, schema_str, vsegs[cid], msegs[cid], renamed)
+        for cid, (name, dim, cfg_json, schema_str, renamed) in cols.items()
+    ]
 
 
 # ---- building ---------------------------------------------------------------------------------
@@ -876,10 +922,13 @@ def _salvage(
     tables, index = _read_all(copy, out)
     out.steps.append("read " + ", ".join(f"{t} {a}+{b}" for t, (a, b) in out.rows.items()))
     note("read", {"rows": out.rows})
-    if not tables["collections"]:
+    plans = _assemble(root, tables, index)
+    if not plans:
         out.message = "no collection could be read from chroma.sqlite3; nothing was changed"
         return out
-    plans = _assemble(root, tables, index)
+    for p in plans:
+        if p["renamed"]:
+            out.steps.append(f"collection {p['old_id']}: its name was lost; rebuilt as {p['name']}")
     for p in plans:
         cs = CollectionSalvage(
             name=p["name"],
@@ -889,6 +938,7 @@ def _salvage(
             partial=[r["id"] for r in p["records"] if r["partial"]],
             lost=[r["id"] for r in p["lost"]],
             spurious=p["spurious"],
+            name_lost=p["renamed"],
             incomplete=[
                 {
                     "id": r["id"],
@@ -1007,6 +1057,9 @@ def _summary(out: SqliteSalvage, verb: str) -> str:
             s += f", listed in {out.losses_file}"
     if lost:
         s += f" ({lost} with no vector anywhere, not rebuilt)"
+    renamed = [c.name for c in out.collections if c.name_lost]
+    if renamed:
+        s += f"; names lost, rebuilt as {', '.join(renamed)}"
     if out.backup_dir:
         s += f"; backup in {out.backup_dir}"
     return s
