@@ -329,3 +329,45 @@ def test_json_names_every_incomplete_record(base: str, tmp_path: Path) -> None:
     cdoc = json.loads(check.stdout)
     assert cdoc["status"] == "losses" and cdoc["losses"]["count"] == n
     assert cdoc["losses"]["files"] == [losses["_path"]]
+
+
+@pytest.mark.parametrize("page_size", [512, 1024, 4096, 8192, 65536])
+def test_rebuilt_header_finds_the_page_size(tmp_path: Path, page_size: int) -> None:
+    """Issue 21: a zeroed header of a file with 4096-byte pages was rebuilt with 8192-byte
+    pages, and the copy read as malformed. Every page size SQLite allows comes back."""
+    from safechroma.storage.sqlite_pages import readable_copy
+
+    db = str(tmp_path / "x.sqlite3")
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA page_size = {page_size}")
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, doc TEXT, n INTEGER)")
+    con.execute("CREATE INDEX t_n ON t (n)")
+    con.execute("CREATE TABLE u (k TEXT PRIMARY KEY, v BLOB)")
+    rnd = random.Random(page_size)
+    with con:
+        con.executemany(
+            "INSERT INTO t (doc, n) VALUES (?, ?)",
+            [(f"doc {i} " + "x" * rnd.randint(0, 300), i) for i in range(3000)],
+        )
+        con.executemany(
+            "INSERT INTO u VALUES (?, ?)", [(f"k{i}", rnd.randbytes(50)) for i in range(500)]
+        )
+        con.execute("DELETE FROM t WHERE id % 7 = 0")  # free pages, lost with the header
+    assert con.execute("PRAGMA page_size").fetchone()[0] == page_size
+    queries = [
+        "SELECT count(*), sum(n), sum(length(doc)) FROM t",
+        "SELECT count(*), sum(length(v)) FROM u",
+        "SELECT count(*), sum(n) FROM t INDEXED BY t_n WHERE n >= 0",
+    ]
+    want = [con.execute(q).fetchone() for q in queries]
+    con.close()
+    with open(db, "r+b") as f:
+        f.write(bytes(100))
+    copy, rewritten = readable_copy(db, str(tmp_path / "copy.sqlite3"))
+    assert rewritten
+    con = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        assert con.execute("PRAGMA page_size").fetchone()[0] == page_size
+        assert [con.execute(q).fetchone() for q in queries] == want
+    finally:
+        con.close()
