@@ -17,8 +17,10 @@ chroma-mcp pins ``mcp==1.6.0``, which needs ``pydantic<2.11``: it lives in its o
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -39,9 +41,11 @@ import anyio  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .mcp_driver import (  # noqa: E402
+    DIM,
     EF_NAME,
     Server,
     ServerDied,
+    ToolError,
     alive,
     hash_vector,
     holders,
@@ -452,3 +456,115 @@ def test_two_programs_share_one_worker(tmp_path: Path, launcher: tuple[str, str]
 
     run(scenario)
     assert new_events(errlog, 0) == [], "nothing died or was repaired"
+
+
+# Every chroma-mcp tool, with the errors a user meets: (tool, arguments).
+TOOL_SCRIPT: list[tuple[str, dict[str, Any]]] = [
+    ("chroma_list_collections", {}),
+    ("chroma_create_collection", {"collection_name": COLL, "embedding_function_name": EF_NAME}),
+    ("chroma_create_collection", {"collection_name": COLL, "embedding_function_name": EF_NAME}),
+    (
+        "chroma_add_documents",
+        {
+            "collection_name": COLL,
+            "documents": [doc(i) for i in range(12)],
+            "ids": ids_of(range(12)),
+            "metadatas": [{"i": i, "topic": TOPICS[i % len(TOPICS)]} for i in range(12)],
+        },
+    ),
+    ("chroma_add_documents", {"collection_name": COLL, "documents": ["x"], "ids": ["n3"]}),
+    ("chroma_get_collection_count", {"collection_name": COLL}),
+    ("chroma_peek_collection", {"collection_name": COLL, "limit": 3}),
+    ("chroma_get_collection_info", {"collection_name": COLL}),
+    (
+        "chroma_query_documents",
+        {"collection_name": COLL, "query_texts": QUERIES[:2], "where": {"i": {"$gt": 3}}},
+    ),
+    (
+        "chroma_query_documents",
+        {
+            "collection_name": COLL,
+            "query_texts": QUERIES[2:4],
+            "n_results": 3,
+            "where_document": {"$contains": "sqlite"},
+            "include": ["documents", "distances", "embeddings"],
+        },
+    ),
+    (
+        "chroma_query_documents",
+        {"collection_name": COLL, "query_texts": ["q"], "where": {"i": {"$bogus": 1}}},
+    ),
+    (
+        "chroma_get_documents",
+        {"collection_name": COLL, "ids": ["n1", "n2"], "include": ["embeddings", "metadatas"]},
+    ),
+    ("chroma_get_documents", {"collection_name": COLL, "where": {"topic": "hnsw"}, "limit": 1}),
+    ("chroma_update_documents", {"collection_name": COLL, "ids": ["n1"], "documents": ["new"]}),
+    (
+        "chroma_update_documents",
+        {"collection_name": COLL, "ids": ["n4"], "embeddings": [[0.5] * DIM]},
+    ),
+    ("chroma_get_documents", {"collection_name": COLL, "ids": ["n1", "n4"]}),
+    ("chroma_query_documents", {"collection_name": COLL, "query_texts": ["new"], "n_results": 2}),
+    ("chroma_delete_documents", {"collection_name": COLL, "ids": ["n2", "nope"]}),
+    ("chroma_get_collection_count", {"collection_name": COLL}),
+    ("chroma_modify_collection", {"collection_name": COLL, "new_metadata": {"k": "v"}}),
+    ("chroma_modify_collection", {"collection_name": COLL, "new_name": "renamed"}),
+    ("chroma_fork_collection", {"collection_name": "renamed", "new_collection_name": "f"}),
+    ("chroma_get_documents", {"collection_name": COLL}),
+    ("chroma_list_collections", {}),
+    ("chroma_delete_collection", {"collection_name": "renamed"}),
+    ("chroma_delete_collection", {"collection_name": "renamed"}),
+    ("chroma_list_collections", {}),
+]
+
+
+def _sorted_dict(match: re.Match[str]) -> str:
+    try:
+        value = ast.literal_eval(match.group(0))
+    except (ValueError, SyntaxError):
+        return match.group(0)
+    return repr(dict(sorted(value.items()))) if isinstance(value, dict) else match.group(0)
+
+
+def canonical(text: str) -> str:
+    """Mask object addresses, and sort the keys of flat dicts in a ``repr``: chroma-mcp falls
+    back to ``str(result)`` when a result holds numpy arrays, and Chroma's metadata dicts come
+    back in a different key order in each process, plain or not (a Rust ``HashMap``)."""
+    text = re.sub(r" at 0x[0-9a-f]+", " at 0x?", text)
+    return re.sub(r"\{[^{}]*\}", _sorted_dict, text)
+
+
+async def play(s: Server) -> list[tuple[str, Any]]:
+    """Run :data:`TOOL_SCRIPT`; each step's answer or error text, made :func:`canonical`."""
+    out: list[tuple[str, Any]] = []
+    for tool, arguments in TOOL_SCRIPT:
+        try:
+            result: Any = ("ok", await s.call(tool, **arguments))
+        except ToolError as exc:
+            result = ("error", str(exc))
+        if isinstance(result[1], str):
+            result = (result[0], canonical(result[1]))
+        out.append(result)
+    return out
+
+
+def test_every_tool_answers_as_on_plain_chroma_mcp(
+    tmp_path: Path, launcher: tuple[str, str]
+) -> None:
+    """Every chroma-mcp tool, errors included, gives under ``safechroma run`` exactly what it
+    gives on plain chromadb: results, exception messages, embeddings (a proxy that changed a
+    type or a message would show here, as the MCP client sees it)."""
+    got: dict[bool, list[tuple[str, Any]]] = {}
+
+    async def scenario(safe: bool) -> None:
+        data = str(tmp_path / ("safe" if safe else "plain"))
+        async with program(launcher, data, tmp_path / f"{safe}.log", safe=safe) as s:
+            got[safe] = await play(s)
+
+    run(lambda: scenario(False))
+    run(lambda: scenario(True))
+    plain, safe = got[False], got[True]
+    assert [kind for kind, _ in plain].count("error") >= 5  # the script does meet errors
+    for step, (a, b) in enumerate(zip(plain, safe, strict=True)):
+        assert a == b, f"step {step} {TOOL_SCRIPT[step][0]}"
