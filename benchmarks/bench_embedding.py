@@ -318,7 +318,9 @@ def render(runs: list[dict[str, Any]]) -> str:
             f"{t['worker_torch_get_num_threads']}). OMP/OPENBLAS/MKL_NUM_THREADS: caller "
             f"{t['caller']['OMP_NUM_THREADS']}/{t['caller']['OPENBLAS_NUM_THREADS']}/"
             f"{t['caller']['MKL_NUM_THREADS']}, worker {t['worker']['OMP_NUM_THREADS']}/"
-            f"{t['worker']['OPENBLAS_NUM_THREADS']}/{t['worker']['MKL_NUM_THREADS']}.",
+            f"{t['worker']['OPENBLAS_NUM_THREADS']}/{t['worker']['MKL_NUM_THREADS']}; "
+            f"CPUs allowed: caller {t['caller'].get('cpus')}, worker {t['worker'].get('cpus')}; "
+            f"nice: caller {t['caller'].get('nice')}, worker {t['worker'].get('nice')}.",
             f"- Where the embedding ran: the caller's function was called "
             f"{r['caller_calls_in_safe_adds']} times during the safechroma adds; the worker "
             f"built {t['worker']['models']} model and ran the function {t['worker']['calls']} "
