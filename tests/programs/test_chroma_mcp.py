@@ -372,7 +372,9 @@ def test_restart_reads_everything_back(tmp_path: Path, launcher: tuple[str, str]
 def test_index_that_kills_plain_chroma_mcp(tmp_path: Path, launcher: tuple[str, str]) -> None:
     """A level-0 neighbour id past the end of the index (CHROMA_FACTS §3): plain chroma-mcp
     dies with SIGSEGV on the first query; under ``safechroma run`` every query on a copy of the
-    same directory answers as plain chroma-mcp did before the damage, and writes land."""
+    same directory answers as plain chroma-mcp did before the damage, and writes land; plain
+    chroma-mcp then reads the repaired directory. The same damage made while the program runs
+    is repaired when its worker dies."""
     healthy = str(tmp_path / "healthy")
     errlog = tmp_path / "stderr.log"
     baseline: dict[str, Any] = {}
@@ -429,6 +431,27 @@ def test_index_that_kills_plain_chroma_mcp(tmp_path: Path, launcher: tuple[str, 
             assert_answers(await answers(s), range(0, 50))
 
     run(plain_after_repair)
+
+    # The same damage arriving under a running program (a disk error, another tool): the
+    # worker holds the index in memory and answers on; once it dies, the next worker would
+    # load the damaged files, so the restart must find and repair them.
+    live = str(tmp_path / "live")
+    shutil.copytree(healthy, live)
+    live_log = tmp_path / "live.log"
+
+    async def damaged_under_running_program() -> None:
+        async with program(launcher, live, live_log) as s:
+            assert_same(await answers(s), baseline)
+            cd.corrupt(live, "level0_neighbor_oob", collection=COLL)
+            worker, seen = killed(s, live, live_log)
+            assert_same(await answers(s), baseline)
+            await add(s, LATER)
+            assert_answers(await answers(s), range(0, 50))
+            assert the_worker(s, live) != worker
+            told = new_events(live_log, seen)
+            assert any(ln.startswith(f"safechroma: repaired {live}") for ln in told), told
+
+    run(damaged_under_running_program)
 
 
 def test_two_programs_share_one_worker(tmp_path: Path, launcher: tuple[str, str]) -> None:
