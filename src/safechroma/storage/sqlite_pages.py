@@ -22,7 +22,7 @@ import os
 import shutil
 import sqlite3
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 __all__ = [
@@ -317,18 +317,27 @@ def read_both_ends(
     return rows, False
 
 
-def claimed_pages(con: sqlite3.Connection) -> tuple[set[int], set[str]]:
-    """Pages of every b-tree SQLite can still walk (``dbstat``), and the names that failed."""
+def claimed_pages(
+    con: sqlite3.Connection, *, exclude: Collection[str] = ()
+) -> tuple[set[int], set[str]]:
+    """Pages of every b-tree SQLite can still walk (``dbstat``), and the names that failed.
+
+    Names in ``exclude`` (tables that could not be read whole) claim no page: ``dbstat`` walked
+    a table whose every read failed (issue 21: ``embedding_metadata`` unreadable, ``dbstat``
+    without error), and the page scanner must still read its leaves. A walk that fails part
+    way claims none of the pages it saw.
+    """
     names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE rootpage > 0")]
     pages: set[int] = set()
     failed: set[str] = set()
     for name in names:
         try:
-            pages.update(
-                r[0] for r in con.execute("SELECT pageno FROM dbstat WHERE name = ?", (name,))
-            )
+            seen = {r[0] for r in con.execute("SELECT pageno FROM dbstat WHERE name = ?", (name,))}
         except sqlite3.DatabaseError:
             failed.add(name)
+            continue
+        if name not in exclude:
+            pages |= seen
     return pages, failed
 
 

@@ -330,7 +330,7 @@ def _read_all(
                 rows, complete[t] = {}, False
             tables[t] = {k: v[: len(cols)] for k, v in rows.items()}
         try:
-            claimed, failed = claimed_pages(con)
+            claimed, failed = claimed_pages(con, exclude={t for t in COLUMNS if not complete[t]})
         except sqlite3.DatabaseError:
             claimed, failed = set(), set(COLUMNS)
         for t in failed & set(COLUMNS):
@@ -456,10 +456,21 @@ def _from_indexes(
         index.keys_complete = not index.keys_failed
         meta = tables["embedding_metadata"]
         lost: dict[int, tuple[int, str]] = {}
+        live: dict[tuple[int, str], int] = {}
         for eid, key, rowid in rows:
             if not (isinstance(eid, int) and isinstance(key, str) and isinstance(rowid, int)):
                 continue
             index.meta_keys.setdefault(eid, set()).add(key)
+            live[(eid, key)] = rowid
+        # A scanned row whose (record, key) the live index puts at another rowid is a stale
+        # copy (an older value on a free page).
+        for rowid in list(tables.get("_scanned_embedding_metadata", {})):
+            r = meta.get(rowid)
+            if r is not None and live.get((r[0], r[1]), rowid) != rowid:
+                del meta[rowid]
+                tables["_scanned_embedding_metadata"].pop(rowid)
+                out.rows["embedding_metadata"][1] -= 1
+        for (eid, key), rowid in live.items():
             if rowid not in meta:
                 lost[rowid] = (eid, key)
         for name, col, pos in _VALUE_INDEXES if lost else ():
@@ -551,7 +562,12 @@ def _assemble(
     for r in tables["collection_metadata"].values():
         cmeta.setdefault(r[0], {})[r[1]] = _meta_value((None, *r[1:]))
     by_rowid_meta: dict[int, dict[str, Any]] = {}
-    for r in sorted(tables["embedding_metadata"].values(), key=lambda r: (r[0], r[1])):
+    # A row read through SQLite is live; a scanned one may be a stale copy on a free page (an
+    # updated key's old value): rows read live are applied last and win, newer rowids next.
+    scanned_meta = tables.get("_scanned_embedding_metadata", {})
+    for _k, r in sorted(
+        tables["embedding_metadata"].items(), key=lambda kv: (kv[0] not in scanned_meta, kv[0])
+    ):
         by_rowid_meta.setdefault(r[0], {})[r[1]] = _meta_value(r)
     for _k, r in sorted(tables["embedding_metadata_array"].items()):
         d = by_rowid_meta.setdefault(r[0], {})
