@@ -3,7 +3,9 @@
 Issue 20, "How it will be checked": with an embedding function registered only in the
 program's own code, chroma-mcp's own process never opens ``chroma.sqlite3``; after a SIGKILLed
 worker, after a restart, and on a copy of a directory whose index kills plain chroma-mcp, every
-query gives the same answer and every write lands.
+query gives the same answer and every write lands. Beyond that: a worker that dies with a
+call in flight, a program killed by its host, damage that arrives while the program runs, two
+programs on one directory, and every tool (errors included) answering as on plain chromadb.
 
 The program is a launcher file (see ``mcp_driver.LAUNCHER``) that registers ``hash_ef`` with
 ``@register_embedding_function``, offers it to chroma-mcp's ``chroma_create_collection`` and
@@ -11,6 +13,8 @@ runs chroma-mcp's ``main``; the test drives it with the mcp package's own stdio 
 are checked against brute force over the launcher's deterministic vectors (squared L2, as
 Chroma's ``l2``), not only against each other.
 
+Real processes and signals only; every process a session starts is gone when it ends
+(``mcp_driver.Server`` fails the test naming any that outlives the program by 15 s).
 chroma-mcp pins ``mcp==1.6.0``, which needs ``pydantic<2.11``: it lives in its own venv
 (``.venv-mcp``); elsewhere this module skips.
 """
@@ -189,6 +193,26 @@ def the_worker(s: Server, data_dir: str, *, own: bool = True) -> int:
     return worker
 
 
+def killed(s: Server, data_dir: str, errlog: Path) -> tuple[int, int]:
+    """SIGKILL the worker, wait until it is gone; returns its pid and the stderr line count
+    before the kill."""
+    worker = the_worker(s, data_dir)
+    seen = len(stderr_lines(errlog))
+    os.kill(worker, signal.SIGKILL)
+    assert not wait_gone({worker}, 10.0)
+    return worker, seen
+
+
+def check_death_told(s: Server, data_dir: str, errlog: Path, worker: int, seen: int) -> None:
+    """The program lives on, a new worker owns the directory, and stderr got one line about
+    the death, naming the worker's pid and the signal."""
+    assert alive(s.program_pid)
+    assert the_worker(s, data_dir) != worker
+    lines = new_events(errlog, seen)
+    assert len(lines) == 1, f"one line per worker death, got {lines}"
+    assert "SIGKILL" in lines[0] and str(worker) in lines[0], lines[0]
+
+
 def native_core(pid: int) -> list[str]:
     """Chroma's Rust bindings as mapped into ``pid``'s memory (none: never loaded)."""
     return [m for m in mapped_files(pid) if "chromadb_rust_bindings" in os.path.basename(m)]
@@ -307,26 +331,6 @@ def test_sigkilled_worker_same_answers_and_writes_land(
             assert not native_core(s.program_pid), "the program loaded Chroma's Rust core"
 
     run(scenario)
-
-
-def killed(s: Server, data_dir: str, errlog: Path) -> tuple[int, int]:
-    """SIGKILL the worker, wait until it is gone; returns its pid and the stderr line count
-    before the kill."""
-    worker = the_worker(s, data_dir)
-    seen = len(stderr_lines(errlog))
-    os.kill(worker, signal.SIGKILL)
-    assert not wait_gone({worker}, 10.0)
-    return worker, seen
-
-
-def check_death_told(s: Server, data_dir: str, errlog: Path, worker: int, seen: int) -> None:
-    """The program lives on, a new worker owns the directory, and stderr got one line about
-    the death, naming the worker's pid and the signal."""
-    assert alive(s.program_pid)
-    assert the_worker(s, data_dir) != worker
-    lines = new_events(errlog, seen)
-    assert len(lines) == 1, f"one line per worker death, got {lines}"
-    assert "SIGKILL" in lines[0] and str(worker) in lines[0], lines[0]
 
 
 def test_restart_reads_everything_back(tmp_path: Path, launcher: tuple[str, str]) -> None:
@@ -480,6 +484,8 @@ def test_two_programs_share_one_worker(tmp_path: Path, launcher: tuple[str, str]
     run(scenario)
     assert new_events(errlog, 0) == [], "nothing died or was repaired"
 
+
+# -- every tool, against plain chroma-mcp ------------------------------------------------------
 
 # Every chroma-mcp tool, with the errors a user meets: (tool, arguments).
 TOOL_SCRIPT: list[tuple[str, dict[str, Any]]] = [
