@@ -282,6 +282,21 @@ def render(runs: list[dict[str, Any]]) -> str:
         "averages below, on 2 cores); the rotation spreads that over all four ways, the "
         "per-round range shows what is left of it.",
     ]
+    lines += [
+        "",
+        "| run | load (start, end) | worker / caller (medians; per round) "
+        "| safechroma add / chromadb add (medians; per round) | CPU s worker / caller |",
+        "|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs, 1):
+        st = summarize(r)
+        wc, ad = st["worker/caller"], st["add"]
+        lines.append(
+            f"| {i} | {r['machine']['loadavg_start'][0]:.1f}, {r['loadavg_end'][0]:.1f} "
+            f"| **{wc['ratio']:.3f}**; {wc['paired']:.3f} ({wc['low']:.2f}-{wc['high']:.2f}) "
+            f"| **{ad['ratio']:.3f}**; {ad['paired']:.3f} ({ad['low']:.2f}-{ad['high']:.2f}) "
+            f"| {st['worker']['worker_cpu'] / st['caller']['caller_cpu']:.3f} |"
+        )
     for i, r in enumerate(runs, 1):
         st = summarize(r)
         t = r["threads"]
@@ -380,6 +395,12 @@ def main() -> int:
     store.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     (out / "embedding.md").write_text(render(runs))
     st = summarize(result)
+    t = result["threads"]
+    print(
+        f"torch.get_num_threads(): caller {t['caller']['torch_threads']}, worker "
+        f"{t['worker']['torch_threads']} (run_in_worker lambda: "
+        f"{t['worker_torch_get_num_threads']})"
+    )
     print(
         f"worker/caller {st['worker/caller']['ratio']:.3f}, "
         f"safechroma add/chromadb add {st['add']['ratio']:.3f}; wrote {out / 'embedding.md'}"

@@ -302,6 +302,26 @@ def render(runs: list[dict[str, Any]]) -> str:
         "**Shared machine**: another engineer's test suite ran at the same time (load averages "
         "below, on 2 cores); alternating the runs spreads that over both sides.",
     ]
+    lines += [
+        "",
+        "| run | load (start, end) | chromadb median | safechroma first run | safechroma runs 2.. "
+        "median | **runs 2.. / chromadb** | process group killed: safechroma / chromadb |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs, 1):
+        st = summarize(r)
+        pg, sg = r["rows"].get("plain_group"), r["rows"].get("safe_group")
+        group = "-"
+        if pg and sg:
+            ratio = statistics.median(x["wall"] for x in sg) / statistics.median(
+                x["wall"] for x in pg
+            )
+            group = f"{ratio:.3f}"
+        lines.append(
+            f"| {i} | {r['machine']['loadavg_start'][0]:.1f}, {r['loadavg_end'][0]:.1f} "
+            f"| {statistics.median(st['plain']):.3f} | {st['safe'][0]:.3f} "
+            f"| {statistics.median(st['safe'][1:]):.3f} | **{st['ratio_warm']:.3f}** | {group} |"
+        )
     for i, r in enumerate(runs, 1):
         st = summarize(r)
         plain_rows, safe_rows = r["rows"]["plain"], r["rows"]["safe"]
