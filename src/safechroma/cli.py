@@ -69,6 +69,7 @@ LOCK_NAME = ".safechroma.lock"
 _APPLY = """
 import json, sys
 import chromadb
+from safechroma.storage import wal
 from safechroma.storage.recovery import apply_salvage
 
 
@@ -96,6 +97,7 @@ for f in files:
     with open(f[: -len(".npz")] + ".json", "rb") as side:
         total += len(json.loads(side.read())["ids"])
 print("TOTAL " + str(total), flush=True)
+wal.take_over(sys.argv[1])  # purge off before Chroma's first read: the WAL is our second copy
 client = Client(chromadb.PersistentClient(sys.argv[1]))
 out = [apply_salvage(client, f) for f in files]
 print("RESULT " + json.dumps(out), flush=True)
@@ -379,11 +381,18 @@ def _print_losses(path: str, losses: dict[str, Any] | None, acked: str | None) -
     if losses is not None:
         files = ", ".join(losses.get("files") or []) or "(unknown)"
         count = losses.get("count")
+        cols = losses.get("collections") or []
         lines.append(
             Text.assemble(
                 ("LOSSES", "bold red"),
                 f"  {count if count is not None else '?'} records did not come back whole in "
-                f"an earlier repair; listed in {files}"
+                f"an earlier repair"
+                + (
+                    f" (collections without their name or configuration: {', '.join(cols)})"
+                    if cols
+                    else ""
+                )
+                + f"; listed in {files}"
                 + (f" ({losses['error']})" if losses.get("error") else "")
                 + f". After dealing with them: safechroma check {path} --ack-losses",
             )
@@ -567,7 +576,7 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
             after = check_directory(path)
     incomplete = removed_records or _incomplete_records(rep.losses_file)
     # An earlier repair's losses, not yet acknowledged: this run is no plain success either.
-    earlier = None if rep.incomplete_records else unacknowledged_losses(path)
+    earlier = None if rep.incomplete_records or rep.losses_file else unacknowledged_losses(path)
     if json_out:
         result = {
             "repair": rep.to_dict(),
@@ -589,7 +598,7 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
         _print_losses(path, earlier, None)
     if rep.status == "not_repairable":
         return 1
-    if rep.incomplete_records or earlier is not None:
+    if rep.incomplete_records or rep.losses_file or earlier is not None:
         return 1  # records did not come back whole (issue 21): never a plain success
     if after is not None and after.status != "healthy":
         return 1
@@ -661,7 +670,7 @@ def _print_repair(
         rep.status, "bold red"
     )
     word = rep.status.upper()
-    if rep.incomplete_records:
+    if rep.incomplete_records or rep.losses_file:
         # Issue 21: never "REPAIRED" alone when records did not come back whole.
         word = f"{word} WITH LOSSES" if rep.status != "planned" else "PLANNED WITH LOSSES"
         style = "bold red"
@@ -710,7 +719,7 @@ def _print_repair(
         lines.append(Text(f"      ... {len(incomplete) - _NAMED:,} more in {rep.losses_file}"))
     if after is not None:
         status = Text(after.status, _STATUS_STYLE[after.status])
-        if rep.incomplete_records and after.status == "healthy":
+        if (rep.incomplete_records or rep.losses_file) and after.status == "healthy":
             status = Text.assemble(
                 ("files healthy", "green"),
                 "; ",
@@ -731,6 +740,7 @@ def _print_repair(
 _REEMBED = """
 import json, sys
 import chromadb
+from safechroma.storage import wal
 from safechroma.storage.recovery import restore_saved_records
 
 
@@ -757,6 +767,7 @@ class Client(Counting):
         return Counting(self._inner.get_collection(*args, **kwargs))
 
 
+wal.take_over(sys.argv[1])  # purge off before Chroma's first read: the WAL is our second copy
 client = Client(chromadb.PersistentClient(sys.argv[1]))
 spec = sys.argv[3] or None
 out = restore_saved_records(client, sys.argv[1], sys.argv[2], spec)

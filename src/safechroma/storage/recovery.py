@@ -201,9 +201,16 @@ def _write_atomic(path: str, data: bytes) -> None:
 LOSSES_MARKER = "losses.json"
 
 
-def record_losses(path: str | os.PathLike[str], losses_file: str, count: int) -> str:
+def record_losses(
+    path: str | os.PathLike[str],
+    losses_file: str,
+    count: int,
+    *,
+    collections: Sequence[str] = (),
+) -> str:
     """Record in ``<path>/.safechroma/losses.json`` that a repair left ``count`` records
-    incomplete, listed in ``losses_file``; earlier unacknowledged entries are kept.
+    incomplete (and ``collections`` without their name or configuration), listed in
+    ``losses_file``; earlier unacknowledged entries are kept.
 
     Returns:
         The marker's path.
@@ -211,9 +218,11 @@ def record_losses(path: str | os.PathLike[str], losses_file: str, count: int) ->
     root = os.fspath(path)
     marker = os.path.join(root, STATE_DIR, LOSSES_MARKER)
     prior = unacknowledged_losses(root) or {}
-    repairs = [*prior.get("repairs", []), {"at": _stamp(), "count": count, "file": losses_file}]
+    entry = {"at": _stamp(), "count": count, "file": losses_file, "collections": list(collections)}
+    repairs = [*prior.get("repairs", []), entry]
     doc = {
         "count": sum(int(r.get("count", 0)) for r in repairs),
+        "collections": sorted({c for r in repairs for c in r.get("collections", [])}),
         "files": [r["file"] for r in repairs],
         "repairs": repairs,
         "acknowledge": f"safechroma check {root} --ack-losses",

@@ -225,6 +225,9 @@ class CollectionSalvage:
             says whether the record is in the rebuilt collection (without a vector it is not).
         name_lost: The collection's row was lost: it was rebuilt as ``recovered-<old id>``
             (its records are listed as missing ``"collection"``).
+        configuration_lost: The collection's row was lost: space, HNSW parameters and the
+            recorded embedding function are gone, and it was rebuilt with Chroma's defaults
+            (listed in the losses file; the records themselves may be whole).
     """
 
     name: str
@@ -238,6 +241,7 @@ class CollectionSalvage:
     lost_file: str | None = None
     incomplete: list[dict[str, Any]] = field(default_factory=list)
     name_lost: bool = False
+    configuration_lost: bool = False
 
 
 @dataclass
@@ -376,12 +380,14 @@ class _Index:
     ``meta_keys``: ``embeddings`` rowid -> the metadata keys it has (the primary-key index of
     ``embedding_metadata``, ``(id, key, rowid)``); ``keys_failed``: the rowid ranges of it
     that could not be read (there, what a record had is unknown); ``keys_complete``: the
-    index was read whole.
+    index was read whole. ``collection_names``: collection id -> name, from the two unique
+    indexes of ``collections`` joined on the rowid (read when rows of it are missing).
     """
 
     meta_keys: dict[int, set[str]] = field(default_factory=dict)
     keys_failed: list[tuple[int, int]] = field(default_factory=list)
     keys_complete: bool = False
+    collection_names: dict[str, str] = field(default_factory=dict)
 
     def keys_known(self, rowid: int) -> bool:
         """Whether the index was read for this record."""
@@ -417,6 +423,24 @@ def _from_indexes(
     """
     index = _Index()
     found = {"embeddings": 0, "embedding_metadata": 0}
+    if not complete["collections"]:
+        q1 = (
+            "SELECT rowid, id FROM collections INDEXED BY sqlite_autoindex_collections_1 "
+            "ORDER BY id"
+        )
+        q2 = (
+            "SELECT rowid, name FROM collections INDEXED BY sqlite_autoindex_collections_2 "
+            "ORDER BY name, database_id"
+        )
+        try:
+            ids, _whole = read_both_ends(con, q1, q1 + " DESC")
+            names, _whole = read_both_ends(
+                con, q2, q2.replace("name, database_id", "name DESC, database_id DESC")
+            )
+        except sqlite3.DatabaseError:
+            ids, names = [], []
+        by_rowid = {r: n for r, n in names if isinstance(n, str)}
+        index.collection_names = {c: by_rowid[r] for r, c in ids if _is_uuid(c) and r in by_rowid}
     if not complete["embeddings"]:
         emb = tables["embeddings"]
         for seg in {r[0] for r in tables["segments"].values() if r[1] == METADATA_SEGMENT_TYPE}:
@@ -507,7 +531,10 @@ def _meta_value(row: tuple[Any, ...]) -> Any:
         return bool(b)
     if i is not None:
         return int(i)
-    return f
+    # SQLite stores a whole REAL (144.0) as an integer in the record; read through SQLite the
+    # column's affinity turns it back, decoded from the page it stays 144 (measured: the page
+    # scanner gave a metadata value of 144 for 144.0).
+    return float(f) if isinstance(f, int) else f
 
 
 def _bordering_gaps(rows: dict[int, tuple[Any, ...]]) -> set[int]:
@@ -575,7 +602,9 @@ def _assemble(
         d[r[1]] = ([*cur] if isinstance(cur, list) else []) + [_meta_value(r)]
     queue = sorted(tables["embeddings_queue"].values(), key=lambda r: r[0])
     plans: list[dict[str, Any]] = []
-    for cid, name, dim, cfg_json, schema_str, vseg, mseg, renamed in _catalog(root, tables):
+    for cid, name, dim, cfg_json, schema_str, vseg, mseg, renamed, config_lost in _catalog(
+        root, tables, index
+    ):
         hcfg = _hnsw_config(schema_str)
         space = hcfg.get("space") or cmeta.get(cid, {}).get("hnsw:space") or "l2"
         m = int(hcfg.get("max_neighbors") or cmeta.get(cid, {}).get("hnsw:M") or 16)
@@ -718,32 +747,40 @@ def _assemble(
                 "lost": lost,
                 "spurious": spurious,
                 "renamed": renamed,
+                "config_lost": config_lost,
             }
         )
     return plans
 
 
 def _catalog(
-    root: str, tables: dict[str, dict[int, tuple[Any, ...]]]
-) -> list[tuple[str, str, int | None, Any, Any, str | None, str | None, bool]]:
+    root: str, tables: dict[str, dict[int, tuple[Any, ...]]], index: _Index
+) -> list[tuple[str, str, int | None, Any, Any, str | None, str | None, bool, bool]]:
     """Each collection with its vector and metadata segments, the lost catalog rows filled in.
 
     ``(id, name, dimension, config_json_str, schema_str, vector segment, metadata segment,
-    renamed)``. A collection whose ``collections`` row was lost (its id still named by a
-    segment or by the WAL's topics) is rebuilt as ``recovered-<id>`` (``renamed``: its name is
-    gone). A collection whose ``segments`` rows were lost gets the segment directory and the
-    ``embeddings`` segment id nobody else claims, when exactly one of each is left for it
+    renamed, configuration_lost)``. A collection whose ``collections`` row was lost (its id
+    still named by a segment or by the WAL's topics) takes its name from the table's indexes
+    or, failing them, is rebuilt as ``recovered-<id>`` (``renamed``); its configuration (space,
+    HNSW parameters, recorded embedding function) is gone either way and rebuilt from
+    Chroma's defaults (``configuration_lost``). A collection whose ``segments`` rows were lost
+    gets the segment directory and the ``embeddings`` segment id nobody else claims, when
+    exactly one of each is left for it
     (issue 21: one overwritten page emptied ``segments``, and all 2000 records but the one
     in the WAL were left out of the rebuild).
     """
     segs = list(tables["segments"].values())
     cols: dict[str, list[Any]] = {}
     for cid, name, dim, _db, cfg_json, schema_str in tables["collections"].values():
-        cols.setdefault(cid, [name, dim, cfg_json, schema_str, False])
+        cols.setdefault(cid, [name, dim, cfg_json, schema_str, False, False])
     named = {str(r[3]) for r in segs}
     named |= {str(r[3]).rsplit("/", 1)[-1] for r in tables["embeddings_queue"].values()}
+    named |= set(index.collection_names)
     for cid in sorted(c for c in named - set(cols) if _is_uuid(c)):
-        cols[cid] = [f"recovered-{cid}", None, "{}", None, True]
+        if cid in index.collection_names:
+            cols[cid] = [index.collection_names[cid], None, "{}", None, False, True]
+        else:
+            cols[cid] = [f"recovered-{cid}", None, "{}", None, True, True]
     vsegs: dict[str, str | None] = {}
     msegs: dict[str, str | None] = {}
     for cid in cols:
@@ -759,8 +796,8 @@ def _catalog(
         if len(need) == 1 and len(free) == 1:
             segments[need[0]] = free[0]
     return [
-        (cid, name, dim, cfg_json, schema_str, vsegs[cid], msegs[cid], renamed)
-        for cid, (name, dim, cfg_json, schema_str, renamed) in cols.items()
+        (cid, name, dim, cfg_json, schema_str, vsegs[cid], msegs[cid], renamed, lost)
+        for cid, (name, dim, cfg_json, schema_str, renamed, lost) in cols.items()
     ]
 
 
@@ -955,6 +992,7 @@ def _salvage(
             lost=[r["id"] for r in p["lost"]],
             spurious=p["spurious"],
             name_lost=p["renamed"],
+            configuration_lost=p["config_lost"],
             incomplete=[
                 {
                     "id": r["id"],
@@ -973,7 +1011,7 @@ def _salvage(
         out.message = _summary(out, "would rebuild")
         return out
     assert out.backup_dir is not None
-    if out.incomplete_records:
+    if out.incomplete_records or any(c.configuration_lost for c in out.collections):
         out.losses_file = _write_losses(out, plans)
         out.steps.append(f"{out.incomplete_records} incomplete records listed in {out.losses_file}")
     for p, cs in zip(plans, out.collections, strict=True):
@@ -1049,7 +1087,20 @@ def _write_losses(out: SqliteSalvage, plans: list[dict[str, Any]]) -> str:
                     }
                 )
     path = os.path.join(out.backup_dir, LOSSES_FILE)
-    doc = {"path": out.path, "backup_dir": out.backup_dir, "count": len(records)}
+    doc = {
+        "path": out.path,
+        "backup_dir": out.backup_dir,
+        "count": len(records),
+        "collections": [
+            {
+                "name": c.name,
+                "old_id": c.old_id,
+                "lost": ["name"] * c.name_lost + ["configuration"] * c.configuration_lost,
+            }
+            for c in out.collections
+            if c.name_lost or c.configuration_lost
+        ],
+    }
     tmp = path + ".partial"
     with open(tmp, "w") as f:
         json.dump({**doc, "records": records}, f, indent=1)
@@ -1076,6 +1127,12 @@ def _summary(out: SqliteSalvage, verb: str) -> str:
     renamed = [c.name for c in out.collections if c.name_lost]
     if renamed:
         s += f"; names lost, rebuilt as {', '.join(renamed)}"
+    unconfigured = [c.name for c in out.collections if c.configuration_lost]
+    if unconfigured:
+        s += (
+            f"; configuration lost (rebuilt with Chroma's defaults: check space and HNSW "
+            f"settings) for {', '.join(unconfigured)}"
+        )
     if out.backup_dir:
         s += f"; backup in {out.backup_dir}"
     return s
@@ -1102,7 +1159,12 @@ def repair_sqlite(
     rep.incomplete_records = s.incomplete_records
     rep.losses_file = s.losses_file
     if s.status == "repaired" and s.losses_file:
-        marker = record_losses(s.path, s.losses_file, s.incomplete_records)
+        marker = record_losses(
+            s.path,
+            s.losses_file,
+            s.incomplete_records,
+            collections=[c.name for c in s.collections if c.configuration_lost or c.name_lost],
+        )
         rep.steps.append(f"losses recorded in {marker}")
     for c in s.collections:
         rep.collections.append(
