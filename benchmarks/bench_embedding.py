@@ -75,6 +75,7 @@ LABELS = {
     "plain_add": "chromadb `add(documents=)`",
 }
 MiB = 2**20
+KEPT = "## Reading it"  # a hand-written section of the .md, kept when it is rewritten
 _TICK = os.sysconf("SC_CLK_TCK")
 _WORDS = [
     "".join(random.Random(i).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3 + i % 7))
@@ -393,7 +394,13 @@ def main() -> int:
         runs = json.loads(store.read_text()).get("runs", [])
     runs.append(result)
     store.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
-    (out / "embedding.md").write_text(render(runs))
+    md = out / "embedding.md"
+    kept = ""
+    if md.exists() and not args.fresh:  # a section added by hand after the generated ones
+        old = md.read_text()
+        if KEPT in old:
+            kept = "\n" + old[old.index(KEPT) :]
+    md.write_text(render(runs) + kept)
     st = summarize(result)
     t = result["threads"]
     print(
