@@ -1,7 +1,7 @@
 """A real transformer as a chromadb embedding function, built on this machine (no download).
 
 ``BertEF`` runs a BERT encoder (``transformers.BertModel``, MiniLM-sized by default: 6 layers,
-hidden 384, 6 heads, intermediate 1536, vocabulary 30522; ~22.7 M parameters) with random
+hidden 384, 6 heads, intermediate 1536, vocabulary 30522; 22.6 M parameters) with random
 weights from a fixed seed, and mean-pools its last hidden state over the attention mask, as
 sentence-transformers' MiniLM does. The weights are random, so the vectors mean nothing; the
 arithmetic (and so the time and memory) is a real model's. Text becomes token ids through a

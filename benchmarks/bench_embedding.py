@@ -265,7 +265,7 @@ def render(runs: list[dict[str, Any]]) -> str:
         f"`.venv-bench/bin/python benchmarks/bench_embedding.py --docs {a['docs']} "
         f"--tokens {a['tokens']} --rounds {a['rounds']}`, run {len(runs)} time(s). "
         "Model: `transformers.BertModel` built here from a seed (6 layers, hidden 384, 6 heads, "
-        "intermediate 1536, vocabulary 30522, no pooler; 22.7 M parameters), mean-pooled, "
+        "intermediate 1536, vocabulary 30522, no pooler; 22.6 M parameters), mean-pooled, "
         "hash tokenizer, no download (`benchmarks/_bert_ef.py`); registered with "
         "`@register_embedding_function`, so safechroma sends it to the worker by config and "
         "the worker builds its own copy. One round embeds the same "
