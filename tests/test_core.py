@@ -485,7 +485,8 @@ def test_function_the_worker_cannot_decode_runs_in_the_caller_not_a_death(
         got = col.get(include=["embeddings", "documents"])
         assert got["documents"] == ["x", "y"]
         assert got["embeddings"].tolist() == [[1.0, 2.0], [1.0, 2.0]]
-        assert col.query(query_texts=["z"], n_results=1)["ids"] == [["a"]]
+        # Both records have the same vector: which one comes first is Chroma's choice.
+        assert sorted(col.query(query_texts=["z"], n_results=2)["ids"][0]) == ["a", "b"]
         assert client.stats().worker_pid == pid
         assert client.heartbeat() > 0
 

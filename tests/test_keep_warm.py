@@ -22,7 +22,7 @@ from safechroma.runtime.lock import LOCK_NAME
 SHORT = """
 import json, os, sys
 from safechroma import SafeClient
-client = SafeClient(sys.argv[1])          # never closed: the program just ends
+client = SafeClient(sys.argv[1], **json.loads(sys.argv[2]))  # never closed: the program ends
 col = client.get_or_create_collection("cli", embedding_function=None)
 if not col.count():
     col.add(ids=[str(i) for i in range(50)], embeddings=[[float(i), 1.0] for i in range(50)])
@@ -30,13 +30,12 @@ print(json.dumps({"worker": client.stats().worker_pid, "count": col.count()}))
 """
 
 
-def _short(db: str, env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+def _short(db: str, **options: object) -> dict:  # type: ignore[type-arg]
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SHORT), db],
+        [sys.executable, "-c", textwrap.dedent(SHORT), db, json.dumps(options)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)  # type: ignore[no-any-return]
@@ -83,7 +82,8 @@ def test_the_second_short_command_joins_the_warm_worker(db: str) -> None:
 
 
 def test_a_warm_worker_leaves_by_itself_and_restores_chromas_purge(db: str) -> None:
-    got = _short(db, {"SAFECHROMA_KEEP_WARM": "1"})  # this test is about the expiry: short
+    got = _short(db, keep_warm=3.0)  # this test is about the expiry: a short one
+    assert _alive(got["worker"])  # still warm after the program ended
     give_up = time.monotonic() + 10
     while _alive(got["worker"]) and time.monotonic() < give_up:
         time.sleep(0.05)

@@ -69,6 +69,7 @@ LOCK_NAME = ".safechroma.lock"
 _APPLY = """
 import json, sys
 import chromadb
+from safechroma.storage import wal
 from safechroma.storage.recovery import apply_salvage
 
 
@@ -96,6 +97,7 @@ for f in files:
     with open(f[: -len(".npz")] + ".json", "rb") as side:
         total += len(json.loads(side.read())["ids"])
 print("TOTAL " + str(total), flush=True)
+wal.take_over(sys.argv[1])  # purge off before Chroma's first read: the WAL is our second copy
 client = Client(chromadb.PersistentClient(sys.argv[1]))
 out = [apply_salvage(client, f) for f in files]
 print("RESULT " + json.dumps(out), flush=True)
@@ -738,6 +740,7 @@ def _print_repair(
 _REEMBED = """
 import json, sys
 import chromadb
+from safechroma.storage import wal
 from safechroma.storage.recovery import restore_saved_records
 
 
@@ -764,6 +767,7 @@ class Client(Counting):
         return Counting(self._inner.get_collection(*args, **kwargs))
 
 
+wal.take_over(sys.argv[1])  # purge off before Chroma's first read: the WAL is our second copy
 client = Client(chromadb.PersistentClient(sys.argv[1]))
 spec = sys.argv[3] or None
 out = restore_saved_records(client, sys.argv[1], sys.argv[2], spec)

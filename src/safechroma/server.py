@@ -93,7 +93,9 @@ chromadb_rust_bindings.cli(["chroma", "run", sys.argv[1]])
 _APPLY: Final = """
 import json, sys
 import chromadb
+from safechroma.storage import wal
 from safechroma.storage.recovery import apply_salvage
+wal.take_over(sys.argv[1])  # purge off before Chroma's first read: the WAL is our second copy
 client = chromadb.PersistentClient(sys.argv[1])
 out = [apply_salvage(client, f) for f in sys.argv[2:]]
 print("RESULT " + json.dumps(out, default=str), flush=True)

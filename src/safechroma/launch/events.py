@@ -9,6 +9,7 @@ go unseen. stdout is never written (an MCP stdio server speaks its protocol ther
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -16,15 +17,14 @@ from typing import Any
 
 from .options import events_enabled
 
-# The events worth a line: a death, a repair, the breaker. Starts, attaches and validations of
-# a healthy directory are routine and stay in logging.
+# The events worth a line: a death, a repair (one line: its outcome), the breaker. Starts,
+# attaches, validations and the write-back after a repair stay in logging.
 _SHOWN = {
     "worker_died",
     "worker_timeout",
     "protocol_error",
     "recovered",
     "recovery_failed",
-    "salvage_applied",
     "breaker_open",
 }
 
@@ -33,8 +33,6 @@ def line(event: Any) -> str | None:
     """The one line for ``event`` (a :class:`safechroma.Event`), or None if it gets none."""
     kind, detail = event.kind, event.detail
     where = f"{event.path}"
-    if kind == "validated" and not detail.get("healthy", True):
-        return f"safechroma: {where} is damaged; repairing"
     if kind not in _SHOWN:
         return None
     if kind == "worker_died":
@@ -55,8 +53,6 @@ def line(event: Any) -> str | None:
     if kind == "recovery_failed":
         why = detail.get("error") or _summary(detail.get("report"))
         return f"safechroma: could NOT repair {where}: {why}"
-    if kind == "salvage_applied":
-        return f"safechroma: wrote salvaged records back into {where}: {detail.get('summary')}"
     if kind == "breaker_open":
         return (
             f"safechroma: workers for {where} keep dying ({detail.get('why')}); calls fail fast "
@@ -107,7 +103,12 @@ def chain(*callbacks: Callable[[Any], None] | None) -> Callable[[Any], None] | N
 
 
 def with_stderr_events(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with the stderr line added in front of any ``on_event`` (unless disabled)."""
+    """``options`` with the stderr line added in front of any ``on_event`` (unless disabled).
+
+    The ``safechroma`` logger then keeps to errors: the program may log warnings to stderr
+    (or Python's last-resort handler does), and a death must be one line, not two.
+    """
     if events_enabled(os.environ):
         options = {**options, "on_event": chain(printer(), options.get("on_event"))}
+        logging.getLogger("safechroma").setLevel(logging.ERROR)
     return options

@@ -43,6 +43,10 @@ _LENGTH: Final = struct.Struct("<I")
 _MAX_HELLO: Final = 1 << 16
 STATE_FILE: Final = "share.json"
 HANDSHAKE_TIMEOUT: Final = 5.0
+# A Unix socket's address holds 108 bytes on Linux (104 on macOS); a socket's name in the
+# folder (20 hex digits, ".sock", and a marker's ".<pid>.status") needs this much room.
+_SUN_PATH: Final = 104
+_NAME_ROOM: Final = 27
 
 
 def versions() -> dict[str, Any]:
@@ -60,11 +64,13 @@ def versions() -> dict[str, Any]:
 def socket_folder() -> str:
     """This user's folder for rendezvous sockets, created 0700 and checked to be ours."""
     uid = os.getuid()
-    bases = [os.environ.get("XDG_RUNTIME_DIR") or "", tempfile.gettempdir()]
+    bases = [os.environ.get("XDG_RUNTIME_DIR") or "", tempfile.gettempdir(), "/tmp"]
     for base in bases:
         if not base or not os.path.isdir(base) or not os.access(base, os.W_OK):
             continue
         folder = os.path.join(base, f"safechroma-{uid}")
+        if len(os.fsencode(folder)) + _NAME_ROOM > _SUN_PATH:
+            continue  # a deep TMPDIR: the socket's address would not fit (AF_UNIX path too long)
         try:
             os.mkdir(folder, 0o700)
         except FileExistsError:

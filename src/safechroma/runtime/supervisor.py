@@ -342,7 +342,9 @@ class Supervisor:
         lease = self._lease(alone=suspect)
         try:
             self._refuse_poison(poison, method)
-            handle = self._handle_of(lease, owner)
+            handle = self._handle_of(lease, owner, method)
+            # Before the call is sent: a death here leaves no write's outcome unknown.
+            self._send_functions(lease, (args, kwargs) if poison.by_value else None)
             request = (Op.CALL, (handle, method, args, kwargs))
             try:
                 result = self._exchange(lease, request, method, timeout, poison.by_value)
@@ -377,6 +379,7 @@ class Supervisor:
         try:
             self._refuse_poison(poison, name)
             request = (Op.RUN, (self._handle_of(lease, owner), fn, args))
+            self._send_functions(lease, args)
             try:
                 result = self._exchange(lease, request, name, timeout, True)
             except WorkerCrashedError as exc:
@@ -546,20 +549,21 @@ class Supervisor:
         if self.state is State.CLOSED:
             raise ClientClosedError(f"the safechroma client for {self.path} is closed")
 
-    def _handle_of(self, lease: Lease, owner: _Remote) -> int:
+    def _handle_of(self, lease: Lease, owner: _Remote, operation: str = "open") -> int:
         if owner._handle_serial != lease.gen.serial:
             # One reopen at a time: two threads reopening one collection would leave two
             # handles in the worker and race on the caller's slot.
             with self._reopen:
                 if owner._handle_serial != lease.gen.serial:
                     op, body, by_value = owner._reopen_request(self, lease)
+                    self._send_functions(lease, body if by_value else None)
                     ref = self._exchange(
                         lease, (op, body), "open", self.options.start_timeout, by_value
                     )
                     owner._handle = ref[1] if isinstance(ref, tuple) else int(ref)
                     owner._handle_serial = lease.gen.serial
         if self.released:
-            self._flush_released(lease)
+            self._flush_released(lease, operation)
         return owner._handle
 
     def release(self, serial: int, handle: int) -> None:
@@ -569,7 +573,9 @@ class Supervisor:
         """
         self.released.append((serial, handle))
 
-    def _flush_released(self, lease: Lease) -> None:
+    def _flush_released(self, lease: Lease, operation: str) -> None:
+        """Send the handles released since the last call, ahead of ``operation`` (the call it
+        precedes names a death seen here: that call is what the caller was waiting for)."""
         mine: list[int] = []
         while True:
             try:
@@ -579,7 +585,7 @@ class Supervisor:
             if serial == lease.gen.serial:
                 mine.append(handle)
         if mine:
-            self._exchange(lease, (Op.RELEASE, mine), "release", self.options.timeout, False)
+            self._exchange(lease, (Op.RELEASE, mine), operation, self.options.timeout, False)
 
     # -- one exchange ----------------------------------------------------------------------
 
@@ -593,8 +599,6 @@ class Supervisor:
         *,
         seconds: bool = False,
     ) -> Any:
-        if request[0] in _FUNCTION_OPS:
-            self._send_functions(lease, request[1] if by_value else None)
         # The operation goes as a plain int: an enum member would be pickled by reference.
         data, buffers = encode((request[0].value, request[1]), by_value=by_value)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -632,7 +636,7 @@ class Supervisor:
             self._retire(gen, "retired elsewhere")
             raise _Retired
         self.last_worker_seconds = spent
-        if operation not in _NOT_CALLS:
+        if operation not in _NOT_CALLS and request[0] in (Op.CALL, Op.RUN):
             gen.process.served += 1  # progress, for the breaker: it answered a call
         if status == Status.OK:
             self.calls += 1
@@ -668,7 +672,7 @@ class Supervisor:
             entries = FUNCTIONS.registry_payload()
             if entries:
                 self._exchange(
-                    lease, (Op.REGISTER, entries), "register", self.options.start_timeout, False
+                    lease, (Op.REGISTER, entries), "open", self.options.start_timeout, False
                 )
             gen.registry = signature
         if body is None:
@@ -683,7 +687,7 @@ class Supervisor:
             mode, failures = self._exchange(
                 lease,
                 (Op.DEFINE, (ref.token, alternatives)),
-                "define",
+                "open",
                 self.options.start_timeout,
                 False,
             )
@@ -1554,9 +1558,7 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 # Exchanges that are not a caller's call: a worker that only did these made no progress.
-_NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage", "register", "define"})
-# Requests that may build a collection in the worker, and so need its embedding functions.
-_FUNCTION_OPS: Final = frozenset({Op.CALL, Op.OPEN_HANDLE, Op.RUN})
+_NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})
 
 
 def _function_refs(body: Any, depth: int = 0) -> list[FunctionRef]:

@@ -80,6 +80,11 @@ class Template:
             pass_fds=[theirs.fileno()],
             close_fds=True,
             env=env,
+            # Its own session: a shared worker forked from it outlives this process (kept
+            # warm for the next command, serving other processes), so a signal to this
+            # program's process group (a terminal's hang-up, a CI step's or a timer's kill)
+            # must not take it. Each worker still follows its own rules for when to exit.
+            start_new_session=True,
         )
         theirs.close()
         self.sock = mine

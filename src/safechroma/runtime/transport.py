@@ -415,6 +415,7 @@ class WorkerProcess:
                 pass_fds=fds,
                 close_fds=True,
                 env=private_env(),
+                start_new_session=self.share is not None,  # as the template (template.py)
             )
         return _Spawned(popen)
 
