@@ -350,7 +350,8 @@ def check(
         ),
     ] = False,
 ) -> int:
-    """Validate a directory: SQLite, every HNSW index, labels, the WAL. Reads only."""
+    """Validate a directory: SQLite, every HNSW index, labels, the WAL. Reads only (except
+    ``--ack-losses``, which renames the losses marker)."""
     acked = acknowledge_losses(path) if ack_losses else None
     losses = unacknowledged_losses(path)
     if json_out:
@@ -363,11 +364,12 @@ def check(
         print(json.dumps(doc, indent=1))
     else:
         rep = _checked(path, deep=not quick)
+        # First, so that the first line is not a plain "OK" when records were lost (issue 21).
+        _print_losses(path, losses, acked)
         if _is_terminal(sys.stdout):
             render_check(rep, _stdout())
         else:
             _plain_check(rep, sys.stdout)
-        _print_losses(path, losses, acked)
     if losses is not None and rep.status == "healthy":
         return 1
     return _EXIT[rep.status]
