@@ -29,10 +29,12 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import struct
 import tempfile
+import threading
 import time
 from typing import Any, Final
 
@@ -325,3 +327,132 @@ def wait_marker(path: str, timeout: float) -> str | None:
         if value is not None or time.monotonic() >= give_up:
             return value
         time.sleep(0.005)
+
+
+# -- leftovers of dead workers -------------------------------------------------------------
+
+# A file must be this old before it is swept: the processes that saw a worker die read its
+# markers within moments (its exit status, whether it served), and a socket is bound and
+# listened on in one go.
+SWEEP_AGE: Final = 5.0
+_MARKER = re.compile(r"^[0-9a-f]+\.sock\.(\d+)\.(?:end|served|status|status\.tmp)$")
+_SOCKET = re.compile(r"^[0-9a-f]+\.sock$")
+_LOG = re.compile(r"^worker-\d+-\d+\.log$")
+
+
+def sweep(folder: str | None = None, *, now: float | None = None) -> list[str]:
+    """Remove what dead workers left in the rendezvous folder; returns what was removed.
+
+    - a marker (``<socket>.<pid>.end|served|status``) of a worker that is not alive;
+    - a socket nobody listens on;
+    - a worker log no process has open (workers write theirs until they exit).
+
+    Only files older than :data:`SWEEP_AGE`. Never raises: a file another process removes
+    first, or one it cannot read, is left to the next sweep.
+    """
+    try:
+        folder = socket_folder() if folder is None else folder
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    logs: list[str] = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if now - os.lstat(path).st_mtime < SWEEP_AGE:
+                continue
+        except OSError:
+            continue
+        marker = _MARKER.match(name)
+        if marker is not None:
+            if not _pid_alive(int(marker.group(1))):
+                removed += _unlink(path)
+        elif _SOCKET.match(name):
+            if not _listened_on(path):
+                removed += _unlink(path)
+        elif _LOG.match(name):
+            logs.append(path)
+    if logs:
+        held = _open_files(folder)
+        for path in logs:
+            if path not in held:
+                removed += _unlink(path)
+    return removed
+
+
+_swept_at = 0.0
+_sweep_lock = threading.Lock()
+SWEEP_EVERY: Final = 30.0
+
+
+def sweep_soon() -> None:
+    """Sweep in a background thread, at most once per :data:`SWEEP_EVERY` seconds per process
+    (called whenever this process starts a shared worker: it then knows of the latest death)."""
+    global _swept_at
+    with _sweep_lock:
+        now = time.monotonic()
+        if now - _swept_at < SWEEP_EVERY:
+            return
+        _swept_at = now
+    threading.Thread(target=sweep, name="safechroma-sweep", daemon=True).start()
+
+
+def _unlink(path: str) -> list[str]:
+    try:
+        os.unlink(path)
+    except OSError:
+        return []
+    return [path]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's (a reused pid): not ours to judge
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _listened_on(address: str) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # busy, or not ours to judge
+    finally:
+        sock.close()
+    return True
+
+
+def _open_files(folder: str) -> set[str]:
+    """The files in ``folder`` that some process of this user has open (from /proc)."""
+    held: set[str] = set()
+    prefix = folder.rstrip("/") + "/"
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return held
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or another user's: it cannot hold a file in our 0700 folder
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                held.add(target)
+    return held

@@ -1052,6 +1052,7 @@ class Supervisor:
         state["worker"]["opened"] = True
         rendezvous.save_state(self.path, state)
         rendezvous.announce(fd, process.pid, self.address)
+        rendezvous.sweep_soon()  # what dead workers of any directory left in the folder
 
     def _account_for(self, last: dict[str, Any] | None, now: float) -> str:
         """How the previous worker of the directory ended, counted once in its breaker."""
@@ -1061,7 +1062,7 @@ class Supervisor:
         end = rendezvous.read_marker(markers["end"])
         status = rendezvous.wait_marker(markers["status"], 0.0 if end else 0.5)
         served = rendezvous.read_marker(markers["served"]) is not None
-        if end in ("closed", "idle"):
+        if end in ("closed", "idle", "asked to leave"):
             return "start"  # it exited in order: nothing to suspect
         if end == "recycled":
             return "recycle"

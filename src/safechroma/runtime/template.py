@@ -370,7 +370,8 @@ def _become_worker(
     sock.close()
     for fd in siblings:  # the template's pidfds of other workers
         os.close(fd)
-    log = os.open(info["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Appending: the worker caps its log by cutting it to its tail (worker._cap_log).
+    log = os.open(info["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)

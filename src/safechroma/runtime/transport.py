@@ -406,7 +406,8 @@ class WorkerProcess:
         self.rss_checked = self.started  # when max_worker_rss last read /proc
 
     def _spawn(self, info: dict[str, Any], fds: list[int]) -> _Process:
-        with open(self.log_path, "wb") as log:
+        # Appending: the worker caps its log by cutting it to its tail (worker._cap_log).
+        with open(self.log_path, "ab") as log:
             popen = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, json.dumps(info)],
                 stdin=subprocess.DEVNULL,

@@ -49,6 +49,12 @@ PARENT_GRACE: Final = 1.5
 IDLE_GRACE: Final = 0.5
 # How long a retiring shared worker lets the calls in flight finish before it exits anyway.
 DRAIN_GRACE: Final = 30.0
+# The worker's log (its stdout and stderr: Chroma's own output, faulthandler's stacks) is cut to
+# its last LOG_KEEP bytes whenever it passes LOG_CAP, checked every LOG_CHECK seconds: a crash
+# report needs the tail, and a long-lived chatty worker must not fill the disk.
+LOG_CAP: Final = 4 << 20
+LOG_KEEP: Final = 256 << 10
+LOG_CHECK: Final = 5.0
 # Requests come from the trusted parent; the bound only stops a runaway frame.
 _MAX_REQUEST: Final = 1 << 40
 
@@ -274,7 +280,8 @@ class _Worker:
             except OSError:
                 pass
             _write(self.share["markers"]["end"], why)
-        give_up = time.monotonic() + (PARENT_GRACE if why in ("closed", "idle") else DRAIN_GRACE)
+        orderly = why in ("closed", "idle", "asked to leave")
+        give_up = time.monotonic() + (PARENT_GRACE if orderly else DRAIN_GRACE)
         while self.busy > 0 and time.monotonic() < give_up:
             time.sleep(0.01)
         _exit()
@@ -560,6 +567,23 @@ def _exit() -> None:
     os._exit(0)
 
 
+def _cap_log(path: str) -> None:
+    """Keep the log (this process's fd 1 and 2, opened for appending) under LOG_CAP."""
+    while True:
+        time.sleep(LOG_CHECK)
+        try:
+            size = os.fstat(2).st_size
+            if size <= LOG_CAP:
+                continue
+            with open(path, "rb") as f:
+                f.seek(size - LOG_KEEP)
+                tail = f.read(LOG_KEEP)
+            os.ftruncate(2, 0)
+            os.write(2, b"[safechroma: log cut to its last %d bytes]\n" % len(tail) + tail)
+        except OSError:
+            return
+
+
 def _restore_threads(threads: dict[str, str | None] | None) -> None:
     """Give the embedding function the caller's BLAS/OpenMP thread settings.
 
@@ -652,6 +676,10 @@ def main(info: dict[str, Any]) -> None:
     _limit_memory(info.get("memory_limit"))
     _limit_file_size(info.get("file_limit"))
     _restore_threads(info.get("threads"))
+    if info.get("log"):
+        threading.Thread(
+            target=_cap_log, args=(info["log"],), name="safechroma-log-cap", daemon=True
+        ).start()
     worker = _Worker()
     share = info.get("share")
     if share is not None:
