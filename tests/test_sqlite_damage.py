@@ -373,3 +373,29 @@ def test_rebuilt_header_finds_the_page_size(tmp_path: Path, page_size: int) -> N
         assert [con.execute(q).fetchone() for q in queries] == want
     finally:
         con.close()
+
+
+def test_killed_writers_journal_is_named_by_check_and_rolled_back_after_a_backup(
+    base: str, tmp_path: Path
+) -> None:
+    """A read-only check cannot undo a hot journal (it said only "attempt to write a readonly
+    database", exit 2); it now names it, and repair backs both files up and rolls it back."""
+    d = str(tmp_path / "d")
+    shutil.copytree(base, d)
+    _stale_journal(d)
+    with open(_db(d) + "-journal", "rb") as f:
+        journal = f.read()
+    check = _cli("check", d)
+    assert check.returncode == 2 and "sqlite_hot_journal" in check.stdout, check.stdout
+    rep = _cli("repair", d)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert not os.path.exists(_db(d) + "-journal")
+    (backup,) = [
+        os.path.join(d, ".safechroma", "backups", b)
+        for b in os.listdir(os.path.join(d, ".safechroma", "backups"))
+        if b.endswith("-journal")
+    ]
+    assert backup in rep.stdout
+    with open(os.path.join(backup, "chroma.sqlite3-journal"), "rb") as f:
+        assert f.read() == journal
+    assert _cli("check", d).returncode == 0

@@ -216,6 +216,22 @@ def _classify(e: sqlite3.Error, db: str) -> _SqliteUnavailable:
                 "warning",
             ),
         )
+    from safechroma.storage.sqlite_pages import is_hot_journal
+
+    if "readonly" in msg and is_hot_journal(db + "-journal"):
+        # A writer killed inside a transaction: SQLite undoes it on the next read-write open
+        # (Chroma's, or repair's after a backup); a read-only check cannot (issue 21).
+        return _SqliteUnavailable(
+            "unknown",
+            Finding(
+                "sqlite_hot_journal",
+                "chroma.sqlite3-journal holds a transaction that never finished (a writer was "
+                "killed); a read-only check cannot undo it. `safechroma repair` backs both "
+                "files up and rolls it back, as Chroma would on its next open",
+                db,
+                "warning",
+            ),
+        )
     return _SqliteUnavailable(
         "unknown",
         Finding("sqlite_unavailable", f"chroma.sqlite3 cannot be read: {e}", db, "warning"),
