@@ -188,6 +188,11 @@ class Options:
             0.5 s, and ``safechroma repair``, an exclusive client and ``safechroma release``
             ask an idle warm worker to leave at once. 0: leave with the last process.
         on_event: called with each :class:`Event` (in the thread that observed it).
+        journal: keep the write journal (issue 21): before a write is acknowledged, a copy of
+            its records (ids, documents, metadata, vectors) is appended to
+            ``<path>/.safechroma/journal/``, outside ``chroma.sqlite3``, so that a repair can
+            make the directory whole again whatever single file is damaged. Worker-level.
+            False turns it off; so does WAL retention mode ``"chroma"`` (no second copy).
         sleep: how to sleep between respawns (tests pass a recorder).
     """
 
@@ -214,6 +219,7 @@ class Options:
     max_file_bytes: int | Literal["auto"] | None = "auto"
     keep_warm: float = 10.0
     on_event: Callable[[Event], None] | None = None
+    journal: bool = True  # issue 21: storage/journal.py
     sleep: Callable[[float], None] = time.sleep
 
 

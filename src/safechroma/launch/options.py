@@ -69,6 +69,7 @@ OPTIONS: Final[tuple[Spec, ...]] = (
     Spec("max_file_bytes", "bytes", "largest file the worker may write (default auto)"),
     Spec("keep_warm", "seconds", "keep a shared worker this long after its last process ends"),
     Spec("on_event", "callable", "called with each Event (after the launcher's stderr line)"),
+    Spec("journal", "bool", "copy each write to .safechroma/journal before acking (default on)"),
 )
 BY_FIELD: Final = {spec.field: spec for spec in OPTIONS}
 

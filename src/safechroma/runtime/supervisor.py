@@ -1298,6 +1298,7 @@ class Supervisor:
             memory_limit=self.options.memory_limit,
             max_reply_bytes=self.options.max_reply_bytes,
             file_limit=file_size_limit(self.path, self.options.max_file_bytes),
+            journal=self.options.journal,  # issue 21: the worker keeps the write journal
             share={"address": self.address, "keep_warm": self.options.keep_warm}
             if self.shared
             else None,

@@ -357,6 +357,7 @@ class WorkerProcess:
         file_limit: int | None = None,
         use_template: bool = True,
         share: dict[str, Any] | None = None,
+        journal: bool = True,  # Options.journal (issue 21), read by the worker's open
     ) -> None:
         self.serial = next(_serial)
         self.log_path = os.path.join(log_dir, f"worker-{os.getpid()}-{self.serial}.log")
@@ -379,6 +380,7 @@ class WorkerProcess:
             "file_limit": file_limit,
             "share": share,
             "lock_fd": lock_fd,
+            "journal": journal,  # Options.journal (issue 21)
         }
         fds = [child_ctl.fileno(), child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
         self.forked = False

@@ -39,7 +39,7 @@ from typing import Any, Final
 
 from .._env import mark_own_process
 from ..storage import wal
-from . import functions
+from . import functions, journal_hook
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
 from .transport import FrameReader, PeerDied, send_frame
 
@@ -97,6 +97,7 @@ class _Worker:
         self.keep_warm = 0.0  # seconds to stay after the last process ended (Options)
         self.idle_since: float | None = None
         self.path: str | None = None  # the persist directory, once opened
+        self.journal = True  # Options.journal (issue 21): keep the write journal
 
     @property
     def next_handle(self) -> int:
@@ -407,6 +408,8 @@ class _Worker:
                 path=path, settings=settings, tenant=tenant, database=database
             )
             wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
+            if journal_hook.enabled(path, self.journal):  # issue 21: the write journal
+                journal_hook.install(client, path)
             self.path = path
         handle = self.next_handle
         self.handles[handle] = client
@@ -689,6 +692,7 @@ def main(info: dict[str, Any]) -> None:
     worker.share = share
     worker.keep_warm = float((share or {}).get("keep_warm") or 0.0)
     worker.lock_fd = info.get("lock_fd")
+    worker.journal = bool(info.get("journal", True))  # Options.journal (issue 21)
     if worker.share is None:
         threading.Thread(
             target=_watch_parent,

@@ -388,6 +388,31 @@ def repair_directory(
     dry_run: bool = False,
     progress: Progress | None = None,
 ) -> RepairReport:
+    """Repair ``path`` (see :func:`_repair_files`), then fill from the write journal what the
+    repair could not bring back (issue 21: :func:`safechroma.storage.journal.fill`)."""
+    from safechroma.storage.journal import fill, has_journal
+
+    try:
+        out = _repair_files(path, report, dry_run=dry_run, progress=progress)
+    except Exception as exc:
+        if dry_run or not has_journal(path):
+            raise
+        # The file salvage failed; the journal alone rebuilds a managed directory.
+        out = RepairReport(path=os.fspath(path), status="not_repairable", message=repr(exc))
+        out.steps.append(f"salvage of chroma.sqlite3 failed: {exc!r}")
+        filled_all: RepairReport = fill(os.fspath(path), out, sqlite_unusable=True)
+        return filled_all
+    filled: RepairReport = fill(os.fspath(path), out)
+    return filled
+
+
+def _repair_files(
+    path: str | os.PathLike[str],
+    report: DirectoryReport | None = None,
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> RepairReport:
     """Back up, salvage and quarantine every damaged vector index of ``path``.
 
     The caller must own the directory (hold ``<path>/.safechroma.lock``; no Chroma process may
@@ -1019,6 +1044,8 @@ def apply_salvage(
     with np.load(salvage_file, allow_pickle=False) as z:
         vecs = np.asarray(z["vectors"], dtype=np.float32)
     ids: list[str] = list(side["ids"])
+    if side.get("journal") is not None:  # issue 21: whole records from the write journal
+        return _apply_journal(client, salvage_file, side, vecs, batch_size)
     col = client.get_collection(side["name"])
     try:
         batch_size = min(batch_size, int(client.get_max_batch_size()))
@@ -1082,6 +1109,55 @@ def apply_salvage(
         "not_recovered": not_recovered,
         "removed": removed,
         "gone": gone,
+    }
+    _write_atomic(salvage_file + ".applied", json.dumps(summary).encode())
+    return summary
+
+
+def _apply_journal(
+    client: Any, salvage_file: str, side: dict[str, Any], vecs: np.ndarray, batch_size: int
+) -> dict[str, Any]:
+    """Upsert records from the write journal whole (vector, document, metadata), creating
+    their collection first when the repair could not bring it back (issue 21)."""
+    j = side["journal"]
+    create = j.get("create")
+    if create is not None:
+        col = client.get_or_create_collection(
+            side["name"],
+            metadata=create.get("metadata") or None,
+            configuration=create.get("configuration"),
+            embedding_function=None,
+        )
+    else:
+        col = client.get_collection(side["name"])
+    ids: list[str] = list(side["ids"])
+    docs, metas = j["documents"], j["metadatas"]
+    groups: dict[tuple[bool, bool], list[int]] = {}
+    for k in range(len(ids)):
+        groups.setdefault((docs[k] is None, metas[k] is None), []).append(k)
+    for (no_doc, no_meta), ks in groups.items():
+        for s in range(0, len(ks), batch_size):
+            part = ks[s : s + batch_size]
+            col.upsert(
+                ids=[ids[k] for k in part],
+                embeddings=vecs[part],
+                documents=None if no_doc else [docs[k] for k in part],
+                metadatas=None if no_meta else [metas[k] for k in part],
+            )
+    dead: list[str] = list(j.get("delete") or [])
+    for s in range(0, len(dead), batch_size):
+        col.delete(ids=dead[s : s + batch_size])  # stale rows of records deleted before
+    summary = {
+        "collection": side["name"],
+        "salvage_file": salvage_file,
+        "recovered": len(ids),
+        "deleted_again": len(dead),
+        "reembedded": 0,
+        "reembed_rejected": None,
+        "not_recovered": [],
+        "removed": [],
+        "gone": [],
+        "from_journal": True,
     }
     _write_atomic(salvage_file + ".applied", json.dumps(summary).encode())
     return summary

@@ -448,6 +448,12 @@ def maintain(path: str | os.PathLike[str]) -> CompactReport | None:
     """
     from safechroma.storage.schema import written_by_newer
 
+    try:  # issue 21: the write journal is compacted alongside (storage/journal.py)
+        from safechroma.storage.journal import compact as compact_journal
+
+        compact_journal(path)
+    except Exception:  # noqa: BLE001 - a second copy: the next start tries again
+        pass
     try:
         if written_by_newer(path):
             return None  # a newer chromadb's directory is never written (chroma#5909)

@@ -1,0 +1,209 @@
+"""The worker's side of the write journal (issue 21; format: :mod:`safechroma.storage.journal`).
+
+What it owns: wrapping one opened client's server object (``client._server``, chromadb's
+``RustBindingsAPI``) so that every write that Chroma accepted is appended to the journal before
+the call returns, which is before the worker replies: an acknowledged write is in the journal.
+``Collection.add``/``upsert``/``update``/``delete`` reach the server as ``_add``, ``_upsert``,
+``_update``, ``_delete`` with the embeddings already computed; ``run_in_worker`` functions and
+the recovery's write-back go through the same object. Collection changes (``create_collection``,
+``_modify``, ``delete_collection``, ``reset``) are journaled too.
+
+It composes with :mod:`safechroma.runtime.guard`, which patches the class: these wrappers are
+instance attributes around the guarded class methods, so a write runs journal -> guard ->
+Chroma. A write Chroma refused is not journaled; a write Chroma accepted whose journal append
+fails raises ``OSError`` (the caller must not believe it has a second copy).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from safechroma.storage import wal
+from safechroma.storage.journal import Journal
+
+_MARK = "_safechroma_journal"
+
+
+def enabled(path: str, switch: bool) -> bool:
+    """The journal is kept when ``Options.journal`` is on and the WAL mode is not ``"chroma"``."""
+    return switch and wal.retention_mode(path) != "chroma"
+
+
+def install(client: Any, path: str) -> Journal | None:
+    """Wrap ``client``'s server object (once per server: chromadb shares it per path)."""
+    server = getattr(client, "_server", None)
+    if server is None:
+        return None
+    existing: Journal | None = getattr(server, _MARK, None)
+    if existing is not None:
+        return existing
+    journal = Journal(path)
+    for name in ("_add", "_upsert", "_update"):
+        setattr(server, name, _records(server, journal, getattr(server, name), name[1:]))
+    server._delete = _delete(server, journal, server._delete)
+    server.create_collection = _create(server, journal, server.create_collection)
+    server._modify = _modify(server, journal, server._modify)
+    server.delete_collection = _drop(server, journal, server.delete_collection)
+    server.reset = _reset(journal, server.reset)
+    setattr(server, _MARK, journal)
+    return journal
+
+
+def _bind(method: Callable[..., Any], args: Any, kwargs: Any) -> dict[str, Any]:
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _announce(server: Any, journal: Journal, cid: str, tenant: str, database: str) -> None:
+    """A collection record before this session's first record write to ``cid``."""
+    if cid in journal.announced:
+        return
+    c = server.bindings.get_collection_by_id(cid, tenant, database)
+    journal.collection(
+        cid,
+        c.name,
+        metadata=c.metadata,
+        configuration=c.configuration,
+        schema=c.schema,
+        dimension=c.dimension,
+        tenant=tenant,
+        database=database,
+    )
+
+
+def _failed(exc: BaseException) -> OSError:
+    return OSError(f"the write reached Chroma but not safechroma's journal: {exc!r}")
+
+
+def _records(server: Any, journal: Journal, method: Callable[..., Any], op: str) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        a = _bind(method, args, kwargs)
+        cid = str(a["collection_id"])
+        try:
+            _announce(server, journal, cid, a["tenant"], a["database"])
+            journal.write(
+                op,
+                cid,
+                a["ids"],
+                embeddings=a.get("embeddings"),
+                metadatas=a.get("metadatas"),
+                documents=a.get("documents"),
+            )
+        except Exception as exc:
+            raise _failed(exc) from exc
+        return result
+
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _delete(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        a = _bind(method, args, kwargs)
+        ids = a.get("ids")
+        if a.get("where") or a.get("where_document"):
+            # Only a filtered delete needs a read first: which ids it removes.
+            got = server._get(
+                a["collection_id"],
+                ids=ids,
+                where=a.get("where"),
+                where_document=a.get("where_document"),
+                limit=a.get("limit"),
+                include=[],
+                tenant=a["tenant"],
+                database=a["database"],
+            )
+            ids = list(got["ids"])
+        result = method(*args, **kwargs)
+        if ids:
+            try:
+                journal.write("delete", str(a["collection_id"]), ids)
+            except Exception as exc:
+                raise _failed(exc) from exc
+        return result
+
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _create(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        a = _bind(method, args, kwargs)
+        existed = False
+        if a.get("get_or_create"):
+            try:
+                server.bindings.get_collection(a["name"], a["tenant"], a["database"])
+                existed = True
+            except Exception:  # noqa: BLE001 - not there: this call creates it
+                existed = False
+        model = method(*args, **kwargs)
+        try:
+            journal.collection(
+                str(model.id),
+                model.name,
+                metadata=model.metadata,
+                configuration=model.configuration_json,
+                schema=model.serialized_schema,
+                dimension=model.dimension,
+                tenant=a["tenant"],
+                database=a["database"],
+                created=not existed,
+            )
+        except Exception as exc:
+            raise _failed(exc) from exc
+        return model
+
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _modify(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        a = _bind(method, args, kwargs)
+        try:
+            journal.announced.discard(str(a["id"]))
+            _announce(server, journal, str(a["id"]), a["tenant"], a["database"])
+        except Exception as exc:
+            raise _failed(exc) from exc
+        return result
+
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _drop(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        a = _bind(method, args, kwargs)
+        try:
+            cid = str(server.bindings.get_collection(a["name"], a["tenant"], a["database"]).id)
+        except Exception:  # noqa: BLE001 - Chroma raises its own error for a missing one
+            cid = None
+        result = method(*args, **kwargs)
+        if cid is not None:
+            try:
+                journal.drop_collection(cid, a["name"])
+            except Exception as exc:
+                raise _failed(exc) from exc
+        return result
+
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _reset(journal: Journal, method: Callable[..., Any]) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        try:
+            journal.append({"op": "reset"})
+            journal.announced.clear()
+        except Exception as exc:
+            raise _failed(exc) from exc
+        return result
+
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper
