@@ -55,6 +55,18 @@ def child_pids() -> set[int]:
     return live
 
 
+def lock_is_free(db: str) -> bool:
+    """Whether no process holds the directory lock of ``db`` (taken and released at once)."""
+    from safechroma.runtime import rendezvous
+    from safechroma.runtime.lock import LOCK_NAME
+
+    fd = rendezvous.try_lock(os.path.join(db, LOCK_NAME))
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def open_fds() -> set[str]:
     fds = set()
     for fd in os.listdir("/proc/self/fd"):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import lock_is_free
 
 from safechroma import DirectoryLockedError, SafeClient
 from safechroma.runtime import rendezvous
@@ -50,14 +51,6 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     while _alive(pid):
         assert time.monotonic() < give_up, f"process {pid} is still running"
         time.sleep(0.02)
-
-
-def _lock_is_free(db: str) -> bool:
-    fd = rendezvous.try_lock(os.path.join(db, LOCK_NAME))
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
 
 
 def _writers_of(name: str) -> set[int]:
@@ -117,7 +110,7 @@ def test_processes_share_one_worker_and_the_last_close_releases_the_directory(db
         assert _alive(pid)  # this process still uses it
         assert col.count() == 2
     _wait_gone(pid, 5)
-    assert _lock_is_free(db)
+    assert lock_is_free(db)
 
 
 def test_the_starting_process_killed_the_others_keep_the_worker(db: str) -> None:
@@ -137,7 +130,7 @@ def test_the_starting_process_killed_the_others_keep_the_worker(db: str) -> None
         assert client.stats().deaths == {}
         assert col.count() == 21
     _wait_gone(pid, 5)
-    assert _lock_is_free(db)
+    assert lock_is_free(db)
 
 
 def test_exclusive_keeps_other_processes_out(db: str) -> None:
@@ -318,7 +311,7 @@ def test_three_processes_through_a_killed_starter_and_two_killed_workers(db: str
     assert len(started) == 2 and len(validated) == 2, events
     for pid in workers:
         _wait_gone(pid, 5)
-    assert _lock_is_free(db)
+    assert lock_is_free(db)
 
 
 # -- only the same user ----------------------------------------------------------------------
