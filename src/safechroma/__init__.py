@@ -63,7 +63,7 @@ _EXPORTS = {
     "check_directory": ".storage.validate",
     "keep_full_wal": ".storage.recovery",
     "patch": ".launch",
-    "reembed": ".storage.recovery",
+    "reembed": ".jobs.reembed",
     "repair_directory": ".storage.recovery",
     "set_wal_retention": ".storage.wal",
     "unpatch": ".launch",
@@ -158,13 +158,13 @@ if _typing.TYPE_CHECKING:
     from .api.client import SafeClient
     from .api.collection import SafeCollection
     from .api.http import AsyncSafeHttpClient, HttpStats, SafeHttpClient
+    from .jobs.reembed import reembed
     from .launch import patch, unpatch
     from .storage.hnsw import Finding
     from .storage.recovery import (
         RepairReport,
         apply_salvage,
         keep_full_wal,
-        reembed,
         repair_directory,
     )
     from .storage.validate import CollectionReport, DirectoryReport, check_directory

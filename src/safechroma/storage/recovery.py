@@ -73,7 +73,6 @@ __all__ = [
     "rebuild_label_map",
     "recorded_embedding_function",
     "record_losses",
-    "reembed",
     "repair_directory",
     "restore_saved_records",
     "roll_back_hot_journal",
@@ -1511,23 +1510,3 @@ def restore_saved_records(
         )
     return out
 
-
-def reembed(
-    path: str | os.PathLike[str],
-    collection: str,
-    embedding_function: str | EmbedFn | None = None,
-) -> dict[str, Any]:
-    """Put back, through a SafeClient worker, the records a repair could not restore.
-
-    ``safechroma reembed PATH --collection NAME --embedding-function module:fn`` does the same
-    from the command line. See :func:`restore_saved_records` for which function is used and
-    what is returned.
-    """
-    from safechroma.api.client import SafeClient
-
-    root = os.path.abspath(os.fspath(path))
-    with SafeClient(root) as client:
-        result: dict[str, Any] = client.run_in_worker(
-            restore_saved_records, root, collection, embedding_function
-        )
-    return result
