@@ -647,13 +647,20 @@ def _incomplete_records(losses_file: str | None) -> list[dict[str, Any]]:
         return []
     try:
         with open(losses_file, "rb") as f:
-            records = json.loads(f.read())["records"]
+            doc = json.loads(f.read())
+        records = doc["records"]
     except (OSError, ValueError, KeyError, TypeError):
         return [{"error": f"cannot read {losses_file}"}]
-    return [
+    out = [
         {k: r.get(k) for k in ("collection", "id", "missing", "missing_keys", "rebuilt")}
         for r in records
     ]
+    # Records whose id was lost with their row: known by what else they left (issue 21).
+    out += [
+        {"collection": None, "id": None, "rowid": r.get("rowid"), "missing": ["id", "vector"]}
+        for r in doc.get("unidentified") or []
+    ]
+    return out
 
 
 # How many incomplete records the text output names one by one; the rest are in the file.
@@ -710,6 +717,9 @@ def _print_repair(
         for r in s["not_recovered"][:10]:
             lines.append(Text(f"      {r['id']}: {str(r['document'])[:60]!r}"))
     for r in (incomplete or [])[:_NAMED]:
+        if r.get("id") is None and "rowid" in r:
+            lines.append(Text(f"      (id lost, row {r['rowid']}): missing id, vector"))
+            continue
         lines.append(
             Text(
                 f"      {r.get('collection')}/{r.get('id')}: missing "

@@ -261,6 +261,13 @@ class SqliteSalvage:
             existed came back with its vector, document and metadata.
         losses_file: ``<backup>/incomplete-records.json``, naming each of them and what it
             lacks, with what did come back (``None`` when nothing is incomplete, or a dry run).
+        unidentified: Records known to have existed whose id is lost with their
+            ``embeddings`` row, and whose vector was nowhere: ``{"rowid", "document",
+            "metadata"}`` (counted in ``incomplete_records``, listed in the losses file).
+        record_set_complete: Whether every record that existed is known. False when neither
+            the ``embeddings`` table nor its index could be read whole and the index files and
+            the WAL do not cover every record: records may then be lost without a trace, and
+            the losses file says so even when it names none.
     """
 
     path: str
@@ -273,6 +280,8 @@ class SqliteSalvage:
     steps: list[str] = field(default_factory=list)
     incomplete_records: int = 0
     losses_file: str | None = None
+    unidentified: list[dict[str, Any]] = field(default_factory=list)
+    record_set_complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict."""
@@ -382,12 +391,15 @@ class _Index:
     that could not be read (there, what a record had is unknown); ``keys_complete``: the
     index was read whole. ``collection_names``: collection id -> name, from the two unique
     indexes of ``collections`` joined on the rowid (read when rows of it are missing).
+    ``embeddings_whole``: every record of ``embeddings`` is known live (the table, or its
+    unique index, was read whole).
     """
 
     meta_keys: dict[int, set[str]] = field(default_factory=dict)
     keys_failed: list[tuple[int, int]] = field(default_factory=list)
     keys_complete: bool = False
     collection_names: dict[str, str] = field(default_factory=dict)
+    embeddings_whole: bool = False
 
     def keys_known(self, rowid: int) -> bool:
         """Whether the index was read for this record."""
@@ -441,14 +453,22 @@ def _from_indexes(
             ids, names = [], []
         by_rowid = {r: n for r, n in names if isinstance(n, str)}
         index.collection_names = {c: by_rowid[r] for r, c in ids if _is_uuid(c) and r in by_rowid}
+    index.embeddings_whole = complete["embeddings"]
     if not complete["embeddings"]:
         emb = tables["embeddings"]
-        for seg in {r[0] for r in tables["segments"].values() if r[1] == METADATA_SEGMENT_TYPE}:
+        segs = {r[0] for r in tables["segments"].values() if r[1] == METADATA_SEGMENT_TYPE}
+        segs |= {r[1] for r in emb.values() if _is_uuid(r[1])}
+        index.embeddings_whole = bool(segs)
+        for seg in sorted(segs):
             q = (
                 "SELECT rowid, embedding_id FROM embeddings INDEXED BY "
                 "sqlite_autoindex_embeddings_1 WHERE segment_id = ? ORDER BY embedding_id"
             )
-            rows, _whole = read_both_ends(con, q, q + " DESC", (seg,))
+            try:
+                rows, whole = read_both_ends(con, q, q + " DESC", (seg,))
+            except sqlite3.DatabaseError:
+                rows, whole = [], False
+            index.embeddings_whole &= whole
             scanned = tables.get("_scanned_embeddings", {})
             for rowid, eid in rows:
                 if not (isinstance(rowid, int) and isinstance(eid, str)):
@@ -675,8 +695,11 @@ def _assemble(
             rid: int | None = known_row[0] if known_row else None
             scanned = bool(known_row and known_row[1])
             vec = vecs.get(ident)
-            if scanned and vec is None:
-                spurious += 1  # a stale copy (free page) of a record that has no vector
+            if scanned and vec is None and index.embeddings_whole:
+                # A stale copy (free page) of a deleted record: the live index lacks it. Without
+                # a whole index it may be a record whose only vector was in the WAL's lost pages
+                # (a collection never flushed: issue 21), so it is named, not dropped.
+                spurious += 1
                 continue
             md = dict(by_rowid_meta.get(rid, {})) if rid is not None else {}
             had_rows = bool(md)
@@ -751,6 +774,57 @@ def _assemble(
             }
         )
     return plans
+
+
+def _unidentified(
+    tables: dict[str, dict[int, tuple[Any, ...]]], index: _Index, plans: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Records that left live rows behind (metadata, full-text copy, key index entries) but
+    whose ``embeddings`` row, and so their id, was lost, and that no plan rebuilt.
+
+    Chroma deletes a record's metadata and full-text rows with it (measured on 1.5.9), so a live
+    one without its ``embeddings`` row is a lost record, not a deleted one. Found in a
+    collection never flushed (its vectors only in the WAL): its ``embeddings`` and WAL rows were
+    both on overwritten pages (issue 21).
+    """
+    emb = tables["embeddings"]
+    used = {r["order"] for p in plans for r in (*p["records"], *p["lost"])}
+    scanned_meta = tables.get("_scanned_embedding_metadata", {})
+    scanned_fts = tables.get("_scanned_embedding_fulltext_search_content", {})
+    # Existence only from live evidence (a scanned row may be a stale copy of a deleted
+    # record); content from every row found.
+    live: set[int] = set(index.meta_keys)
+    content: dict[int, dict[str, Any]] = {}
+    for k, r in tables["embedding_metadata"].items():
+        if isinstance(r[0], int):
+            content.setdefault(r[0], {})[r[1]] = _meta_value(r)
+            if k not in scanned_meta:
+                live.add(r[0])
+    for rid, r in tables["embedding_fulltext_search_content"].items():
+        content.setdefault(rid, {}).setdefault("chroma:document", r[1])
+        if rid not in scanned_fts:
+            live.add(rid)
+
+    # Records rebuilt without their row (from the index or the WAL) are these same records
+    # when what they hold matches.
+    def key(doc: Any, md: Any) -> str:
+        return json.dumps([doc, md or None], sort_keys=True, default=str)
+
+    rowless = {
+        key(r["document"], r["metadata"])
+        for p in plans
+        for r in (*p["records"], *p["lost"])
+        if r["order"] >= 1 << 62
+    }
+    out = []
+    for rid in sorted(live - set(emb) - used):
+        md = dict(content.get(rid, {}))
+        doc = md.pop("chroma:document", None)
+        md = {k: v for k, v in md.items() if not k.startswith("chroma:")}
+        if (doc is not None or md) and key(doc, md) in rowless:
+            continue
+        out.append({"rowid": rid, "document": doc, "metadata": md or None})
+    return out
 
 
 def _catalog(
@@ -1005,13 +1079,31 @@ def _salvage(
             ],
         )
         out.collections.append(cs)
+    out.unidentified = _unidentified(tables, index, plans)
     out.incomplete_records = sum(len(c.incomplete) for c in out.collections)
+    out.incomplete_records += len(out.unidentified)
+    # Every record is known when the record table (or its index) was read whole, or when the
+    # index files and a whole WAL cover them. Otherwise a record whose every trace was on the
+    # lost pages (a collection never flushed keeps its vectors only in the WAL) cannot be
+    # named, and the report must not read as complete (issue 21).
+    wal_whole = ("embeddings_queue",) in tables["_complete"].values()
+    out.record_set_complete = index.embeddings_whole or (
+        wal_whole
+        and all(
+            p["vector_segment"] and os.path.isdir(os.path.join(root, p["vector_segment"]))
+            for p in plans
+        )
+    )
     if dry_run:
         out.status = "planned"
         out.message = _summary(out, "would rebuild")
         return out
     assert out.backup_dir is not None
-    if out.incomplete_records or any(c.configuration_lost for c in out.collections):
+    if (
+        out.incomplete_records
+        or not out.record_set_complete
+        or any(c.configuration_lost for c in out.collections)
+    ):
         out.losses_file = _write_losses(out, plans)
         out.steps.append(f"{out.incomplete_records} incomplete records listed in {out.losses_file}")
     for p, cs in zip(plans, out.collections, strict=True):
@@ -1090,7 +1182,9 @@ def _write_losses(out: SqliteSalvage, plans: list[dict[str, Any]]) -> str:
     doc = {
         "path": out.path,
         "backup_dir": out.backup_dir,
-        "count": len(records),
+        "count": len(records) + len(out.unidentified),
+        "record_set_complete": out.record_set_complete,
+        "unidentified": out.unidentified,
         "collections": [
             {
                 "name": c.name,
@@ -1120,6 +1214,16 @@ def _summary(out: SqliteSalvage, verb: str) -> str:
     )
     if out.incomplete_records:
         s += f"; {out.incomplete_records} records incomplete"
+        if out.unidentified:
+            s += (
+                f" ({len(out.unidentified)} of them rows whose record id was lost: some may be "
+                "the records listed as missing their document or metadata)"
+            )
+    if not out.record_set_complete:
+        s += (
+            "; more records may be lost without a trace (neither the embeddings table nor "
+            "its index could be read whole)"
+        )
         if out.losses_file:
             s += f", listed in {out.losses_file}"
     if lost:
