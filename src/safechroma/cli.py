@@ -657,7 +657,7 @@ def _incomplete_records(losses_file: str | None) -> list[dict[str, Any]]:
     ]
     # Records whose id was lost with their row: known by what else they left (issue 21).
     out += [
-        {"collection": None, "id": None, "rowid": r.get("rowid"), "missing": ["id", "vector"]}
+        {"collection": None, "id": None, "rowid": r.get("rowid"), "missing": ["id"]}
         for r in doc.get("unidentified") or []
     ]
     return out
@@ -718,7 +718,7 @@ def _print_repair(
             lines.append(Text(f"      {r['id']}: {str(r['document'])[:60]!r}"))
     for r in (incomplete or [])[:_NAMED]:
         if r.get("id") is None and "rowid" in r:
-            lines.append(Text(f"      (id lost, row {r['rowid']}): missing id, vector"))
+            lines.append(Text(f"      (row {r['rowid']}): its record's id was lost"))
             continue
         lines.append(
             Text(
