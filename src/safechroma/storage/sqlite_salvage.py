@@ -46,6 +46,7 @@ import json
 import os
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from safechroma._env import private_env
-from safechroma.storage.hnsw import salvage_vectors
+from safechroma.storage.hnsw import read_header, salvage_vectors
 from safechroma.storage.sqlite_pages import (
     claimed_pages,
     page_size_of,
@@ -635,6 +636,8 @@ def _assemble(
                 rows[r[2]] = (rowid, rowid in scanned_emb)
         # Vectors: the index as last flushed, then the WAL above its max_seq_id.
         vecs: dict[str, np.ndarray] = {}
+        # Whether the index files gave every id they hold (nothing torn, nothing unmapped).
+        index_clean = False
         if vseg and os.path.isdir(os.path.join(root, vseg)):
             snap = os.path.join(root, STATE_DIR, "labelmaps", f"{vseg}.pickle")
             s = salvage_vectors(
@@ -645,6 +648,13 @@ def _assemble(
                 label_map_file=snap if os.path.isfile(snap) else None,
             )
             vecs = dict(zip(s.ids, s.vectors, strict=True))
+            try:
+                empty = read_header(os.path.join(root, vseg, "header.bin")).cur_element_count == 0
+            except (OSError, ValueError, struct.error):
+                empty = False
+            index_clean = empty or (
+                s.unmapped_labels == 0 and all(k == "deleted" for k in s.skipped)
+            )
             if dim is None and s.vectors is not None and len(s.vectors):
                 dim = int(len(s.vectors[0]))  # the collection's row was lost
         start = seqs.get(vseg or "", 0)
@@ -771,6 +781,7 @@ def _assemble(
                 "spurious": spurious,
                 "renamed": renamed,
                 "config_lost": config_lost,
+                "index_clean": index_clean,
             }
         )
     return plans
@@ -1081,19 +1092,19 @@ def _salvage(
         out.collections.append(cs)
     out.unidentified = _unidentified(tables, index, plans)
     out.incomplete_records = sum(len(c.incomplete) for c in out.collections)
-    out.incomplete_records += len(out.unidentified)
     # Every record is known when the record table (or its index) was read whole, or when the
     # index files and a whole WAL cover them. Otherwise a record whose every trace was on the
     # lost pages (a collection never flushed keeps its vectors only in the WAL) cannot be
     # named, and the report must not read as complete (issue 21).
     wal_whole = ("embeddings_queue",) in tables["_complete"].values()
     out.record_set_complete = index.embeddings_whole or (
-        wal_whole
-        and all(
-            p["vector_segment"] and os.path.isdir(os.path.join(root, p["vector_segment"]))
-            for p in plans
-        )
+        wal_whole and all(p["index_clean"] for p in plans)
     )
+    if not out.record_set_complete:
+        # Rows whose record id was lost may then be records named nowhere else. When every
+        # record is known, they belong to records already counted (rebuilt without their row):
+        # the 2000-record file cut in half listed 274 such rows for 1229 incomplete records.
+        out.incomplete_records += len(out.unidentified)
     if dry_run:
         out.status = "planned"
         out.message = _summary(out, "would rebuild")
@@ -1182,7 +1193,7 @@ def _write_losses(out: SqliteSalvage, plans: list[dict[str, Any]]) -> str:
     doc = {
         "path": out.path,
         "backup_dir": out.backup_dir,
-        "count": len(records) + len(out.unidentified),
+        "count": out.incomplete_records,
         "record_set_complete": out.record_set_complete,
         "unidentified": out.unidentified,
         "collections": [
@@ -1214,18 +1225,23 @@ def _summary(out: SqliteSalvage, verb: str) -> str:
     )
     if out.incomplete_records:
         s += f"; {out.incomplete_records} records incomplete"
-        if out.unidentified:
-            s += (
-                f" ({len(out.unidentified)} of them rows whose record id was lost: some may be "
-                "the records listed as missing their document or metadata)"
+    if out.losses_file:
+        s += f", listed in {out.losses_file}"
+    if out.unidentified:
+        s += (
+            f"; {len(out.unidentified)} rows whose record id was lost are listed with their "
+            "document and metadata"
+            + (
+                " (counted: some may be records named nowhere else)"
+                if not out.record_set_complete
+                else " (they belong to records listed as missing their document or metadata)"
             )
+        )
     if not out.record_set_complete:
         s += (
             "; more records may be lost without a trace (neither the embeddings table nor "
             "its index could be read whole)"
         )
-        if out.losses_file:
-            s += f", listed in {out.losses_file}"
     if lost:
         s += f" ({lost} with no vector anywhere, not rebuilt)"
     renamed = [c.name for c in out.collections if c.name_lost]
