@@ -163,6 +163,29 @@ def test_acknowledged_write_survives_a_sigkilled_worker(tmp_path: Path) -> None:
         client.close()
 
 
+def test_a_write_chroma_refuses_is_voided_in_the_journal(tmp_path: Path) -> None:
+    """The record is written while Chroma commits; when Chroma refuses the write (here a
+    wrong dimension), an abort record voids it."""
+    from safechroma import SafeClient
+
+    d = str(tmp_path / "d")
+    client = SafeClient(d, standby=False, keep_warm=0)
+    try:
+        col = client.create_collection("refused", embedding_function=None)
+        col.add(ids=["ok"], embeddings=np.ones((1, 3), np.float32), documents=["fine"])
+        with pytest.raises(Exception, match="(?i)dimension"):
+            col.add(ids=["bad"], embeddings=np.ones((1, 5), np.float32), documents=["no"])
+        col.upsert(ids=["after"], embeddings=np.zeros((1, 3), np.float32))
+        assert col.count() == 2
+        # Before the close compacts it away: the refused write was journaled, then voided.
+        ops = [(h["op"], h.get("ids")) for h, _ in jr.read_records(d)]
+        assert ("add", ["bad"]) in ops and ops[ops.index(("add", ["bad"])) + 1][0] == "abort"
+    finally:
+        client.close()
+    (state,) = [c for c in jr.replay(d).values() if c.name == "refused"]
+    assert sorted(state.records) == ["after", "ok"]
+
+
 def test_journal_off_writes_nothing(tmp_path: Path) -> None:
     from safechroma import SafeClient
 

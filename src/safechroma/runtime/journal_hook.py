@@ -1,8 +1,10 @@
 """The worker's side of the write journal (issue 21; format: :mod:`safechroma.storage.journal`).
 
 What it owns: wrapping one opened client's server object (``client._server``, chromadb's
-``RustBindingsAPI``) so that every write that Chroma accepted is appended to the journal before
-the call returns, which is before the worker replies: an acknowledged write is in the journal.
+``RustBindingsAPI``) so that every write that Chroma accepted is in the journal before the call
+returns, which is before the worker replies: an acknowledged write is in the journal. The
+journal's write and fdatasync run while Chroma commits (:meth:`Journal.submit`); a write Chroma
+refused is voided with an abort record.
 ``Collection.add``/``upsert``/``update``/``delete`` reach the server as ``_add``, ``_upsert``,
 ``_update``, ``_delete`` with the embeddings already computed; ``run_in_worker`` functions and
 the recovery's write-back go through the same object. Collection changes (``create_collection``,
@@ -10,8 +12,8 @@ the recovery's write-back go through the same object. Collection changes (``crea
 
 It composes with :mod:`safechroma.runtime.guard`, which patches the class: these wrappers are
 instance attributes around the guarded class methods, so a write runs journal -> guard ->
-Chroma. A write Chroma refused is not journaled; a write Chroma accepted whose journal append
-fails raises ``OSError`` (the caller must not believe it has a second copy).
+Chroma. A write Chroma accepted whose journal append failed raises ``OSError`` (the caller
+must not believe it has a second copy).
 """
 
 from __future__ import annotations
@@ -78,24 +80,54 @@ def _failed(exc: BaseException) -> OSError:
     return OSError(f"the write reached Chroma but not safechroma's journal: {exc!r}")
 
 
+def _journaled(
+    journal: Journal,
+    method: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    op: str,
+    cid: str,
+    ids: Any,
+    a: dict[str, Any],
+) -> Any:
+    """Chroma's write and its journal record at once: the record's write and fdatasync run in
+    the journal's thread while Chroma commits (both release the GIL), so the reply waits for
+    the slower of the two, not their sum; a write Chroma refused is voided by an abort record.
+    """
+    seq, fut = journal.submit(
+        op,
+        cid,
+        ids,
+        embeddings=a.get("embeddings"),
+        metadatas=a.get("metadatas"),
+        documents=a.get("documents"),
+    )
+    try:
+        result = method(*args, **kwargs)
+    except BaseException:
+        try:
+            fut.result()
+            journal.abort(seq)
+        except Exception:  # noqa: BLE001 - not written, or the abort failed: Chroma's error wins
+            pass
+        raise
+    try:
+        fut.result()
+    except Exception as exc:
+        raise _failed(exc) from exc
+    return result
+
+
 def _records(server: Any, journal: Journal, method: Callable[..., Any], op: str) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        result = method(*args, **kwargs)
         a = _bind(method, args, kwargs)
         cid = str(a["collection_id"])
-        try:
-            _announce(server, journal, cid, a["tenant"], a["database"])
-            journal.write(
-                op,
-                cid,
-                a["ids"],
-                embeddings=a.get("embeddings"),
-                metadatas=a.get("metadatas"),
-                documents=a.get("documents"),
-            )
-        except Exception as exc:
-            raise _failed(exc) from exc
-        return result
+        with journal.order:
+            try:
+                _announce(server, journal, cid, a["tenant"], a["database"])
+            except Exception:  # noqa: BLE001 - a missing collection: Chroma raises its error
+                return method(*args, **kwargs)
+            return _journaled(journal, method, args, kwargs, op, cid, a["ids"], a)
 
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper
@@ -118,13 +150,11 @@ def _delete(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
                 database=a["database"],
             )
             ids = list(got["ids"])
-        result = method(*args, **kwargs)
-        if ids:
-            try:
-                journal.write("delete", str(a["collection_id"]), ids)
-            except Exception as exc:
-                raise _failed(exc) from exc
-        return result
+        if not ids:
+            return method(*args, **kwargs)
+        with journal.order:
+            cid = str(a["collection_id"])
+            return _journaled(journal, method, args, kwargs, "delete", cid, ids, {})
 
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper

@@ -6,11 +6,15 @@ metadata, so damage to that one file took both copies at once. The journal keeps
 apart from the file they protect, in the manner of Litestream:
 
 * ``<path>/.safechroma/journal/seg-<n>.log``: append-only segment files. The worker appends one
-  record per successful write (``add``, ``upsert``, ``update``, ``delete``, collection
-  changes) *after* Chroma committed it and *before* the worker replies, with one ``write`` on
-  an ``O_APPEND`` descriptor then ``fdatasync`` (Chroma's own commit syncs too; ~3 ms per 2 KB
-  record on this machine), so an acknowledged write is in the journal and a write that raised
-  is not. A writer starts a new segment (it never appends after a torn tail).
+  record per write (``add``, ``upsert``, ``update``, ``delete``, collection changes) with one
+  ``write`` on an ``O_APPEND`` descriptor then ``fdatasync`` (Chroma's own commit syncs too;
+  ~3-4 ms per record on this machine), in a thread of its own *while* Chroma commits the write
+  (both release the GIL: the caller waits for the slower, not the sum), and replies only once
+  both are done: an acknowledged write is in the journal. A write Chroma refused is voided by
+  an ``abort`` record appended right after it (a crash in that instant leaves the refused write
+  in the journal: the one window where the journal holds more than Chroma acknowledged). A
+  lock held across both keeps the records in Chroma's order. A writer starts a new segment (it
+  never appends after a torn tail).
 * A record: a fixed header ``<4sIII`` (magic, JSON header length, body length, crc32 of the
   lengths, the JSON header and the body), a JSON header (op, collection, ids, documents,
   metadatas, dim; JSON only: this file is untrusted and never unpickled) and a body of raw
@@ -29,12 +33,14 @@ This module is pure: it imports no chromadb and nothing of safechroma's api or r
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +163,12 @@ class Journal:
         self._fd: int | None = None
         self._size = 0
         self.announced: set[str] = set()  # collections with a collection record in this session
+        # Held by the worker across Chroma's write and its journal record, so that records are
+        # in the order Chroma applied them (Chroma serializes its writes anyway: one SQLite
+        # writer).
+        self.order = threading.RLock()
+        self._seq = itertools.count(1)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _open_segment(self) -> int:
         # Always a new segment: a writer never appends after a torn tail that the reader would
@@ -175,11 +187,13 @@ class Journal:
         self._size = 0
         return fd
 
-    def append(self, header: dict[str, Any], vectors: np.ndarray | None = None) -> None:
+    def append(
+        self, header: dict[str, Any], vectors: np.ndarray | None = None, *, roll: bool = True
+    ) -> None:
         """Append one record durably (write, then fdatasync) before returning."""
         data = encode(header, vectors)
         with self._lock:
-            if self._fd is None or self._size >= self.segment_bytes:
+            if self._fd is None or (roll and self._size >= self.segment_bytes):
                 if self._fd is not None:
                     os.close(self._fd)
                     self._fd = None
@@ -191,6 +205,42 @@ class Journal:
             os.fdatasync(self._fd)
             self._size += len(data)
 
+    def submit(
+        self,
+        op: str,
+        collection_id: str,
+        ids: Sequence[str],
+        *,
+        embeddings: Any = None,
+        metadatas: Any = None,
+        documents: Any = None,
+    ) -> tuple[int, Future[None]]:
+        """Start journaling a record write in the background (so that its fdatasync overlaps
+        Chroma's own commit); returns its sequence number and a future. Call it holding
+        :attr:`order`, and :meth:`abort` the sequence number if Chroma then refuses the write.
+        """
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="safechroma-journal")
+        seq = next(self._seq)
+        fut = self._pool.submit(
+            self.write,
+            op,
+            collection_id,
+            ids,
+            embeddings=embeddings,
+            metadatas=metadatas,
+            documents=documents,
+            seq=seq,
+        )
+        return seq, fut
+
+    def abort(self, seq: int) -> None:
+        """Void record ``seq`` (Chroma refused that write): appended right after it, durably,
+        in the same segment (the reader applies a record only if no abort follows it)."""
+        self.append({"op": "abort", "s": seq}, roll=False)
+
     def write(
         self,
         op: str,
@@ -200,10 +250,13 @@ class Journal:
         embeddings: Any = None,
         metadatas: Any = None,
         documents: Any = None,
+        seq: int | None = None,
     ) -> None:
         """Journal one record write (``add``, ``upsert``, ``update`` or ``delete``)."""
         vectors, dim = _vectors(embeddings)
         header: dict[str, Any] = {"op": op, "c": collection_id, "ids": list(ids)}
+        if seq is not None:
+            header["s"] = seq
         if documents is not None:
             header["documents"] = list(documents)
         if metadatas is not None:
@@ -250,6 +303,9 @@ class Journal:
         self.announced.discard(collection_id)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -447,8 +503,17 @@ def replay(
 ) -> dict[str, CollectionState]:
     """Fold the journal into each collection's live records (collection id -> state)."""
     state: dict[str, CollectionState] = {}
+    pending: tuple[dict[str, Any], np.ndarray | None] | None = None
     for header, vectors in read_records(path, report):
-        _apply(state, header, vectors)
+        if header.get("op") == "abort":  # voids the record right before it
+            if pending is not None and pending[0].get("s") == header.get("s"):
+                pending = None
+            continue
+        if pending is not None:
+            _apply(state, *pending)
+        pending = (header, vectors)
+    if pending is not None:
+        _apply(state, *pending)
     return state
 
 
