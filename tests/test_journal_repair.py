@@ -116,6 +116,7 @@ DAMAGE: dict[str, Callable[[str], None]] = {
     "truncated_10": sd._truncate(0.1),
     "torn_last_live_page": sd._torn_last_live_page,
     "stale_journal": sd._stale_journal,
+    "stale_wal": sd._stale_wal,
 }
 
 
@@ -145,3 +146,48 @@ def test_managed_directory_comes_back_whole(
     assert rep.returncode == 0, out
     check = sd._cli("check", d)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# Opens the directory through SafeClient (its automatic check, repair and write-back, or the
+# restore of a lost chroma.sqlite3 at open) and reads the count; events on stdout.
+_OPEN = """
+import json, sys
+from safechroma import SafeClient
+events = []
+client = SafeClient(
+    sys.argv[1], standby=False, keep_warm=0, on_event=lambda e: events.append(e.kind)
+)
+n = client.get_collection("coll", embedding_function=None).count()
+client.close()
+print("RESULT " + json.dumps({"count": n, "events": events}), flush=True)
+"""
+
+
+def _delete_sqlite(root: str) -> None:
+    os.remove(os.path.join(root, "chroma.sqlite3"))
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated_50", "header_zeroed", "deleted"], ids=lambda k: f"safeclient-{k}"
+)
+def test_safeclient_brings_a_damaged_managed_directory_back_whole(
+    managed: tuple[str, dict[str, Any]], tmp_path: Path, kind: str
+) -> None:
+    """The same through SafeClient alone (no repair command): its automatic recovery fills
+    from the journal, and a deleted chroma.sqlite3 is rebuilt from it when the worker opens."""
+    base, want = managed
+    d = str(tmp_path / "d")
+    shutil.copytree(base, d)
+    (DAMAGE.get(kind) or _delete_sqlite)(d)
+    p = subprocess.run(
+        [sys.executable, "-c", _OPEN, d], capture_output=True, text=True, env=sd.ENV, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    opened = json.loads(line[7:])
+    assert opened["count"] == len(want), opened
+    got = _read(d)
+    assert set(got) == set(want)
+    wrong = sorted(i for i in want if got[i][:3] != want[i][:3])
+    assert not wrong, (len(wrong), [(i, got[i][:2], want[i][:2]) for i in wrong[:3]])
+    assert sd._cli("check", d).returncode == 0

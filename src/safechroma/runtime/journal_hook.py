@@ -53,6 +53,11 @@ def install(client: Any, path: str) -> Journal | None:
     return journal
 
 
+def installed(client: Any) -> Journal | None:
+    """The journal wrapped around ``client``'s server, if any."""
+    return getattr(getattr(client, "_server", None), _MARK, None)
+
+
 def _bind(method: Callable[..., Any], args: Any, kwargs: Any) -> dict[str, Any]:
     bound = inspect.signature(method).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -237,3 +242,85 @@ def _reset(journal: Journal, method: Callable[..., Any]) -> Any:
 
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper
+
+
+def sqlite_lost(path: str) -> bool:
+    """``chroma.sqlite3`` is gone from a directory that has a journal (call before the open:
+    Chroma would create an empty one). Its orphaned segment directories are moved aside into
+    ``.safechroma/quarantine`` (renamed, never deleted) so the restore starts clean."""
+    import os
+    import uuid
+
+    from safechroma.storage.journal import has_journal
+
+    if os.path.exists(os.path.join(path, "chroma.sqlite3")) or not has_journal(path):
+        return False
+    import datetime as _dt
+
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    qdir = os.path.join(path, ".safechroma", "quarantine", f"{stamp}-sqlite-lost")
+    for name in os.listdir(path):
+        try:
+            uuid.UUID(name)
+        except ValueError:
+            continue
+        if os.path.isdir(os.path.join(path, name)):
+            os.makedirs(qdir, exist_ok=True)
+            os.rename(os.path.join(path, name), os.path.join(qdir, name))
+    return True
+
+
+def restore(client: Any, path: str, journal: Journal | None, batch: int = 1000) -> int:
+    """Rebuild every collection of the journal through ``client`` (a fresh, empty directory
+    whose ``chroma.sqlite3`` was lost); returns the records written. Each collection gets a new
+    id, recorded in the journal as the continuation of the old one."""
+    import sys
+
+    import numpy as np
+
+    from safechroma.storage.journal import _create_configuration, replay
+
+    written = 0
+    for old in replay(path).values():
+        if old.name is None:
+            continue
+        col = client.get_or_create_collection(
+            old.name,
+            metadata=old.metadata or None,
+            configuration=_create_configuration(old.configuration),
+            embedding_function=None,
+        )
+        if journal is not None:
+            journal.collection(
+                str(col.id),
+                old.name,
+                metadata=old.metadata,
+                configuration=old.configuration,
+                schema=old.schema,
+                dimension=old.dimension,
+                tenant=old.tenant,
+                database=old.database,
+                adopt=old.id,
+            )
+        ids = [i for i, r in old.records.items() if r["vector"] is not None]
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        for i in ids:
+            r = old.records[i]
+            groups.setdefault((r["document"] is None, r["metadata"] is None), []).append(i)
+        for (no_doc, no_meta), part_ids in groups.items():
+            for s in range(0, len(part_ids), batch):
+                part = part_ids[s : s + batch]
+                recs = [old.records[i] for i in part]
+                col.upsert(
+                    ids=part,
+                    embeddings=np.stack([r["vector"] for r in recs]),
+                    documents=None if no_doc else [r["document"] for r in recs],
+                    metadatas=None if no_meta else [r["metadata"] for r in recs],
+                )
+                written += len(part)
+    print(
+        f"safechroma: chroma.sqlite3 was missing; {written} records rebuilt from the journal",
+        file=sys.stderr,
+        flush=True,
+    )
+    return written
