@@ -21,9 +21,9 @@ import chroma_dirs as cd  # noqa: E402
 import reembed_fn  # noqa: E402
 
 import safechroma  # noqa: E402
+from safechroma.jobs.reembed import reembed  # noqa: E402
 from safechroma.storage.recovery import (  # noqa: E402
     recorded_embedding_function,
-    reembed,
     saved_records,
 )
 
