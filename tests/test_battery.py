@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+# Slow (the damage battery): not in the everyday lane, -m "not slow".
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 import chroma_dirs as cd  # noqa: E402

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from chaos import SoakConfig, run_soak
 
+# Slow (soaks under faults): not in the everyday lane, -m "not slow".
+pytestmark = pytest.mark.slow
+
 # Override for a longer local run: SAFECHROMA_SOAK_SECONDS=120 pytest tests/test_chaos.py
 SECONDS = float(os.environ.get("SAFECHROMA_SOAK_SECONDS", "30"))
 

@@ -27,6 +27,9 @@ from conftest import mounted_tmpfs
 import safechroma
 from safechroma import SafeClient, WorkerCrashedError, WorkerStartError, WorkerTimeoutError
 
+# Slow (waits out real start deadlines and hangs): not in the everyday lane, -m "not slow".
+pytestmark = pytest.mark.slow
+
 # -- a worker that dies between calls (#6984) -----------------------------------------------
 
 

@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+# Slow (long write histories per case): not in the everyday lane, -m "not slow".
+pytestmark = pytest.mark.slow
+
 sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs as cd  # noqa: E402
 

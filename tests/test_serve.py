@@ -21,6 +21,9 @@ from typing import Any
 import pytest
 from chromadb.config import Settings
 
+# Slow (real `chroma run` servers): not in the everyday lane, -m "not slow".
+pytestmark = pytest.mark.slow
+
 sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs  # noqa: E402
 from servers import PlainChroma, Serve, alive, free_port, wait_heartbeat  # noqa: E402

@@ -13,6 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Slow (real uvicorn servers and several programs): not in the everyday lane, -m "not slow".
+pytestmark = pytest.mark.slow
+
 
 def _run_example(name: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Slow (runs every example program with its framework): not in the everyday lane, -m "not slow".
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EXPECTED = {
     "langchain_chroma_store.py": "['cherry tart', 'apple pie']",
