@@ -490,3 +490,27 @@ def test_killed_writers_journal_is_named_by_check_and_rolled_back_after_a_backup
     with open(os.path.join(backup, "chroma.sqlite3-journal"), "rb") as f:
         assert f.read() == journal
     assert _cli("check", d).returncode == 0
+
+
+def test_safeclients_own_recovery_reports_the_losses(base: str, tmp_path: Path) -> None:
+    """Issue 21: SafeClient's automatic recovery says what the repair could not bring back,
+    as `safechroma repair` does: the `recovered` event and stats() carry the count and the
+    file that names the records."""
+    from safechroma import SafeClient
+
+    d = str(tmp_path / "d")
+    shutil.copytree(base, d)
+    _truncate(0.5)(d)
+    events: list[Any] = []
+    with SafeClient(d, on_event=events.append) as client:
+        assert client.heartbeat() > 0
+        stats = client.stats()
+    recovered = [e for e in events if e.kind == "recovered"]
+    assert len(recovered) == 1, [e.kind for e in events]
+    lost = recovered[0].detail["incomplete_records"]
+    losses_file = recovered[0].detail["losses_file"]
+    assert lost > 0 and losses_file and os.path.isfile(losses_file)
+    named = _losses_file(d)
+    assert named is not None and named["_path"] == losses_file
+    assert stats.incomplete_records >= lost
+    assert losses_file in stats.losses_files

@@ -241,6 +241,10 @@ class Stats:
         last_call_worker_seconds: time spent inside the worker on the last call.
         worker_rss: resident memory of the current worker in bytes, or None.
         breaker_open: whether the crash-loop breaker is open.
+        incomplete_records: records a repair of this directory could not bring back whole
+            and that nobody has acknowledged yet (``safechroma check PATH --ack-losses``);
+            -1 when the losses marker cannot be read.
+        losses_files: the files that name those records (beside each repair's backup).
     """
 
     path: str
@@ -256,6 +260,8 @@ class Stats:
     last_call_worker_seconds: float
     worker_rss: int | None
     breaker_open: bool
+    incomplete_records: int = 0
+    losses_files: list[str] = dataclasses.field(default_factory=list)
 
 
 _call_timeout: contextvars.ContextVar[float | None | Literal["default"]] = contextvars.ContextVar(

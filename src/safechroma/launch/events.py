@@ -33,6 +33,12 @@ def line(event: Any) -> str | None:
     """The one line for ``event`` (a :class:`safechroma.Event`), or None if it gets none."""
     kind, detail = event.kind, event.detail
     where = f"{event.path}"
+    if kind == "salvage_applied" and detail.get("incomplete_records"):
+        return (
+            f"safechroma: {detail['incomplete_records']} records of {where} had no vector "
+            f"anywhere and were removed; saved in {detail.get('file')}.removed.json "
+            "(safechroma reembed puts them back)"
+        )
     if kind not in _SHOWN:
         return None
     if kind == "worker_died":
@@ -49,6 +55,12 @@ def line(event: Any) -> str | None:
     if kind == "protocol_error":
         return f"safechroma: the worker for {where} sent a bad reply ({detail.get('why')})"
     if kind == "recovered":
+        lost = detail.get("incomplete_records") or 0
+        if lost:
+            return (
+                f"safechroma: repaired {where} WITH LOSSES: {lost} records incomplete, listed "
+                f"in {detail.get('losses_file')}"
+            )
         return f"safechroma: repaired {where}: {_summary(detail.get('report'))}"
     if kind == "recovery_failed":
         why = detail.get("error") or _summary(detail.get("report"))

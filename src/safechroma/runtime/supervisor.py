@@ -1180,7 +1180,15 @@ class Supervisor:
         for salvage in getattr(result, "salvage_files", None) or []:
             if salvage not in self.pending_salvage:
                 self.pending_salvage.append(salvage)
-        self._emit("recovered", None, report=result)
+        # Issue 21: a repair that could not bring every record back whole says so, with the
+        # count and the file that names them (also in stats() until acknowledged).
+        self._emit(
+            "recovered",
+            None,
+            report=result,
+            incomplete_records=int(getattr(result, "incomplete_records", 0) or 0),
+            losses_file=getattr(result, "losses_file", None),
+        )
 
     def _start(self, process: WorkerProcess) -> None:
         gen = _Generation(process)
@@ -1267,7 +1275,20 @@ class Supervisor:
                 reembed is not None,
             )
             self.pending_salvage.pop(0)
-            self._emit("salvage_applied", lease.gen.process.pid, file=path, summary=summary)
+            removed = summary.get("removed") if isinstance(summary, dict) else None
+            if removed:
+                # Records whose vector exists nowhere were removed (saved beside the backup):
+                # losses, as `safechroma repair` reports them.
+                from ..storage.recovery import record_losses
+
+                record_losses(self.path, f"{path}.removed.json", len(removed))
+            self._emit(
+                "salvage_applied",
+                lease.gen.process.pid,
+                file=path,
+                summary=summary,
+                incomplete_records=len(removed or ()),
+            )
 
     # -- the standby -----------------------------------------------------------------------
 
@@ -1476,6 +1497,7 @@ class Supervisor:
             last_call_worker_seconds=self.last_worker_seconds,
             worker_rss=worker.rss_bytes() if worker else None,
             breaker_open=self.state is State.BROKEN,
+            **_losses(self.path),
         )
 
     def _emit(self, kind: str, pid: int | None, **detail: Any) -> None:
@@ -1487,6 +1509,20 @@ class Supervisor:
                 self.options.on_event(event)
             except Exception:  # noqa: BLE001 - a broken callback must not break the client
                 logger.exception("safechroma on_event callback failed")
+
+
+def _losses(path: str) -> dict[str, Any]:
+    """Stats' view of the directory's unacknowledged repair losses (issue 21)."""
+    from ..storage.recovery import unacknowledged_losses
+
+    marker = unacknowledged_losses(path)
+    if marker is None:
+        return {"incomplete_records": 0, "losses_files": []}
+    count = marker.get("count")
+    return {
+        "incomplete_records": int(count) if isinstance(count, int) else -1,
+        "losses_files": [str(f) for f in marker.get("files") or []],
+    }
 
 
 def _usable(gen: _Generation) -> bool:
