@@ -117,6 +117,18 @@ def test_compaction_keeps_the_live_state_at_about_the_raw_size(tmp_path: Path) -
     assert jr.journal_bytes(tmp_path) <= 1.2 * raw, (jr.journal_bytes(tmp_path), raw)
     assert len(jr._segments(tmp_path)) == 1
     assert jr.compact(tmp_path).records == 0  # nothing appended since: nothing rewritten
+    # A little appended since (under 10% of the compacted size): left for a later compaction.
+    j2 = jr.Journal(tmp_path)
+    j2.write("upsert", "c1", ["late"], embeddings=v[:1], documents=["late doc"])
+    j2.close()
+    assert jr.compact(tmp_path).records == 0 and len(jr._segments(tmp_path)) == 2
+    assert jr.replay(tmp_path)["c1"].records["late"]["document"] == "late doc"
+    j3 = jr.Journal(tmp_path)
+    j3.write("upsert", "c1", ids[:200], embeddings=v[:200], documents=["x"] * 200)
+    j3.close()
+    # the 100 deleted ids among the 200 come back, and "late" stays
+    assert jr.compact(tmp_path).records == n - n // 5 + 100 + 1
+    assert len(jr._segments(tmp_path)) == 1
 
 
 def test_acknowledged_write_survives_a_sigkilled_worker(tmp_path: Path) -> None:

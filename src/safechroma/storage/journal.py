@@ -537,18 +537,28 @@ class CompactReport:
     torn: list[tuple[str, int, str]] = field(default_factory=list)
 
 
-def compact(path: str | os.PathLike[str], *, batch: int = 1000) -> CompactReport:
+def compact(
+    path: str | os.PathLike[str], *, batch: int = 1000, min_growth: float = 0.1
+) -> CompactReport:
     """Rewrite the journal as its live state: a collection record per collection and one
     ``upsert`` per live record (batched), into a new segment (written, fsynced, renamed), then
     remove the old segments. Only while no worker writes to the directory.
+
+    Skipped while what was appended since the last compaction is under ``min_growth`` of the
+    compacted journal (so a close after a few writes does not rewrite a large journal; the
+    disk stays within ``1 + min_growth`` of the compacted size).
     """
     out = CompactReport()
     segs = _segments(path)
     out.segments_before = len(segs)
     out.bytes_before = sum(os.path.getsize(s) for s in segs)
-    if not segs or (len(segs) == 1 and _is_compacted(segs[0])):
-        out.bytes_after = out.bytes_before
-        return out  # nothing appended since the last compaction
+    if not segs:
+        return out
+    if _is_compacted(segs[0]):
+        base = os.path.getsize(segs[0])
+        if out.bytes_before - base <= min_growth * base:
+            out.bytes_after = out.bytes_before
+            return out  # little or nothing appended since the last compaction
     rep = ReadReport()
     state = replay(path, rep)
     out.torn = rep.torn
