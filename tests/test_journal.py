@@ -210,3 +210,23 @@ def test_journal_off_writes_nothing(tmp_path: Path) -> None:
     finally:
         client.close()
     assert jr.journal_bytes(d) == 0 and jr.replay(d) == {}
+
+
+def test_a_journal_left_by_a_run_with_it_on_is_moved_aside_when_it_is_off(
+    tmp_path: Path,
+) -> None:
+    """Writes made with the journal off would leave it stale, and a repair would then write
+    old values back: a worker that opens with it off moves it aside."""
+    from safechroma import SafeClient
+
+    d = str(tmp_path / "d")
+    for on, value in ((True, "first"), (False, "second")):
+        client = SafeClient(d, standby=False, keep_warm=0, journal=on)
+        try:
+            col = client.get_or_create_collection("toggled", embedding_function=None)
+            col.upsert(ids=["a"], embeddings=np.ones((1, 2), np.float32), documents=[value])
+        finally:
+            client.close()
+    assert jr.replay(d) == {}
+    aside = [n for n in os.listdir(os.path.join(d, ".safechroma")) if n.startswith("journal-off-")]
+    assert len(aside) == 1

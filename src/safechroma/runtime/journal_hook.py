@@ -33,6 +33,24 @@ def enabled(path: str, switch: bool) -> bool:
     return switch and wal.retention_mode(path) != "chroma"
 
 
+def setup(client: Any, path: str, switch: bool) -> Journal | None:
+    """At the worker's open: install the journal when it is on; when it is off, move an
+    existing journal aside (``.safechroma/journal-off-<stamp>``, kept), since writes made
+    without it would make it stale, and a repair must never write stale records back."""
+    if enabled(path, switch):
+        return install(client, path)
+    import datetime as _dt
+    import os
+
+    from safechroma.storage.journal import journal_dir
+
+    src = journal_dir(path)
+    if os.path.isdir(src) and getattr(client, "_server", None) is not None:
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        os.rename(src, f"{src}-off-{stamp}")
+    return None
+
+
 def install(client: Any, path: str) -> Journal | None:
     """Wrap ``client``'s server object (once per server: chromadb shares it per path)."""
     server = getattr(client, "_server", None)

@@ -404,13 +404,12 @@ class _Worker:
             # Purge off before Chroma's first read too (a read may purge, FACTS §3); again
             # after the open for a directory whose tables the open created.
             wal.take_over(path)
-            lost = self.journal and journal_hook.sqlite_lost(path)  # issue 21: restore below
+            lost = journal_hook.enabled(path, self.journal) and journal_hook.sqlite_lost(path)
             client = chromadb.PersistentClient(
                 path=path, settings=settings, tenant=tenant, database=database
             )
             wal.take_over(path)  # before any write: Chroma's WAL purge off (storage/wal.py)
-            if journal_hook.enabled(path, self.journal):  # issue 21: the write journal
-                journal_hook.install(client, path)
+            journal_hook.setup(client, path, self.journal)  # issue 21: the write journal
             if lost:  # chroma.sqlite3 was gone: every collection back from the journal
                 journal_hook.restore(client, path, journal_hook.installed(client))
             self.path = path
