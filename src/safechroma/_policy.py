@@ -192,7 +192,8 @@ class Options:
             its records (ids, documents, metadata, vectors) is appended to
             ``<path>/.safechroma/journal/``, outside ``chroma.sqlite3``, so that a repair can
             make the directory whole again whatever single file is damaged. Worker-level.
-            False turns it off; so does WAL retention mode ``"chroma"`` (no second copy).
+            False turns it off; so does WAL retention mode ``"chroma"`` (no second copy); an
+            existing journal is then moved aside (``.safechroma/journal-off-<stamp>``).
         sleep: how to sleep between respawns (tests pass a recorder).
     """
 
