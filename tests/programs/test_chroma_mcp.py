@@ -37,8 +37,7 @@ import pytest
 pytest.importorskip(
     "chroma_mcp",
     reason="chroma-mcp 0.2.6 pins mcp==1.6.0 (pydantic<2.11), so it runs in its own venv: "
-    "python3 -m venv .venv-mcp && .venv-mcp/bin/pip install -e '.[test]' 'chroma-mcp==0.2.6' "
-    "'pydantic<2.11'",
+    "python3 -m venv .venv-mcp && .venv-mcp/bin/pip install -e '.[test,mcp]' (CI's third line)",
 )
 
 import anyio  # noqa: E402
