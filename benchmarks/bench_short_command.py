@@ -257,9 +257,14 @@ def _group_lines(r: dict[str, Any]) -> list[str]:
         f"{_mmm([x['wall'] for x in safe])} (open {_step(safe, 'open_ms')} ms), ratio of "
         f"medians {ratio:.3f}; processes left in the group by each safechroma run: "
         + ", ".join(str(x["group_left"]) for x in safe)
-        + ". The warm worker is in the command's process group, so such a harness stops it "
-        "and every run pays the worker start. Processes on DIR_B at the very end: "
-        + f"{r.get('holders_at_the_end') or 'none'}.",
+        + (
+            ". The warm worker is in the command's process group, so such a harness stops it "
+            "and every run pays the worker start"
+            if any(x["group_left"] for x in safe)
+            else ". The warm worker is not in the command's process group (it runs in a "
+            "session of its own), so such a harness leaves it warm"
+        )
+        + f". Processes on DIR_B at the very end: {r.get('holders_at_the_end') or 'none'}.",
     ]
 
 
