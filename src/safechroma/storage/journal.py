@@ -773,7 +773,7 @@ def fill(root: str, rep: Any, *, sqlite_unusable: bool = False) -> Any:
         for n in names:
             os.rename(os.path.join(root, n), os.path.join(qdir, n))
         _fsync_dir(root)
-        rep.steps.append(f"journal: chroma.sqlite3 unreadable, moved aside to {qdir}")
+        rep.steps.append(f"journal: chroma.sqlite3 missing or unreadable, moved aside to {qdir}")
         found = {}
     assert found is not None
     by_name = {name: cid for cid, (name, _seg, _ids) in found.items()}
@@ -836,7 +836,7 @@ def fill(root: str, rep: Any, *, sqlite_unusable: bool = False) -> Any:
     if rep.status in ("nothing_to_do", "not_repairable"):
         rep.status = "repaired"
         rep.message = (
-            "chroma.sqlite3 unreadable: every collection rebuilt from the journal"
+            "chroma.sqlite3 missing or unreadable: every collection rebuilt from the journal"
             if whole_loss
             else "records missing from chroma.sqlite3"
         )
