@@ -514,3 +514,41 @@ def test_safeclients_own_recovery_reports_the_losses(base: str, tmp_path: Path) 
     assert named is not None and named["_path"] == losses_file
     assert stats.incomplete_records >= lost
     assert losses_file in stats.losses_files
+
+
+def test_a_key_deleted_by_an_update_does_not_break_the_rebuild(tmp_path: Path) -> None:
+    """Regression: a WAL update carries None for each metadata key it deletes; the salvage
+    kept it, and chromadb refused the rebuild ("Cannot convert Python object to
+    MetadataValue"), so the repair ended with a traceback and no report at all."""
+    from conftest import run_plain_chromadb
+
+    d = str(tmp_path / "d")
+    run_plain_chromadb(
+        """
+        import numpy as np
+        col = chromadb.PersistentClient(path).create_collection("coll", embedding_function=None)
+        n = 2000
+        col.add(ids=[f"r{i}" for i in range(n)],
+                embeddings=np.random.default_rng(0).random((n, 16)).astype("float32"),
+                documents=[f"doc {i}" for i in range(n)],
+                metadatas=[{"i": i, "flag": bool(i % 2), "s": f"s{i}"} for i in range(n)])
+        col.update(ids=[f"r{i}" for i in range(0, n, 7)],
+                   metadatas=[{"flag": None, "y": True} for _ in range(0, n, 7)])
+        """,
+        d,
+    )
+    _truncate(0.5)(d)
+    rep = _cli("repair", d)
+    assert "Traceback" not in rep.stdout + rep.stderr, rep.stderr[-3000:]
+    assert rep.returncode == 1 and "REPAIRED WITH LOSSES" in rep.stdout
+    got = json.loads(
+        run_plain_chromadb(
+            """
+            import json
+            col = chromadb.PersistentClient(path).get_collection("coll")
+            print(json.dumps(col.get(ids=["r0", "r1"], include=["metadatas"])["metadatas"]))
+            """,
+            d,
+        )
+    )
+    assert got == [{"i": 0, "s": "s0", "y": True}, {"i": 1, "flag": True, "s": "s1"}]

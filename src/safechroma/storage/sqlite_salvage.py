@@ -924,6 +924,16 @@ os._exit(0)
 """
 
 
+def _without_deleted_keys(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A record's metadata as Chroma holds it: a WAL ``update`` carries ``None`` for a key it
+    deleted, which Chroma refuses in an ``add`` ("Cannot convert Python object to
+    MetadataValue") and which the record no longer has. Empty metadata is no metadata."""
+    if not metadata:
+        return None
+    kept = {k: v for k, v in metadata.items() if v is not None}
+    return kept or None
+
+
 def _build(plans: list[dict[str, Any]], work: str, new_dir: str, python: str) -> dict[str, Any]:
     manifest: dict[str, Any] = {"collections": []}
     for n, p in enumerate(plans):
@@ -938,7 +948,7 @@ def _build(plans: list[dict[str, Any]], work: str, new_dir: str, python: str) ->
                 "configuration": p["configuration"],
                 "ids": [r["id"] for r in recs],
                 "documents": [r["document"] for r in recs],
-                "metadatas": [r["metadata"] for r in recs],
+                "metadatas": [_without_deleted_keys(r["metadata"]) for r in recs],
                 "vectors": vf,
             }
         )
