@@ -117,6 +117,7 @@ DAMAGE: dict[str, Callable[[str], None]] = {
     "torn_last_live_page": sd._torn_last_live_page,
     "stale_journal": sd._stale_journal,
     "stale_wal": sd._stale_wal,
+    "deleted": lambda root: os.remove(os.path.join(root, "chroma.sqlite3")),
 }
 
 

@@ -301,6 +301,13 @@ def _lock(path: str, holder: str = "repair") -> int | None:
     return fd
 
 
+def _sqlite_gone_journal_kept(path: str) -> bool:
+    """A managed directory whose ``chroma.sqlite3`` is gone: its journal rebuilds it."""
+    from safechroma.storage import journal
+
+    return not os.path.isfile(os.path.join(path, "chroma.sqlite3")) and journal.has_journal(path)
+
+
 def _take_lock(path: str) -> int | None:
     from safechroma.runtime.rendezvous import ask_idle_worker_to_leave
 
@@ -352,6 +359,17 @@ def check(
 ) -> int:
     """Validate a directory: SQLite, every HNSW index, labels, the WAL. Reads only (except
     ``--ack-losses``, which renames the losses marker)."""
+    if _sqlite_gone_journal_kept(path):
+        # A managed directory whose chroma.sqlite3 was deleted: damaged, not "not Chroma".
+        message = (
+            f"{path}: chroma.sqlite3 is missing; its write journal (.safechroma/journal) holds "
+            f"the records: run `safechroma repair {path}` to rebuild it"
+        )
+        if json_out:
+            print(json.dumps({"path": path, "status": "damaged", "findings": [message]}))
+        else:
+            print(f"DAMAGED  {message}")
+        return _EXIT["damaged"]
     acked = acknowledge_losses(path) if ack_losses else None
     losses = unacknowledged_losses(path)
     if json_out:
@@ -511,7 +529,9 @@ def repair(
     json_out: JsonOpt = False,
 ) -> int:
     """Back up, quarantine damaged indexes, let Chroma rebuild, write back salvaged vectors."""
-    if not os.path.isfile(os.path.join(path, "chroma.sqlite3")):
+    if not os.path.isfile(os.path.join(path, "chroma.sqlite3")) and not _sqlite_gone_journal_kept(
+        path
+    ):
         _error(f"{path} is not a Chroma directory (no chroma.sqlite3)")
         return 2
     fd = _lock(path)
@@ -535,7 +555,9 @@ def _repair_locked(path: str, dry_run: bool, json_out: bool) -> int:
     before = (
         check_directory(path, wal_coverage=True) if json_out else _checked(path, wal_coverage=True)
     )
-    if before.status in ("unknown", "incompatible"):
+    if before.status == "incompatible" or (
+        before.status == "unknown" and not _sqlite_gone_journal_kept(path)
+    ):
         _plain_check(before, sys.stderr)
         return _EXIT[before.status]
     with _progress_bar() as bar:
@@ -1020,7 +1042,7 @@ def release(path: PathArg) -> int:
         purge = wal.release(path)
     finally:
         os.close(fd)
-    how = "Chroma's WAL purge is on again" if purge else "WAL retention \"full\" kept"
+    how = "Chroma's WAL purge is on again" if purge else 'WAL retention "full" kept'
     print(f"released {path}: no safechroma worker holds it; {how}")
     return 0
 
