@@ -1130,7 +1130,11 @@ def _apply_journal(
     else:
         col = client.get_collection(side["name"])
     ids: list[str] = list(side["ids"])
-    docs, metas = j["documents"], j["metadatas"]
+    docs = j["documents"]
+    # chromadb's upsert merges metadata into a record that exists: keys the repair brought
+    # back from an older write (a key a later update deleted, its row past the damage) must
+    # be deleted explicitly (None), or the record keeps them.
+    metas = _exact_metadata(col, ids, j["metadatas"], batch_size)
     groups: dict[tuple[bool, bool], list[int]] = {}
     for k in range(len(ids)):
         groups.setdefault((docs[k] is None, metas[k] is None), []).append(k)
@@ -1160,6 +1164,23 @@ def _apply_journal(
     }
     _write_atomic(salvage_file + ".applied", json.dumps(summary).encode())
     return summary
+
+
+def _exact_metadata(
+    col: Any, ids: list[str], wanted: list[dict[str, Any] | None], batch_size: int
+) -> list[dict[str, Any] | None]:
+    """For each record, an upsert's metadata that leaves exactly ``wanted`` in place."""
+    have: dict[str, dict[str, Any]] = {}
+    for s in range(0, len(ids), batch_size):
+        got = col.get(ids=ids[s : s + batch_size], include=["metadatas"])
+        for i, m in zip(got["ids"], got["metadatas"] or [], strict=False):
+            have[i] = dict(m or {})
+    out: list[dict[str, Any] | None] = []
+    for i, want in zip(ids, wanted, strict=True):
+        keep = dict(want or {})
+        payload = {**{key: None for key in have.get(i, {}) if key not in keep}, **keep}
+        out.append(payload or None)
+    return out
 
 
 def _unfindable(col: Any, ids: list[str]) -> list[str]:
