@@ -19,7 +19,7 @@ from chromadb.config import Settings  # noqa: E402
 
 t1 = time.perf_counter()
 client = chromadb.PersistentClient(sys.argv[1], settings=Settings(anonymized_telemetry=False))
-col = client.get_collection("bench")
+col = client.get_collection("bench", embedding_function=None)
 t2 = time.perf_counter()
 vector = np.random.default_rng(7).random(384, dtype=np.float32)
 found = col.query(query_embeddings=[vector], n_results=10, include=["distances", "documents"])

@@ -34,7 +34,7 @@ from safechroma import SafeClient
 
 path = sys.argv[1]
 rng = np.random.default_rng(21)
-client = SafeClient(path, standby=False, keep_warm=0)
+client = SafeClient(path)
 col = client.create_collection("coll", embedding_function=None, metadata={"made": "test"})
 vecs = rng.random((2000, 16), dtype=np.float32)
 for s in range(0, 2000, 100):
@@ -156,7 +156,7 @@ import json, sys
 from safechroma import SafeClient
 events = []
 client = SafeClient(
-    sys.argv[1], standby=False, keep_warm=0, on_event=lambda e: events.append(e.kind)
+    sys.argv[1], on_event=lambda e: events.append(e.kind)
 )
 n = client.get_collection("coll", embedding_function=None).count()
 client.close()

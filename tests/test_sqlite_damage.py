@@ -545,7 +545,9 @@ def test_a_key_deleted_by_an_update_does_not_break_the_rebuild(tmp_path: Path) -
         run_plain_chromadb(
             """
             import json
-            col = chromadb.PersistentClient(path).get_collection("coll")
+            col = chromadb.PersistentClient(path).get_collection(
+                "coll", embedding_function=None
+            )
             print(json.dumps(col.get(ids=["r0", "r1"], include=["metadatas"])["metadatas"]))
             """,
             d,

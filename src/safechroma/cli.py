@@ -19,7 +19,6 @@ Adding a subcommand: one function decorated with ``@app.command()`` whose parame
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import subprocess
@@ -293,10 +292,10 @@ def _lock(path: str, holder: str = "repair") -> int | None:
     the lock file who holds it: a client that finds it then fails at once with
     ``DirectoryLockedError`` naming the holder, instead of taking the old worker's address
     still written there for a worker being replaced and waiting ``start_timeout`` for it."""
-    fd = _take_lock(path)
-    if fd is not None:
-        from safechroma.runtime.rendezvous import write_lock_file
+    from safechroma.runtime.rendezvous import take_lock, write_lock_file
 
+    fd = take_lock(path, os.path.join(path, LOCK_NAME))
+    if fd is not None:
         write_lock_file(fd, f"{os.getpid()}\n{holder}\n")
     return fd
 
@@ -306,25 +305,6 @@ def _sqlite_gone_journal_kept(path: str) -> bool:
     from safechroma.storage import journal
 
     return not os.path.isfile(os.path.join(path, "chroma.sqlite3")) and journal.has_journal(path)
-
-
-def _take_lock(path: str) -> int | None:
-    from safechroma.runtime.rendezvous import ask_idle_worker_to_leave
-
-    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        # A shared worker kept warm with no process using it (keep_warm) leaves at once.
-        if ask_idle_worker_to_leave(path, os.path.join(path, LOCK_NAME)):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                pass
-        os.close(fd)
-        return None
-    return fd
 
 
 # -- commands ----------------------------------------------------------------------------------

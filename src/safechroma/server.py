@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -69,6 +68,7 @@ from ._policy import (
     default_validator,
 )
 from .runtime.breaker import Breaker
+from .runtime.rendezvous import take_lock
 from .runtime.supervisor import LOCK_NAME
 
 __all__ = ["ServeOptions", "Server", "State", "describe"]
@@ -312,7 +312,7 @@ class Server:
         os.makedirs(self.path, exist_ok=True)
         lock_path = os.path.join(self.path, LOCK_NAME)
         # A shared worker kept warm with no process using it (keep_warm) leaves at once.
-        fd = _lock_or_ask(self.path, lock_path)
+        fd = take_lock(self.path, lock_path)
         if fd is None:
             try:
                 with open(lock_path) as f:
@@ -757,31 +757,10 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _lock_or_ask(path: str, lock_path: str) -> int | None:
-    """The locked descriptor of ``lock_path``, asking an idle shared worker to leave first;
-    None when another process holds it."""
-    from .runtime.rendezvous import ask_idle_worker_to_leave
-
-    for attempt in range(2):
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-        if attempt or not ask_idle_worker_to_leave(path, lock_path):
-            return None
-    return None  # pragma: no cover - the loop returns
-
-
 def _child_env() -> dict[str, str]:
     # Chroma reads CHROMA_* variables over the YAML keys: none of them reach the child.
     # And never the launcher's trigger: `chroma run` here is safechroma's own, supervised.
-    return {
-        k: v for k, v in private_env().items() if not k.upper().startswith("CHROMA_")
-    }
+    return {k: v for k, v in private_env().items() if not k.upper().startswith("CHROMA_")}
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -57,7 +57,6 @@ _EF_CREATE = _default(Client.create_collection, "embedding_function")
 _EF_GET = _default(Client.get_collection, "embedding_function")
 _EF_GET_OR_CREATE = _default(Client.get_or_create_collection, "embedding_function")
 _EF_BY_ID = _default(Client.get_collection_by_id, "embedding_function")
-_sendable = sendable_function
 
 
 def _forward(name: str) -> Callable[..., Any]:
@@ -226,7 +225,7 @@ class SafeClient(ClientAPI, _Remote):
             schema,
             configuration,
             metadata,
-            _sendable(embedding_function),
+            sendable_function(embedding_function),
             data_loader,
             get_or_create,
             by_value=True,
@@ -238,7 +237,11 @@ class SafeClient(ClientAPI, _Remote):
         self, name: str, embedding_function: Any = _EF_GET, data_loader: Any = None
     ) -> SafeCollection:
         ref = self._call(
-            "get_collection", name, _sendable(embedding_function), data_loader, by_value=True
+            "get_collection",
+            name,
+            sendable_function(embedding_function),
+            data_loader,
+            by_value=True,
         )
         return self._collection(ref, embedding_function, data_loader)
 
@@ -258,7 +261,7 @@ class SafeClient(ClientAPI, _Remote):
             schema,
             configuration,
             metadata,
-            _sendable(embedding_function),
+            sendable_function(embedding_function),
             data_loader,
             by_value=True,
         )
@@ -269,7 +272,11 @@ class SafeClient(ClientAPI, _Remote):
         self, id: UUID, embedding_function: Any = _EF_BY_ID, data_loader: Any = None
     ) -> SafeCollection:
         ref = self._call(
-            "get_collection_by_id", id, _sendable(embedding_function), data_loader, by_value=True
+            "get_collection_by_id",
+            id,
+            sendable_function(embedding_function),
+            data_loader,
+            by_value=True,
         )
         return self._collection(ref, embedding_function, data_loader)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 import threading
 from typing import Any, Final
 
@@ -69,8 +70,6 @@ class FunctionRef:
 
 
 def _registries() -> tuple[dict[str, Any], dict[str, Any]] | None:
-    import sys
-
     module = sys.modules.get("chromadb.utils.embedding_functions")
     if module is None:
         return None

@@ -163,6 +163,16 @@ def ask_idle_worker_to_leave(path: str, lock_path: str, timeout: float = 5.0) ->
     return False
 
 
+def take_lock(path: str, lock_path: str) -> int | None:
+    """The lock of a directory that a process needs to itself (a repair, ``safechroma serve``,
+    ``safechroma release``), taken without waiting: a shared worker kept warm with no process
+    using it is asked to leave first. None when another process holds it."""
+    fd = try_lock(lock_path)
+    if fd is None and ask_idle_worker_to_leave(path, lock_path):
+        fd = try_lock(lock_path)
+    return fd
+
+
 # -- the handshake -------------------------------------------------------------------------
 
 

@@ -1530,4 +1530,3 @@ def restore_saved_records(
             ).encode(),
         )
     return out
-
