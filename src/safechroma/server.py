@@ -61,13 +61,14 @@ from ._errors import CrashLoopError, DirectoryLockedError, RecoveryError, ServeE
 from ._policy import (
     BreakerPolicy,
     Event,
-    HookContext,
     Recovery,
     Validator,
     default_recovery,
     default_validator,
 )
+from .jobs.runner import run_job
 from .runtime.breaker import Breaker
+from .runtime.hooks import check_and_recover, describe_report
 from .runtime.rendezvous import take_lock
 from .runtime.supervisor import LOCK_NAME
 
@@ -86,19 +87,6 @@ if os.getppid() != int(sys.argv[2]):
     sys.exit(70)
 import chromadb_rust_bindings
 chromadb_rust_bindings.cli(["chroma", "run", sys.argv[1]])
-"""
-
-# Written back in a short-lived child before the server opens the directory again: the
-# salvage of a repair goes in through Chroma itself (safechroma.storage.recovery).
-_APPLY: Final = """
-import json, sys
-import chromadb
-from safechroma.storage import wal
-from safechroma.storage.recovery import apply_salvage
-wal.take_over(sys.argv[1])  # purge off before Chroma's first read: the WAL is our second copy
-client = chromadb.PersistentClient(sys.argv[1])
-out = [apply_salvage(client, f) for f in sys.argv[2:]]
-print("RESULT " + json.dumps(out, default=str), flush=True)
 """
 
 
@@ -348,60 +336,28 @@ class Server:
         self._wake_r = self._wake_w = -1
 
     def _check_and_recover(self, reason: str) -> None:
-        from .runtime.supervisor import _is_damaged
+        """Validate, repair on damage and write back pending salvage, with no child running."""
 
-        validator = self.options.validator
-        if validator is not None:
-            attempt = max(1, self._breaker.consecutive)
-            ctx = HookContext(self.path, reason, None, attempt)  # type: ignore[arg-type]
-            report = validator(ctx)
-            if getattr(report, "status", None) == "incompatible":
-                # Written by a newer chromadb: Chroma would migrate or misread it; never start.
-                from .storage.validate import incompatible_error
+        def emit(kind: str, pid: int | None, **detail: Any) -> None:
+            # The serve log's words (describe()): when, and what the reports say.
+            if kind == "validated":
+                detail["reason"] = "first start" if reason == "start" else "restart"
+                detail["summary"] = describe_report(detail["report"])
+            elif kind == "recovery_failed" and "error" not in detail:
+                detail["error"] = str(getattr(detail["report"], "message", detail["report"]))
+            self._emit(kind, pid, **detail)
 
-                raise incompatible_error(report)
-            damaged = _is_damaged(report)
-            self._emit(
-                "validated",
-                None,
-                reason="first start" if reason == "start" else "restart",
-                healthy=not damaged,
-                summary=_report_summary(report),
-                report=report,
-            )
-            if damaged:
-                self._recover(ctx, report, _report_summary(report))
+        check_and_recover(
+            self.path,
+            reason=reason,
+            crash=None,
+            attempt=max(1, self._breaker.consecutive),
+            validator=self.options.validator,
+            recovery=self.options.recovery,
+            emit=emit,
+        )
         if self.options.recovery is not None:
             self._apply_salvage()
-
-    def _recover(self, ctx: HookContext, report: Any, summary: str) -> None:
-        recovery = self.options.recovery
-        if recovery is None:
-            raise RecoveryError(
-                f"{self.path} is damaged and no recovery hook is set: {summary}. "
-                f"Run `safechroma repair {self.path}`.",
-                path=self.path,
-                report=report,
-            )
-        try:
-            result = recovery(HookContext(self.path, ctx.reason, None, ctx.attempt, report))
-        except Exception as exc:
-            self._emit("recovery_failed", None, error=repr(exc))
-            raise RecoveryError(
-                f"{self.path} is damaged ({summary}) and recovery failed: {exc}",
-                path=self.path,
-                report=report,
-            ) from exc
-        if getattr(result, "status", None) == "not_repairable":
-            why = getattr(result, "message", result)
-            self._emit("recovery_failed", None, error=str(why))
-            raise RecoveryError(
-                f"{self.path} is damaged ({summary}) and could not be repaired: {why}",
-                path=self.path,
-                report=report,
-            )
-        message = getattr(result, "message", None) or str(result)[:300]
-        self._emit("recovered", None, summary=message, report=result)
 
     def _apply_salvage(self) -> None:
         from .storage.recovery import pending_salvage_files
@@ -409,24 +365,17 @@ class Server:
         pending = pending_salvage_files(self.path)
         if not pending:
             return
-        proc = subprocess.run(
-            [sys.executable, "-c", _APPLY, self.path, *pending],
-            capture_output=True,
-            text=True,
-            env=_child_env(),
-            start_new_session=True,  # a Ctrl-C reaches serve, which lets the write-back finish
-        )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            self._emit("recovery_failed", None, error=f"write-back exited {proc.returncode}")
+        # Its own session: a Ctrl-C reaches serve, which lets the write-back finish.
+        job = run_job("apply_salvage", [self.path, *pending], env=_child_env(), new_session=True)
+        if not job.ok:
+            self._emit("recovery_failed", None, error=f"write-back exited {job.returncode}")
             raise RecoveryError(
                 f"{self.path} was repaired but writing back the salvaged vectors failed "
-                f"(exit {proc.returncode}); run `safechroma repair {self.path}`.\n"
-                f"{proc.stderr[-2000:]}",
+                f"(exit {job.returncode}); run `safechroma repair {self.path}`.\n{job.stderr}",
                 path=self.path,
                 report=None,
             )
-        applied = json.loads(lines[-1][len("RESULT ") :])
+        applied = job.result
         summary = ", ".join(
             f"{s.get('collection')}: {s.get('recovered')} vectors"
             + (f", {len(s['removed'])} records removed" if s.get("removed") else "")
@@ -830,17 +779,3 @@ def _tail(path: str, start: int, limit: int = 4000) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def _report_summary(report: Any) -> str:
-    status = getattr(report, "status", None)
-    collections = getattr(report, "collections", None)
-    if status is None or collections is None:
-        from .runtime.supervisor import _summary
-
-        return _summary(report)
-    damaged = [c for c in collections if getattr(c, "status", "") == "damaged"]
-    findings = [f.code for f in getattr(report, "findings", [])]
-    findings += [f"{c.name}: {f.code}" for c in damaged for f in c.findings]
-    text = f"{status}, {len(collections)} collection(s)"
-    return text + (f"; {', '.join(findings[:8])}" if findings else "")
