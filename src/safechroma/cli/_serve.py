@@ -32,7 +32,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         ServeError,
     )
     from safechroma._policy import Event
-    from safechroma.server import ServeOptions, Server, describe
+    from safechroma.http.serve import ServeOptions, Server, describe
 
     def log(event: Event) -> None:
         stamp = datetime.datetime.fromtimestamp(event.time, datetime.UTC)
