@@ -15,9 +15,9 @@ from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT, Settings
 
 from .._errors import ClientClosedError
 from .._policy import Options, Stats, effective_timeout
-from ..runtime import supervisor as _supervisor
-from ..runtime.protocol import Op
-from ..runtime.supervisor import Supervisor, _Remote
+from ..runtime import session as _session
+from ..runtime.handles import Remote
+from ..runtime.protocol import CollectionRef, Op, Request
 from .collection import _UNSET, SafeCollection, sendable_function
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,7 +87,7 @@ _READS = frozenset(
 )
 
 
-class SafeClient(ClientAPI, _Remote):
+class SafeClient(ClientAPI, Remote):
     """A drop-in ``chromadb.PersistentClient`` whose calls run in a supervised worker process.
 
     Args:
@@ -138,9 +138,9 @@ class SafeClient(ClientAPI, _Remote):
         self._read_retries = opts.read_retries
         self._replay_writes = opts.replay_writes
         self._closed = True
-        self._sup = _supervisor.acquire(self._path, opts, (settings, self.tenant, self.database))
+        self._sup = _session.acquire(self._path, opts, (settings, self.tenant, self.database))
         self._closed = False
-        self._finalizer = weakref.finalize(self, _supervisor.release, self._sup)
+        self._finalizer = weakref.finalize(self, _session.release, self._sup)
         # Not at interpreter exit: the supervisor's own exit hook closes every client there,
         # as a program that ends (the worker may stay warm, Options.keep_warm), where an
         # explicit close() is a program done with the directory.
@@ -154,8 +154,8 @@ class SafeClient(ClientAPI, _Remote):
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _reopen_request(self, sup: Supervisor, lease: Any) -> tuple[Op, Any, bool]:
-        return (Op.OPEN, (sup.path, self._settings, self.tenant, self.database, None), True)
+    def _reopen_request(self, path: str, parent_handle: int) -> Request:
+        return Request(Op.OPEN, (path, self._settings, self.tenant, self.database, None))
 
     def _call(self, method: str, *args: Any, by_value: bool = False, **kwargs: Any) -> Any:
         if self._closed:
@@ -172,7 +172,9 @@ class SafeClient(ClientAPI, _Remote):
             by_value=by_value,
         )
 
-    def _collection(self, ref: Any, embedding_function: Any, data_loader: Any) -> SafeCollection:
+    def _collection(
+        self, ref: CollectionRef, embedding_function: Any, data_loader: Any
+    ) -> SafeCollection:
         return SafeCollection._adopt(self, ref, embedding_function, data_loader)
 
     # -- ClientAPI -------------------------------------------------------------------------
@@ -350,11 +352,11 @@ class SafeClient(ClientAPI, _Remote):
         new.__dict__.update(self.__dict__)
         if not self._closed:
             # One more reference on the same supervisor: the worker and the lock stay the same.
-            sup = _supervisor.acquire(self._path, self._sup.options, self._sup.primary)
+            sup = _session.acquire(self._path, self._sup.options, self._sup.primary)
             if sup is not self._sup:  # pragma: no cover - an open client keeps its supervisor
-                _supervisor.release(sup)
+                _session.release(sup)
                 raise RuntimeError(f"the worker of {self._path} changed while copying")
-            new._finalizer = weakref.finalize(new, _supervisor.release, sup)
+            new._finalizer = weakref.finalize(new, _session.release, sup)
             new._finalizer.atexit = False  # as in __init__
         return new
 

@@ -27,14 +27,14 @@ from chromadb.config import DEFAULT_DATABASE, DEFAULT_TENANT
 from .._errors import ClientClosedError
 from .._policy import effective_timeout
 from ..runtime.functions import FUNCTIONS, FunctionRef
-from ..runtime.protocol import Op
-from ..runtime.supervisor import Supervisor, _Remote
+from ..runtime.handles import Remote
+from ..runtime.protocol import CollectionRef, Op, Request
+from ..runtime.session import Session
 
 if TYPE_CHECKING:
     from chromadb.api.collection_configuration import CreateCollectionConfiguration
     from chromadb.api.types import CollectionMetadata, Schema
 
-    from ..runtime.supervisor import Lease
     from .client import SafeClient
 
 _UNSET: Any = object()
@@ -111,7 +111,7 @@ def _proxy(name: str) -> Callable[..., Any]:
             retries=client._read_retries,
             timeout=effective_timeout(client._timeout),
         )
-        if type(result) is tuple and result[:1] == ("collection",):  # fork() returns one
+        if isinstance(result, CollectionRef):  # fork() returns one
             return SafeCollection._adopt(
                 client, result, self._embedding_function, self._data_loader
             )
@@ -136,7 +136,7 @@ _EMBEDDED_ARGS: dict[str, tuple[str, str, bool]] = {
 }
 
 
-class SafeCollection(Collection, _Remote):
+class SafeCollection(Collection, Remote):
     """A Chroma collection whose calls run in a crash-isolated worker process.
 
     Get one from a :class:`safechroma.SafeClient` exactly as from chromadb's client, or open one
@@ -165,7 +165,7 @@ class SafeCollection(Collection, _Remote):
     its ``close()`` does nothing.
     """
 
-    _sup: Supervisor
+    _sup: Session
     _client: SafeClient  # type: ignore[assignment]
     _slot: list[int]  # [worker serial, handle], shared with the finalizer
     _open_kwargs: dict[str, Any]  # how to reopen it in a fresh worker
@@ -218,12 +218,12 @@ class SafeCollection(Collection, _Remote):
     def _adopt(
         cls,
         client: SafeClient,
-        ref: tuple[str, int, Any, int],
+        ref: CollectionRef,
         embedding_function: Any,
         data_loader: Any,
     ) -> SafeCollection:
-        """Build the caller-side collection for a ("collection", handle, model, serial) ref."""
-        _, handle, model, serial = ref
+        """Build the caller-side collection for a collection the worker opened."""
+        handle, model, serial = ref
         self = cls.__new__(cls)
         self._client = client
         self._sup = client._sup
@@ -260,9 +260,11 @@ class SafeCollection(Collection, _Remote):
     def _handle_serial(self, value: int) -> None:
         self._slot[0] = value
 
-    def _reopen_request(self, sup: Supervisor, lease: Lease) -> tuple[Op, Any, bool]:
-        client_handle = sup._handle_of(lease, self._client)
-        return (Op.OPEN_HANDLE, (client_handle, self.id, self._open_kwargs), True)
+    def _reopen_parent(self) -> Remote:
+        return self._client
+
+    def _reopen_request(self, path: str, parent_handle: int) -> Request:
+        return Request(Op.OPEN_HANDLE, (parent_handle, self.id, self._open_kwargs))
 
     def _caller_side(self) -> bool:
         ref = self._open_kwargs.get("embedding_function")
@@ -348,6 +350,6 @@ class SafeCollection(Collection, _Remote):
         self.close()
 
 
-def _release_slot(sup: Supervisor, slot: list[int]) -> None:
+def _release_slot(sup: Session, slot: list[int]) -> None:
     if slot[0] >= 0:
         sup.release(slot[0], slot[1])

@@ -25,7 +25,7 @@ import enum
 import io
 import pickle
 import struct
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cloudpickle
 
@@ -61,8 +61,65 @@ class Status(enum.IntEnum):
 # (module, qualname, args, message, remote traceback text)
 ErrorInfo = tuple[str, str, tuple[Any, ...], str, str]
 
-# A reply: (status, payload, seconds the worker spent serving the call)
-Reply = tuple[int, Any, float]
+
+class Request(NamedTuple):
+    """One request to the worker: what to do, and its body (shapes listed on :class:`Op`).
+
+    On the wire it is the plain pair ``(int(op), body)``: an enum member would be pickled by
+    reference, which the worker would have to import.
+    """
+
+    op: Op
+    body: Any
+
+    def encode(self, by_value: bool = False) -> tuple[bytes, list[memoryview]]:
+        """The request as :func:`encode` sends it."""
+        return encode((self.op.value, self.body), by_value=by_value)
+
+
+def call_request(handle: int, method: str, args: tuple[Any, ...], kwargs: Any) -> Request:
+    """Call ``method`` on the object behind ``handle`` (0 is the client)."""
+    return Request(Op.CALL, (handle, method, args, kwargs))
+
+
+def run_request(handle: int, fn: Any, args: tuple[Any, ...]) -> Request:
+    """Run ``fn(client, *args)`` in the worker; ``fn`` is a function or "module:function"."""
+    return Request(Op.RUN, (handle, fn, args))
+
+
+class Reply(NamedTuple):
+    """A decoded, checked reply (see :func:`read_reply`)."""
+
+    status: Status
+    payload: Any  # the result (OK), an ErrorInfo (ERROR, PANIC), None (RETIRED)
+    spent: float  # seconds the worker spent serving the request
+
+
+class CollectionRef(NamedTuple):
+    """A collection the worker opened: what the caller needs to build its ``SafeCollection``.
+
+    The worker answers ``("collection", handle, model)`` for every call that returns a
+    collection; :func:`collection_refs` names that shape once, and tags it with the serial of
+    the worker that holds the handle, so that a respawn in between cannot mix handles up.
+    """
+
+    handle: int  # the collection's handle in that worker
+    model: Any  # chromadb's collection model (name, id, metadata, configuration)
+    serial: int  # the worker the handle lives in
+
+
+def _is_collection(value: Any) -> bool:
+    return type(value) is tuple and len(value) == 3 and value[0] == "collection"
+
+
+def collection_refs(result: Any, serial: int) -> Any:
+    """``result`` with the worker's collections (alone or in a list) as :class:`CollectionRef`."""
+    if _is_collection(result):
+        return CollectionRef(int(result[1]), result[2], serial)
+    if type(result) is list and result and _is_collection(result[0]):
+        return [CollectionRef(int(r[1]), r[2], serial) for r in result]
+    return result
+
 
 # Replies may name only these globals. Everything here is data: numpy's own array and scalar
 # rebuilders, UUID, and Chroma's plain result/model classes. Unpickling an instance of them sets
@@ -137,6 +194,25 @@ def decode_request(data: bytes | bytearray | memoryview, buffers: list[bytearray
 def decode_reply(data: bytes | bytearray | memoryview, buffers: list[bytearray]) -> Any:
     """Decode a reply in the parent with the allow-list unpickler."""
     return ReplyUnpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+_STATUSES: Final = {int(s): s for s in Status}
+
+
+def read_reply(data: bytes | bytearray | memoryview, buffers: list[bytearray]) -> Reply:
+    """Decode a reply frame and check its shape (a worker could lie).
+
+    Raises:
+        Exception: the frame does not decode, or is not ``(status, payload, seconds)`` with a
+            known status and, for ERROR and PANIC, an :data:`ErrorInfo` payload.
+    """
+    status, payload, spent = decode_reply(data, buffers)
+    named = _STATUSES.get(status)
+    if named is None:
+        raise ValueError(f"unknown status {status!r:.100}")
+    if named in (Status.ERROR, Status.PANIC) and not is_error_info(payload):
+        raise ValueError(f"malformed error report {payload!r:.100}")
+    return Reply(named, payload, float(spent))
 
 
 def is_error_info(payload: Any) -> bool:

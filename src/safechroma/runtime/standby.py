@@ -1,0 +1,153 @@
+"""Worker processes: how one is started, one ahead of need, and healthy ones replaced.
+
+- :func:`spawn`: the supervisor's default starter, a worker process from the template, with
+  the limits the options set (:func:`file_size_limit`); a test may hand the supervisor
+  another starter (an in-process fake worker);
+- :class:`Standby`: one spare worker process (``Options.standby``, exclusive directories only),
+  spawned after the current worker has served a call and taken by the next replacement, so a
+  crash costs the caller Chroma's open and not Python's import of chromadb.
+- :func:`worn_out`: gunicorn's ``max_requests`` and a resident-memory ceiling
+  (``Options.max_worker_rss``): whether to retire a healthy worker between calls, which no
+  caller sees.
+
+Neither emits events nor touches the supervisor's state; the standby keeps its own small lock
+and never holds it while a process starts or stops.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from .._policy import Options
+from .transport import WorkerProcess
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+__all__ = ["Standby", "file_size_limit", "spawn", "worn_out"]
+
+# How often a worker's resident memory is read when max_worker_rss is set (seconds).
+_RSS_CHECK_EVERY: Final = 1.0
+
+
+class Standby:
+    """At most one spare worker process, not yet opened on the directory."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.process: WorkerProcess | None = None  # the spare, if any (under _lock)
+        self._refilling = False
+
+    def wanted(self) -> bool:
+        """Cheap, unlocked: no spare and none being spawned."""
+        return self.process is None and not self._refilling
+
+    def refill(
+        self,
+        spawn: Callable[[], WorkerProcess],
+        ready: Callable[[], bool],
+        keep: Callable[[], bool],
+    ) -> None:
+        """Spawn a spare unless one exists or is being spawned, or ``ready()`` is False (no
+        worker serves: the replacement needs the cores); ``keep()``, asked after the spawn,
+        False means the supervisor no longer wants it (it was closed meanwhile)."""
+        with self._lock:
+            if self._refilling or self.process is not None or not ready():
+                return
+            self._refilling = True
+        try:
+            spare = spawn()
+        finally:
+            with self._lock:
+                self._refilling = False
+        with self._lock:
+            kept = self.process is None and keep()
+            if kept:
+                self.process = spare
+        if not kept:
+            spare.kill()
+            spare.close()
+
+    def take(self) -> WorkerProcess | None:
+        """The spare, if it is still alive (a dead one is reaped)."""
+        with self._lock:
+            spare, self.process = self.process, None
+        if spare is not None and not spare.alive():
+            spare.wait(None)
+            spare.close()
+            return None
+        return spare
+
+    def discard(self) -> None:
+        """Kill the spare, if any (at close)."""
+        with self._lock:
+            spare, self.process = self.process, None
+        if spare is not None:
+            spare.kill()
+            spare.close()
+
+
+def worn_out(worker: WorkerProcess, options: Options) -> bool:
+    """Whether to replace a healthy worker between calls (no caller sees it)."""
+    max_requests = options.max_requests
+    if max_requests is not None and worker.served >= max_requests:
+        return True
+    ceiling = options.max_worker_rss
+    if ceiling is None:
+        return False
+    now = time.monotonic()
+    if now - worker.rss_checked < _RSS_CHECK_EVERY:
+        return False  # reading /proc costs ~20 us: not on every call
+    worker.rss_checked = now
+    rss = worker.rss_bytes()
+    return rss is not None and rss > ceiling
+
+
+def spawn(sup: Supervisor) -> WorkerProcess:
+    """The default starter: a worker process from the template, for ``sup``'s directory."""
+    options = sup.options
+    return WorkerProcess(
+        log_dir=sup.log_dir,
+        lock_fd=sup.lock_fd,
+        memory_limit=options.memory_limit,
+        max_reply_bytes=options.max_reply_bytes,
+        file_limit=file_size_limit(sup.path, options.max_file_bytes),
+        journal=options.journal,  # issue 21: the worker keeps the write journal
+        share={"address": sup.address, "keep_warm": options.keep_warm} if sup.shared else None,
+    )
+
+
+def file_size_limit(path: str, setting: int | str | None) -> int | None:
+    """The largest file the worker may write (``RLIMIT_FSIZE``), from ``Options.max_file_bytes``.
+
+    ``"auto"``: the smaller of two bounds, so that a runaway write (chroma-core/chroma#7510: a
+    ``link_lists.bin`` grown to 231 GiB) kills the worker instead of filling the disk, while
+    legitimate growth within one worker's life has room. One is what the index geometry can
+    explain (:func:`safechroma.storage.limits.plausible_max_file_bytes`: a million more
+    records, twice over); the other keeps the disk: the largest file in the directory now plus
+    half the free space of its file system (at least 64 MiB more). Each new worker recomputes
+    it.
+    """
+    if setting is None:
+        return None
+    if isinstance(setting, int):
+        return setting
+    largest = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                largest = max(largest, os.path.getsize(os.path.join(root, name)))
+            except OSError:
+                continue
+    from ..storage.limits import plausible_max_file_bytes
+
+    try:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+    return min(largest + max(64 << 20, free // 2), plausible_max_file_bytes(path))
