@@ -21,26 +21,28 @@ verdict can trigger recovery.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import numpy as np
+from typing import Any
 
 from safechroma._errors import IncompatibleDirectoryError
-from safechroma.storage.hnsw import (
-    Finding,
-    SegmentReport,
-    _check_segment_keep_metadata,
-    check_segment,
-)
-from safechroma.storage.replay import op_name, replay_index, replay_metadata
+from safechroma.storage.check_report import CollectionReport, DirectoryReport
+from safechroma.storage.hnsw import Finding, check_segment
+from safechroma.storage.hnsw.check import _check_segment_keep_metadata
+from safechroma.storage.layout import SQLITE_FILE
 from safechroma.storage.schema import compare_schema
+from safechroma.storage.sqlite_catalog import (
+    _classify,
+    _connect_ro,
+    _parse_config,
+    _read_catalog,
+    _read_purge,
+    _SqliteUnavailable,
+)
+from safechroma.storage.validate_replay import _check_replay, _wal_uncovered
 
 __all__ = [
     "CollectionReport",
@@ -51,254 +53,11 @@ __all__ = [
     "IGNORED_ENTRIES",
 ]
 
-Status = Literal["healthy", "damaged", "unknown", "incompatible"]
 
-SQLITE_FILE = "chroma.sqlite3"
-VECTOR_SEGMENT_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
-METADATA_SEGMENT_TYPE = "urn:chroma:segment/metadata/sqlite"
 # Entries safechroma itself keeps in the persist directory (the core's lock file, our backups,
 # quarantine and logs); they are not Chroma's and are never inspected.
 IGNORED_ENTRIES = frozenset({".safechroma.lock", ".safechroma"})
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_CORRUPT_MARKERS = ("malformed", "not a database", "corrupt", "disk i/o error")
-_BUSY_MARKERS = ("locked", "busy")
-
-
-@dataclass
-class CollectionReport:
-    """Verdict for one collection.
-
-    Attributes:
-        id: Collection uuid.
-        name: Collection name (``None`` when SQLite could not be read).
-        status: ``"healthy"``, ``"damaged"`` or ``"unknown"``.
-        space: Distance space: ``"l2"``, ``"cosine"`` or ``"ip"``.
-        dimension: Dimension recorded in SQLite (``None`` before the first add).
-        max_neighbors: HNSW ``M`` from the collection's configuration (default 16).
-        segment_id: Vector segment uuid (its directory name).
-        segment_path: The vector segment directory, whether or not it exists.
-        metadata_segment_id: Metadata segment uuid (records live in SQLite under it).
-        records: Records in the metadata segment (``None`` when unknown).
-        index_max_seq_id: Last WAL sequence id flushed to the HNSW files (0 if never).
-        metadata_max_seq_id: Last sequence id applied to the metadata segment.
-        wal_rows: Rows of this collection still in ``embeddings_queue``.
-        wal_min_seq_id: Oldest of them, or ``None``.
-        wal_uncovered: Live records with no vector in the WAL: what a rebuild from the WAL
-            alone would lose (computed when the index is damaged or missing, or on request).
-        hnsw: The segment check, or ``None`` when the directory is missing.
-        findings: Everything found, errors first.
-    """
-
-    id: str
-    name: str | None = None
-    status: Status = "healthy"
-    space: str = "l2"
-    dimension: int | None = None
-    max_neighbors: int = 16
-    segment_id: str | None = None
-    segment_path: str | None = None
-    metadata_segment_id: str | None = None
-    records: int | None = None
-    index_max_seq_id: int = 0
-    metadata_max_seq_id: int | None = None
-    wal_rows: int = 0
-    wal_min_seq_id: int | None = None
-    wal_uncovered: int | None = None
-    hnsw: SegmentReport | None = None
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def healthy(self) -> bool:
-        """True when the status is ``"healthy"``."""
-        return self.status == "healthy"
-
-    @property
-    def wal_covers_all(self) -> bool | None:
-        """Whether the WAL alone can rebuild the whole index (``None``: not computed)."""
-        return None if self.wal_uncovered is None else self.wal_uncovered == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "status": self.status,
-            "space": self.space,
-            "dimension": self.dimension,
-            "max_neighbors": self.max_neighbors,
-            "segment_id": self.segment_id,
-            "segment_path": self.segment_path,
-            "metadata_segment_id": self.metadata_segment_id,
-            "records": self.records,
-            "index_max_seq_id": self.index_max_seq_id,
-            "metadata_max_seq_id": self.metadata_max_seq_id,
-            "wal_rows": self.wal_rows,
-            "wal_min_seq_id": self.wal_min_seq_id,
-            "wal_uncovered": self.wal_uncovered,
-            "wal_covers_all": self.wal_covers_all,
-            "hnsw": self.hnsw.to_dict() if self.hnsw else None,
-            "findings": [f.to_dict() for f in self.findings],
-        }
-
-
-@dataclass
-class DirectoryReport:
-    """Verdict for a whole persist directory.
-
-    Attributes:
-        path: The persist directory.
-        status: ``"healthy"``, ``"damaged"`` or ``"unknown"``.
-        collections: One report per collection.
-        findings: Directory-level findings (SQLite, orphan segments, ...).
-        sqlite_status: ``"ok"``, ``"corrupt"``, ``"busy"``, ``"missing"``, ``"unknown"`` or
-            ``"incompatible"`` (written by a newer chromadb; collections not checked).
-        wal_purge: Chroma's ``automatically_purge`` setting (``None`` when unreadable).
-        elapsed_s: Wall time of the check.
-        incompatibility: For ``"incompatible"``: ``installed_chromadb`` (version),
-            ``unknown_migrations`` (``"dir version filename"`` each), ``directory_schema`` and
-            ``installed_schema`` (highest migration per dir, as far as known).
-    """
-
-    path: str
-    status: Status = "healthy"
-    collections: list[CollectionReport] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
-    sqlite_status: str = "ok"
-    wal_purge: bool | None = None
-    elapsed_s: float = 0.0
-    incompatibility: dict[str, Any] | None = None
-
-    @property
-    def healthy(self) -> bool:
-        """True when the status is ``"healthy"``."""
-        return self.status == "healthy"
-
-    @property
-    def damaged_collections(self) -> list[CollectionReport]:
-        """Collections whose status is ``"damaged"``."""
-        return [c for c in self.collections if c.status == "damaged"]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict."""
-        return {
-            "path": self.path,
-            "status": self.status,
-            "healthy": self.healthy,
-            "sqlite_status": self.sqlite_status,
-            "wal_purge": self.wal_purge,
-            "elapsed_s": round(self.elapsed_s, 6),
-            "incompatibility": self.incompatibility,
-            "findings": [f.to_dict() for f in self.findings],
-            "collections": [c.to_dict() for c in self.collections],
-        }
-
-
-class _SqliteUnavailable(Exception):
-    def __init__(self, status: str, finding: Finding) -> None:
-        super().__init__(finding.message)
-        self.status = status
-        self.finding = finding
-
-
-def _classify(e: sqlite3.Error, db: str) -> _SqliteUnavailable:
-    """Tell a lock apart from corruption (issue 4: a lock is never corruption)."""
-    msg = str(e).lower()
-    if any(m in msg for m in _CORRUPT_MARKERS):
-        return _SqliteUnavailable("corrupt", Finding("sqlite_corrupt", f"SQLite reports: {e}", db))
-    if any(m in msg for m in _BUSY_MARKERS):
-        return _SqliteUnavailable(
-            "busy",
-            Finding(
-                "sqlite_busy",
-                f"chroma.sqlite3 is locked by another process ({e}); not corruption, try again "
-                "when it is idle",
-                db,
-                "warning",
-            ),
-        )
-    from safechroma.storage.sqlite_pages import is_hot_journal
-
-    if "readonly" in msg and is_hot_journal(db + "-journal"):
-        # A writer killed inside a transaction: SQLite undoes it on the next read-write open
-        # (Chroma's, or repair's after a backup); a read-only check cannot (issue 21).
-        return _SqliteUnavailable(
-            "unknown",
-            Finding(
-                "sqlite_hot_journal",
-                "chroma.sqlite3-journal holds a transaction that never finished (a writer was "
-                "killed); a read-only check cannot undo it. `safechroma repair` backs both "
-                "files up and rolls it back, as Chroma would on its next open",
-                db,
-                "warning",
-            ),
-        )
-    return _SqliteUnavailable(
-        "unknown",
-        Finding("sqlite_unavailable", f"chroma.sqlite3 cannot be read: {e}", db, "warning"),
-    )
-
-
-def _connect_ro(db: str, busy_timeout: float) -> sqlite3.Connection:
-    # mode=ro: never create, never write (a missing file must not become an empty database).
-    uri = "file:" + _uri_path(db) + "?mode=ro"
-    return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
-
-
-def _uri_path(p: str) -> str:
-    from urllib.parse import quote
-
-    return quote(os.path.abspath(p))
-
-
-def _seq(v: Any) -> int:
-    """Sequence ids are integers since metadb migration 00005; older ones were big-endian blobs."""
-    if v is None:
-        return 0
-    if isinstance(v, (bytes, bytearray)):
-        return int.from_bytes(v, "big")
-    return int(v)
-
-
-def _parse_config(row: dict[str, Any], meta: dict[str, Any]) -> tuple[str, int]:
-    """Space and M from schema_str (1.x), config_json_str, then legacy ``hnsw:*`` metadata."""
-    space: Any = None
-    m: Any = None
-    for key in ("schema_str", "config_json_str"):
-        raw = row.get(key)
-        if not raw:
-            continue
-        try:
-            cfg = json.loads(raw)
-        except ValueError:
-            continue
-        if key == "schema_str":
-            vi = (
-                cfg.get("keys", {})
-                .get("#embedding", {})
-                .get("float_list", {})
-                .get("vector_index", {})
-                .get("config", {})
-            )
-            space = space or vi.get("space")
-            m = m or (vi.get("hnsw") or {}).get("max_neighbors")
-        else:
-            # chromadb 1.0-1.2 (no schema_str) nest it: {"vector_index": {"hnsw": {...}}}.
-            h = (
-                cfg.get("hnsw")
-                or cfg.get("hnsw_configuration")
-                or (cfg.get("vector_index") or {}).get("hnsw")
-                or {}
-            )
-            if isinstance(h, dict):
-                space = space or h.get("space")
-                m = m or h.get("max_neighbors") or h.get("M")
-    space = space or meta.get("hnsw:space") or "l2"
-    m = m or meta.get("hnsw:M") or 16
-    try:
-        m_int = int(m)
-    except (TypeError, ValueError):
-        m_int = 16
-    return str(space), m_int
 
 
 def check_directory(
@@ -521,55 +280,6 @@ def incompatible_error(report: Any) -> IncompatibleDirectoryError:
     )
 
 
-def _read_catalog(con: sqlite3.Connection) -> list[dict[str, Any]]:
-    cols = [dict(r) for r in con.execute("SELECT * FROM collections ORDER BY name")]
-    segs = [dict(r) for r in con.execute("SELECT id, type, scope, collection FROM segments")]
-    seqs = {r[0]: _seq(r[1]) for r in con.execute("SELECT segment_id, seq_id FROM max_seq_id")}
-    meta: dict[str, dict[str, Any]] = {}
-    for r in con.execute(
-        "SELECT collection_id, key, str_value, int_value, float_value FROM collection_metadata"
-    ):
-        v = r[2] if r[2] is not None else (r[3] if r[3] is not None else r[4])
-        meta.setdefault(r[0], {})[r[1]] = v
-    # WAL topics look like "persistent://default/default/<collection id>" in 1.5.9, not the
-    # tenant/database names of the sysdb, so match them by the trailing collection id.
-    wal: dict[str, tuple[str, int, int | None]] = {}
-    for r in con.execute(
-        "SELECT topic, count(*), min(seq_id) FROM embeddings_queue GROUP BY topic"
-    ):
-        wal[str(r[0]).rsplit("/", 1)[-1]] = (
-            str(r[0]),
-            int(r[1]),
-            None if r[2] is None else int(r[2]),
-        )
-    for c in cols:
-        cid = c["id"]
-        c["_vector"] = next(
-            (s["id"] for s in segs if s["collection"] == cid and s["type"] == VECTOR_SEGMENT_TYPE),
-            None,
-        )
-        c["_metadata"] = next(
-            (
-                s["id"]
-                for s in segs
-                if s["collection"] == cid and s["type"] == METADATA_SEGMENT_TYPE
-            ),
-            None,
-        )
-        c["_seqs"] = seqs
-        c["_meta"] = meta.get(cid, {})
-        c["_wal"] = wal.get(cid, (f"persistent://default/default/{cid}", 0, None))
-    return cols
-
-
-def _read_purge(con: sqlite3.Connection) -> bool | None:
-    row = con.execute("SELECT config_json_str FROM embeddings_queue_config LIMIT 1").fetchone()
-    if row is None:
-        return None
-    v = json.loads(row[0]).get("automatically_purge")
-    return bool(v) if v is not None else None
-
-
 def _quick_check(rep: DirectoryReport, con: sqlite3.Connection, db: str, limit: float) -> None:
     deadline = time.monotonic() + limit
     con.set_progress_handler(lambda: int(time.monotonic() > deadline), 10000)
@@ -728,163 +438,3 @@ def _check_collection(
                         c.segment_path,
                     )
                 )
-
-
-def _check_replay(
-    c: CollectionReport, con: sqlite3.Connection, topic: str, meta: dict[str, Any] | None
-) -> None:
-    """Replay the WAL as Chroma's next open will (:mod:`safechroma.storage.replay`).
-
-    Two findings (issue 13): the index cannot catch up with the WAL (the first call of every
-    process fails, chroma#7678), and ids the two segments will disagree on afterwards
-    (chroma#7032). Runs when the index files were walked in full (the deep check) and the
-    pickle parsed; it needs the live labels of that walk, which it then drops from the report.
-    """
-    seg = c.hnsw
-    assert seg is not None and c.metadata_segment_id is not None
-    live = seg._live_labels
-    seg._live_labels = None
-    if live is None or seg.header is None:
-        return
-    cur = seg.header.cur_element_count
-    i2l: Any = None
-    total = 0
-    start = c.index_max_seq_id
-    if seg.has_pickle:
-        if meta is None or not isinstance(meta.get("id_to_label"), dict):
-            return
-        i2l = meta["id_to_label"]
-        total = meta.get("total_elements_added") or 0
-        if not isinstance(total, int):
-            return
-        legacy = meta.get("max_seq_id")
-        if start == 0 and isinstance(legacy, int):
-            start = legacy  # 1.5.9 moves a legacy pickle's max_seq_id into SQLite on open
-    elif cur > 0:
-        return  # pickle_missing: Chroma starts the index over; reported already
-    if not i2l:
-        i2l, total, start = None, 0, 0  # Chroma takes the segment for new (local_hnsw.rs)
-    mt_start = c.metadata_max_seq_id or 0
-    rows = [
-        (int(r[0]), str(r[1]), int(r[2]), bool(r[3]))
-        for r in con.execute(
-            "SELECT seq_id, id, operation, vector IS NOT NULL FROM embeddings_queue "
-            "WHERE topic = ? AND seq_id > ? ORDER BY seq_id",
-            (topic, min(start, mt_start)),
-        )
-    ]
-    if not rows:
-        # Nothing to replay (the common case): the index holds the pickle's ids, the metadata
-        # segment its rows; compare them without building either set.
-        _compare_without_replay(c, con, i2l or {})
-        return
-    # The files' labels are 1..cur (FACTS §1): the deleted ones are the rest. If the live
-    # labels say otherwise (reported by check_segment), deletes are not checked.
-    deleted: set[int] | None = None
-    n_live = int(live.size)
-    if n_live <= cur and (n_live == 0 or (int(live.min()) >= 1 and int(live.max()) <= cur)):
-        on = np.zeros(cur + 1, dtype=bool)
-        on[live.astype(np.int64)] = True
-        if int(on.sum()) == n_live:
-            deleted = {int(x) for x in np.flatnonzero(~on[1:]) + 1}
-    index = replay_index(
-        i2l,
-        total,
-        [r for r in rows if r[0] > start],
-        element_count=cur if deleted is not None else None,
-        deleted_labels=deleted,
-    )
-    add = c.findings.append
-    if index.failure is not None and index.failure_row is not None:
-        seq, ident, op, _v = index.failure_row
-        waiting = sum(1 for r in rows if r[0] > start)
-        add(
-            Finding(
-                "wal_replay_fails",
-                "the index cannot catch up with the WAL: the first call of every process fails "
-                f'("Failed to apply logs to the hnsw segment writer") on {index.failure} (WAL '
-                f"seq {seq}, "
-                f"{op_name(op)} of {ident!r}); {waiting} WAL rows wait above the index's seq "
-                f"{start}",
-                c.segment_path,
-            )
-        )
-        return
-    meta_ids = replay_metadata(
-        (
-            str(r[0])
-            for r in con.execute(
-                "SELECT embedding_id FROM embeddings WHERE segment_id = ?",
-                (c.metadata_segment_id,),
-            )
-        ),
-        (r for r in rows if r[0] > mt_start),
-    )
-    _report_disagreement(c, meta_ids - index.ids, index.ids - meta_ids)
-
-
-def _compare_without_replay(c: CollectionReport, con: sqlite3.Connection, i2l: Any) -> None:
-    """:func:`_check_replay` when the WAL holds nothing to replay: one pass over the rows."""
-    n = 0
-    only_meta: set[str] = set()
-    for (ident,) in con.execute(
-        "SELECT embedding_id FROM embeddings WHERE segment_id = ?", (c.metadata_segment_id,)
-    ):
-        n += 1
-        if ident not in i2l:
-            only_meta.add(str(ident))
-    only_index: set[str] = set()
-    if len(i2l) != n - len(only_meta):
-        meta_ids = {
-            str(r[0])
-            for r in con.execute(
-                "SELECT embedding_id FROM embeddings WHERE segment_id = ?",
-                (c.metadata_segment_id,),
-            )
-        }
-        only_index = set(i2l) - meta_ids
-    _report_disagreement(c, only_meta, only_index)
-
-
-def _report_disagreement(c: CollectionReport, only_meta: set[str], only_index: set[str]) -> None:
-    add = c.findings.append
-    if only_meta or only_index:
-        parts = []
-        if only_meta:
-            parts.append(
-                f"{len(only_meta)} ids only in the metadata segment (e.g. {min(only_meta)!r}): "
-                'get and filtered queries raise "Error finding id"'
-            )
-        if only_index:
-            parts.append(
-                f"{len(only_index)} ids only in the vector index (e.g. {min(only_index)!r}): "
-                "query returns ids that get does not know"
-            )
-        add(
-            Finding(
-                "segments_disagree",
-                "after Chroma replays the WAL, the metadata segment and the vector index "
-                "disagree: " + "; ".join(parts),
-                c.segment_path,
-            )
-        )
-
-
-def _wal_uncovered(con: sqlite3.Connection, metadata_segment: str, topic: str) -> int:
-    """Live records the WAL cannot rebuild (the WAL is a suffix: FACTS §2).
-
-    A record is covered only when the write that made its current version (the row whose
-    sequence id the metadata segment stored, ``embeddings.seq_id``) is an ADD (0) or UPSERT (2)
-    with a vector still in the WAL. Replaying an UPDATE (1) onto an index that lacks the id is a
-    no-op (measured: updated ids whose ADD was purged were not rebuilt), and an ADD row of an id
-    that already existed was ignored by the metadata segment but is applied by a rebuild: the
-    record would come back with that ignored write's vector (issue 7).
-    """
-    return int(
-        con.execute(
-            "SELECT count(*) FROM embeddings e WHERE e.segment_id = ? AND NOT EXISTS "
-            "(SELECT 1 FROM embeddings_queue q WHERE q.seq_id = e.seq_id AND q.topic = ? "
-            "AND q.id = e.embedding_id AND q.operation IN (0, 2) AND q.vector IS NOT NULL)",
-            (metadata_segment, topic),
-        ).fetchone()[0]
-    )

@@ -41,6 +41,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from safechroma.storage.layout import SQLITE_FILE, _seq
+from safechroma.storage.layout import STATE_DIR as STATE_DIR  # rendezvous reads it here
+
 __all__ = [
     "CompactReport",
     "compact_wal",
@@ -54,8 +57,6 @@ __all__ = [
 
 Mode = Literal["compact", "full", "chroma"]
 MODES: tuple[str, ...] = ("compact", "full", "chroma")
-SQLITE_FILE = "chroma.sqlite3"
-STATE_DIR = ".safechroma"
 STATE_FILE = "wal.json"
 _VECTOR = "urn:chroma:segment/vector/hnsw-local-persisted"
 _METADATA = "urn:chroma:segment/metadata/sqlite"
@@ -264,14 +265,6 @@ def wal_bytes(path: str | os.PathLike[str]) -> tuple[int, int]:
     finally:
         con.close()
     return int(n), int(b)
-
-
-def _seq(v: Any) -> int:
-    if v is None:
-        return 0
-    if isinstance(v, (bytes, bytearray)):
-        return int.from_bytes(v, "big")
-    return int(v)
 
 
 def compact_wal(path: str | os.PathLike[str], *, vacuum: bool = False) -> CompactReport:
