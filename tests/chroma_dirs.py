@@ -106,8 +106,54 @@ def build_dirs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     Returns:
         destination -> info (``collections``: name -> ``{"id", "segment"}``).
     """
-    result: dict[str, Any] = _run_child("build", specs)
-    return result
+    cache = os.environ.get(BUILD_CACHE_ENV)
+    if not cache:
+        result: dict[str, Any] = _run_child("build", specs)
+        return result
+    return _build_through_cache(cache, specs)
+
+
+# The test processes of one run (pytest-xdist) share built directories: each spec is built once
+# per run, by whichever process asks first, and copied from there (tests/conftest.py names the
+# folder; a run without xdist builds in place, as before).
+BUILD_CACHE_ENV = "SAFECHROMA_TEST_BUILD_CACHE"
+
+
+def _build_through_cache(cache: str, specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    import fcntl
+    import hashlib
+    import shutil
+
+    os.makedirs(cache, exist_ok=True)
+    keys = {
+        dest: hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        for dest, spec in specs.items()
+    }
+    locks = []
+    try:
+        for key in sorted(set(keys.values())):  # one order for every process: no deadlock
+            fd = os.open(os.path.join(cache, key + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            locks.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        missing = {
+            os.path.join(cache, key, "dir"): specs[dest]
+            for dest, key in keys.items()
+            if not os.path.exists(os.path.join(cache, key, "info.json"))
+        }
+        if missing:
+            built: dict[str, Any] = _run_child("build", missing)
+            for where, info in built.items():
+                with open(os.path.join(os.path.dirname(where), "info.json"), "w") as f:
+                    json.dump(info, f)
+        out: dict[str, Any] = {}
+        for dest, key in keys.items():
+            shutil.copytree(os.path.join(cache, key, "dir"), dest)
+            with open(os.path.join(cache, key, "info.json")) as f:
+                out[dest] = json.load(f)
+        return out
+    finally:
+        for fd in locks:
+            os.close(fd)
 
 
 def make_collection_dir(

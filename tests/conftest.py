@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 
+sys.path.insert(0, os.path.dirname(__file__))
+import chroma_dirs  # noqa: E402
+
 
 def _children(pid: int) -> set[int]:
     pids: set[int] = set()
@@ -75,6 +78,16 @@ def open_fds() -> set[str]:
         except OSError:
             continue
     return fds
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shared_builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under pytest-xdist the test processes of one run build each Chroma directory spec once
+    and copy it (tests/chroma_dirs.py): a 2,000-record base took each process 20 s."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_dir = tmp_path_factory.getbasetemp().parent  # shared by this run's processes
+        os.environ[chroma_dirs.BUILD_CACHE_ENV] = str(run_dir / "chroma-builds")
+    yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -79,6 +79,7 @@ def test_poison_needs_two_strikes_and_a_recovery_forgives() -> None:
 # -- real workers ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_storm_under_four_writers_never_opens_the_breaker(db: str) -> None:
     """The check of issue 13 part 1, on default options: four threads upsert for 25 s while the
     worker is SIGKILLed every 1 to 2.5 s. Every worker served calls before it died, so no

@@ -133,6 +133,7 @@ def test_pickle_deleted_opened_through_safeclient(base: dict[str, str], tmp_path
     assert res["wrong_vector"] == []
 
 
+@pytest.mark.slow
 def test_unprovable_pairing_guesses_nothing(tmp_path: Path) -> None:
     """Ids deleted after the last flush leave labels the index still has and SQLite does not
     (the 13 of 123 histories of issue 12 where the count check failed). Without a snapshot the

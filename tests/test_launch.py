@@ -203,6 +203,7 @@ def test_safechromas_own_processes_are_never_patched(db: str) -> None:
     assert __import__("json").loads(out.stdout) == ["Client", None]
 
 
+@pytest.mark.slow
 def test_what_cannot_be_protected_says_so(db: str) -> None:
     """Chroma's native bindings opened directly, and Chroma's own server: a clear message
     naming what to do, never a second Chroma on the directory."""

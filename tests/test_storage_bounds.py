@@ -69,6 +69,7 @@ def _tear_first_record(root: str, levels: int) -> None:
         f.truncate(first * 4 + 4 + int(words[first]))
 
 
+@pytest.mark.slow
 def test_torn_record_runs_away_in_plain_chromadb_and_the_validator_rejects_it(
     base: str, tmp_path: Path
 ) -> None:
@@ -170,6 +171,7 @@ def test_link_list_bound_holds_for_hnswlib_level_draws(m: int, cur: int) -> None
     assert bound <= 4 * expected + 4 * max_plausible_level(m) * (4 * m + 4) + 64 * (4 * m + 4)
 
 
+@pytest.mark.slow
 def test_plausible_max_file_bytes_shapes(base: str, tmp_path: Path) -> None:
     # A fresh directory still leaves room for SQLite to grow by growth_elements records.
     assert plausible_max_file_bytes(tmp_path / "missing") == 2 * 10**6 * 65536

@@ -22,7 +22,7 @@ import chroma_dirs as cd  # noqa: E402
 from safechroma.storage.validate import check_directory  # noqa: E402
 
 
-@pytest.mark.parametrize("space", ["cosine", "ip"])
+@pytest.mark.parametrize("space", ["cosine", pytest.param("ip", marks=pytest.mark.slow)])
 def test_space_from_a_pre_1_3_collection_row(space: str, tmp_path: Path) -> None:
     """Regression: the validator said ``l2`` for cosine/ip collections chromadb 1.0-1.2 wrote."""
     d = str(tmp_path / "db")

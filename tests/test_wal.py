@@ -95,6 +95,7 @@ def _check_whole(path: str, expected: dict[str, Any]) -> None:
         assert np.allclose(np.asarray(have[rid][1], np.float32), vec, atol=1e-6), rid
 
 
+@pytest.mark.slow
 def test_default_keeps_one_row_per_live_id(written: tuple[str, dict[str, Any]]) -> None:
     """After close: every live record's vector is in the WAL, and the WAL holds about one row
     per live id plus the unflushed tail, not the write history. Chroma's purge is on again
@@ -163,6 +164,7 @@ def test_keep_full_wal_keeps_the_history(tmp_path: Path) -> None:
     assert rows == before[0] + 29  # every write kept
 
 
+@pytest.mark.slow
 def test_retention_can_be_turned_off(tmp_path: Path) -> None:
     d = str(tmp_path / "db")
     set_wal_retention(d, "chroma")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from conftest import run_plain_chromadb
 
 from safechroma.storage import wal
@@ -50,6 +51,7 @@ def _newest_seq(path: str) -> int:
         con.close()
 
 
+@pytest.mark.slow
 def test_compaction_keeps_the_newest_row_so_later_writes_are_applied(db: str) -> None:
     """Pins the seq-id reuse: after compaction, writes are applied and the newest seq_id
     never goes down."""
