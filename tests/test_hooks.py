@@ -1,8 +1,10 @@
-"""The hook runner on its own (``safechroma.runtime.hooks.check_and_recover``, issue 22).
+"""The hook runner and the job runner on their own (issue 22: one supervision for every face).
 
-The built-in validator and recovery run on real directories, healthy, corrupted and written by
-a newer chromadb; the error branches use hooks written here. A hook is user code, so a plain
-function returning a report object is a real hook, not a mock.
+``safechroma.runtime.hooks.check_and_recover``: the built-in validator and recovery run on real
+directories, healthy, corrupted and written by a newer chromadb; the error branches use hooks
+written here. A hook is user code, so a plain function returning a report object is a real
+hook, not a mock. ``safechroma.jobs.runner.run_job``: the real write-back job, run with
+``python -m`` on what a real repair left.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import chroma_dirs as cd  # noqa: E402
 
 from safechroma import HookContext, IncompatibleDirectoryError, RecoveryError  # noqa: E402
+from safechroma._env import private_env  # noqa: E402
 from safechroma._policy import default_recovery, default_validator  # noqa: E402
+from safechroma.jobs.runner import run_job  # noqa: E402
 from safechroma.runtime.hooks import (  # noqa: E402
     HookResult,
     check_and_recover,
@@ -221,3 +225,33 @@ def test_describe_report_of_the_built_in_validator(base: str, tmp_path: Path) ->
     cd.corrupt(d, "level0_neighbor_oob")
     text = describe_report(check_directory(d))
     assert text.startswith("damaged, 1 collection(s); ") and "level0_neighbor" in text
+
+
+def test_the_write_back_job_applies_what_the_repair_left(base: str, tmp_path: Path) -> None:
+    """The path serve and the CLI take after a repair: the hooks, then the write-back job."""
+    d = _copy(base, tmp_path)
+    cd.corrupt(d, "level0_neighbor_oob")
+    res = _run(d, [])
+    lines: list[tuple[str, int]] = []
+    job = run_job(
+        "apply_salvage",
+        [d, *res.salvage_files],
+        env=private_env(),
+        on_line=lambda word, n: lines.append((word, n)),
+    )
+    assert job.ok, job.stderr
+    (applied,) = job.result
+    assert (applied["collection"], applied["removed"]) == ("coll", [])
+    # The progress bar's lines: the total first (every salvaged record), then writes that add
+    # up to it.
+    assert lines[0] == ("TOTAL", applied["recovered"]) and applied["recovered"] > 0
+    assert {w for w, _ in lines[1:]} == {"PROGRESS"}
+    assert sum(n for _, n in lines[1:]) == applied["recovered"]
+    assert check_directory(d).status == "healthy"
+    assert cd.verify_dir(d, {"collections": [{"n": 300}]})["coll"]["wrong_vector"] == []
+
+
+def test_a_job_that_fails_says_how(tmp_path: Path) -> None:
+    job = run_job("restore_saved", [str(tmp_path)], env=private_env())
+    assert (job.returncode, job.result, job.ok) == (2, None, False)
+    assert "usage: python -m safechroma.jobs.restore_saved" in job.stderr

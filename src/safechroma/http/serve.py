@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import errno
 import json
 import logging
 import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -71,6 +69,7 @@ from ..runtime.breaker import Breaker
 from ..runtime.hooks import check_and_recover, describe_report
 from ..runtime.lock import LOCK_NAME
 from ..runtime.rendezvous import take_lock
+from ._host import listens, log_size, log_tail, port_free
 
 __all__ = ["ServeOptions", "Server", "State", "describe"]
 
@@ -397,7 +396,7 @@ class Server:
         return config
 
     def _serve_once(self, config: str) -> None:
-        if not _port_free(self.options.host, self.options.port):
+        if not port_free(self.options.host, self.options.port):
             raise ServeError(
                 f"cannot serve at {self.address}: the port is in use by another program",
                 reason="port_in_use",
@@ -423,7 +422,7 @@ class Server:
             log.close()
         self._child_started = time.monotonic()
         self.state = State.STARTING
-        self._log_offset = _size(log_path)
+        self._log_offset = log_size(log_path)
         with self._state_lock:
             self._generation += 1
             self._ready_at = None
@@ -443,7 +442,7 @@ class Server:
         with httpx.Client(timeout=2.0, trust_env=False) as client:
             while True:
                 if self._wait(pidfd, 0.1):
-                    if self._child.returncode == 0 and not _port_free(
+                    if self._child.returncode == 0 and not port_free(
                         self.options.host, self.options.port
                     ):
                         raise ServeError(
@@ -457,7 +456,7 @@ class Server:
                     ok = client.get(url).status_code == 200
                 except httpx.HTTPError:
                     ok = False
-                if ok and _listens(self._child.pid, self.options.port):
+                if ok and listens(self._child.pid, self.options.port):
                     break
                 if time.monotonic() > give_up:
                     self._terminate("no heartbeat within start_timeout")
@@ -467,7 +466,7 @@ class Server:
                         )
                     )
         now = time.monotonic()
-        self._log_offset = _size(log_path)  # Chroma's banner is not news
+        self._log_offset = log_size(log_path)  # Chroma's banner is not news
         self.state = State.SERVING
         with self._state_lock:
             self._ready_at = now
@@ -521,7 +520,7 @@ class Server:
             exitcode=rc,
             signal=signal_name(rc),
             uptime=uptime,
-            log_tail=_tail(log_path, self._log_offset),
+            log_tail=log_tail(log_path, self._log_offset),
         )
         return f"pid {self._child.pid}: {how} after {uptime:.1f} s"
 
@@ -710,72 +709,3 @@ def _child_env() -> dict[str, str]:
     # Chroma reads CHROMA_* variables over the YAML keys: none of them reach the child.
     # And never the launcher's trigger: `chroma run` here is safechroma's own, supervised.
     return {k: v for k, v in private_env().items() if not k.upper().startswith("CHROMA_")}
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Whether ``host:port`` can be bound (Chroma itself exits 0 when it cannot)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return True  # let Chroma report the bad address
-    for family, kind, proto, _name, addr in infos:
-        with socket.socket(family, kind, proto) as s:
-            # Chroma (Rust's TcpListener) sets SO_REUSEADDR: a port in TIME_WAIT is free.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(addr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return False
-                raise
-    return True
-
-
-def _listens(pid: int, port: int) -> bool:
-    """Whether ``pid`` owns a listening socket on ``port`` (so the heartbeat that answered
-    was this child's, not another server's). True when /proc cannot tell."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cols[9])
-    if not inodes:
-        return not os.path.exists("/proc/net/tcp")
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return True
-    for fd in fds:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:[") and link[8:-1] in inodes:
-            return True
-    return False
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def _tail(path: str, start: int, limit: int = 4000) -> str:
-    """What the child wrote to its log after ``start`` (its banner excluded), at most
-    ``limit`` bytes from the end."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(start, size - limit))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
