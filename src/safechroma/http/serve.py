@@ -68,7 +68,7 @@ from ..jobs.runner import run_job
 from ..runtime.breaker import Breaker
 from ..runtime.hooks import check_and_recover, describe_report
 from ..runtime.lock import LOCK_NAME
-from ..runtime.rendezvous import take_lock
+from ..runtime.rendezvous import take_lock, write_lock_file
 from ._host import listens, log_size, log_tail, port_free
 
 __all__ = ["ServeOptions", "Server", "State", "describe"]
@@ -312,9 +312,9 @@ class Server:
                 path=self.path,
                 lock_path=lock_path,
             ) from None
-        os.ftruncate(fd, 0)
-        # Read by the library's lock error (runtime/supervisor.py): "pid" then "serve <url>".
-        os.write(fd, f"{os.getpid()}\nserve {self.address}\n".encode())
+        # Read by the library's lock error (runtime/lock.py): "pid" then "serve <url>"; written
+        # as the CLI writes it, with no instant at which a reader finds the file empty.
+        write_lock_file(fd, f"{os.getpid()}\nserve {self.address}\n")
         self._lock_fd = fd
 
     def _release(self) -> None:
