@@ -28,6 +28,7 @@ from safechroma import (
     WorkerStartError,
     WorkerTimeoutError,
 )
+from safechroma.runtime import platform
 
 EXPECTED = {
     "SIGBUS": ("SIGBUS", -7),
@@ -211,6 +212,9 @@ def test_backoff_grows_between_consecutive_respawns(db: str) -> None:
     assert sleeps[0] < sleeps[1] < sleeps[2]
 
 
+@pytest.mark.skipif(
+    platform.PORTABLE, reason="RLIMIT_AS is Linux's: the portable RSS watchdog ends the worker"
+)
 def test_memory_ceiling_turns_runaway_allocation_into_an_error(db: str) -> None:
     with SafeClient(db, validator=None, memory_limit=2 << 30) as client:
         pid = client.stats().worker_pid

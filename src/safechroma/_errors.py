@@ -17,6 +17,7 @@ worker reach the caller as the same type; everything below is about the worker i
     ├── IncompatibleDirectoryError           a newer chromadb wrote it: not opened, not touched
     ├── ChromaPanicError                     Chroma's Rust core panicked (the worker is replaced)
     ├── RemoteError                          an error of a type the caller will not rebuild
+    ├── UnsupportedPlatformError             SafeClient's worker transport is missing here
     ├── ServerError                          a Chroma server broke under a SafeHttpClient
     │   ├── ServerUnavailableError           it refused or dropped the connection
     │   └── ServerTimeoutError (TimeoutError)  it did not answer within the deadline
@@ -48,22 +49,50 @@ __all__ = [
     "ServerError",
     "ServerTimeoutError",
     "ServerUnavailableError",
+    "UnsupportedPlatformError",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerStartError",
     "WorkerTimeoutError",
+    "exit_name",
     "signal_name",
 ]
 
+# Windows reports a crash as the process's exit code, an NTSTATUS: these are the ones a
+# native extension's crash produces (chroma-core/chroma#5175 and #6052: 0xC0000005).
+NTSTATUS_NAMES = {
+    0xC0000005: "ACCESS_VIOLATION",  # Windows' SIGSEGV
+    0xC0000006: "IN_PAGE_ERROR",  # a mapped file's page could not be read: Windows' SIGBUS
+    0xC000001D: "ILLEGAL_INSTRUCTION",
+    0xC0000094: "INTEGER_DIVIDE_BY_ZERO",
+    0xC00000FD: "STACK_OVERFLOW",
+    0xC0000409: "STACK_BUFFER_OVERRUN",  # __fastfail: abort() of the MSVC runtime, Rust panics
+}
 
-def signal_name(exitcode: int | None) -> str | None:
-    """Name the signal behind a negative ``Popen.returncode``: ``-7`` -> ``"SIGBUS"``."""
-    if exitcode is None or exitcode >= 0:
+
+def exit_name(exitcode: int | None) -> str | None:
+    """Name how a process ended from its exit status, on any system; None for a plain exit.
+
+    A negative ``Popen.returncode`` is a POSIX signal (``-7`` -> ``"SIGBUS"``); a Windows crash
+    is an NTSTATUS exit code, read unsigned (``0xC0000005``, as ``Popen`` reports it) or as the
+    signed 32-bit number some tools print (``-1073741819``): ``"ACCESS_VIOLATION"``.
+    """
+    if exitcode is None:
+        return None
+    code = exitcode & 0xFFFFFFFF if -(1 << 31) <= exitcode < (1 << 32) else exitcode
+    if code in NTSTATUS_NAMES:
+        return NTSTATUS_NAMES[code]
+    if exitcode >= 0:
         return None
     try:
         return _signal.Signals(-exitcode).name
     except ValueError:
         return f"signal {-exitcode}"
+
+
+def signal_name(exitcode: int | None) -> str | None:
+    """Name the signal (or the Windows crash) behind an exit status (see :func:`exit_name`)."""
+    return exit_name(exitcode)
 
 
 class SafeChromaError(Exception):
@@ -319,3 +348,8 @@ class ServeError(SafeChromaError):
 
     reason: str
     address: str
+
+
+class UnsupportedPlatformError(SafeChromaError):
+    """This system lacks what ``SafeClient``'s worker transport needs (Windows): the message
+    names what works instead (``SafeHttpClient`` against ``safechroma serve``)."""

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -19,8 +20,10 @@ import tenacity
 
 
 def _default_memory_limit() -> int | None:
+    if sys.platform == "win32":  # no sysconf; and no worker transport there yet
+        return None
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total: int = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
         return None
     # Half the machine, at least 4 GiB: a normal worker's address space is under 1 GiB at

@@ -3,18 +3,19 @@
 Owns ``<path>/.safechroma.lock`` and nothing else. The supervisor holds the lock for as long as
 it lives and passes the locked descriptor to each worker, so the directory never has two owners,
 not even while a worker is being replaced or after the parent died with a call in flight (the
-worker keeps the inherited ``flock`` until it exits).
+worker keeps the inherited ``flock`` until it exits). How the lock is taken is the platform
+seam's (:func:`.platform.try_lock`: ``flock`` on POSIX; on Windows ``msvcrt.locking``, which a
+child does not inherit, so there the worker takes it itself).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import time
 from typing import Final
 
 from .._errors import DirectoryLockedError
+from . import platform
 
 LOCK_NAME: Final = ".safechroma.lock"
 
@@ -31,31 +32,31 @@ class DirectoryLock:
     """
 
     def __init__(self, path: str, timeout: float) -> None:
+        platform.check_worker_transport()  # Windows: the one clear error, before any file
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.lock_path = os.path.join(path, LOCK_NAME)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         give_up = time.monotonic() + timeout
         asked = False
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if not asked:
-                    # A shared worker kept warm with no process using it leaves at once.
-                    asked = True
-                    from .rendezvous import ask_idle_worker_to_leave
+                if platform.try_lock(fd):
+                    break
+            except OSError:
+                os.close(fd)
+                raise
+            if not asked:
+                # A shared worker kept warm with no process using it leaves at once.
+                asked = True
+                from .rendezvous import ask_idle_worker_to_leave
 
-                    if ask_idle_worker_to_leave(path, self.lock_path):
-                        continue
-                if time.monotonic() >= give_up:
-                    os.close(fd)
-                    raise locked_error(path, self.lock_path) from None
-                time.sleep(0.05)
+                if ask_idle_worker_to_leave(path, self.lock_path):
+                    continue
+            if time.monotonic() >= give_up:
+                os.close(fd)
+                raise locked_error(path, self.lock_path)
+            time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd: int | None = fd

@@ -7,14 +7,17 @@ hands the worker's life on to the next worker. Nothing here talks to Chroma.
   temp folder, ``safechroma-<uid>``, mode 0700, checked to be ours) named after the directory's
   real path, mode 0600. The worker listens on it once it has opened the directory; its address
   is written into the directory's lock file (``share <socket>``) by the process that started it.
-  Both ends check the other's user with ``SO_PEERCRED``: a process of another user cannot reach
-  the socket (0700 folder, 0600 socket) and is refused if it somehow does. Requests carry
+  Both ends check the other's user (``SO_PEERCRED`` on Linux, ``LOCAL_PEERCRED`` on macOS:
+  :func:`.platform.peer_uid`): a process of another user cannot reach the socket (0700 folder,
+  0600 socket) and is refused if it somehow does. Requests carry
   cloudpickle, so only a process of the same user may ever send one.
 - **A connection** opens with a handshake, one length-prefixed JSON object each way: the
   client's kind (``session``: one per attached process, its life is the process's membership;
   ``channel``: one call at a time, exactly like a channel of the starting process) and versions;
-  the worker's pid, its log and its versions. Different safechroma, chromadb or protocol
-  versions refuse to talk: the client raises naming both.
+  the worker's pid, its log and its versions, and for a session the worker's exit sentinel
+  (a pipe only the worker writes to, sent with ``SCM_RIGHTS``: readable once it has exited,
+  how a portable-mode or macOS process watches a worker it did not start). Different
+  safechroma, chromadb or protocol versions refuse to talk: the client raises naming both.
 - **The shared state** (``<dir>/.safechroma/share.json``) is written only by the process that
   holds the directory lock while no worker runs: the last worker started (pid, the files where
   its exit status, its first served call and its orderly end are recorded) and the crash-loop
@@ -24,8 +27,6 @@ hands the worker's life on to the next worker. Nothing here talks to Chroma.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -33,12 +34,14 @@ import re
 import socket
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
 from typing import Any, Final
 
 from .._errors import DirectoryLockedError, IncompatibleWorkerError, SafeChromaError
+from . import platform
 
 PROTOCOL: Final = 1
 _LENGTH: Final = struct.Struct("<I")
@@ -64,7 +67,15 @@ def versions() -> dict[str, Any]:
 
 
 def socket_folder() -> str:
-    """This user's folder for rendezvous sockets, created 0700 and checked to be ours."""
+    """This user's folder for rendezvous sockets, created 0700 and checked to be ours.
+
+    Raises:
+        UnsupportedPlatformError: no Unix sockets here (Windows): SafeClient cannot run.
+        PermissionError: no such folder can be made.
+    """
+    platform.check_worker_transport()
+    if sys.platform == "win32":  # for the type checker: the line above has raised
+        raise OSError("no Unix sockets")
     uid = os.getuid()
     bases = [os.environ.get("XDG_RUNTIME_DIR") or "", tempfile.gettempdir(), "/tmp"]
     for base in bases:
@@ -102,6 +113,8 @@ def announce(lock_fd: int, worker_pid: int, address: str) -> None:
 def write_lock_file(lock_fd: int, text: str) -> None:
     """Replace the held lock file's text with no instant at which it is empty (a reader then
     sees the old text, or the new lines followed by the old text's tail)."""
+    if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+        raise platform.unsupported()
     data = text.encode()
     os.pwrite(lock_fd, data, 0)
     os.ftruncate(lock_fd, len(data))
@@ -124,15 +137,15 @@ def announced(lock_path: str) -> str | None:
 def try_lock(lock_path: str) -> int | None:
     """The lock file's descriptor with the lock held, or None when a worker (or a replacement
     in progress) holds it. Never waits."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+        if platform.try_lock(fd):
+            return fd
+    except BaseException:
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
         raise
-    return fd
+    os.close(fd)
+    return None
 
 
 def ask_idle_worker_to_leave(path: str, lock_path: str, timeout: float = 5.0) -> bool:
@@ -176,11 +189,11 @@ def take_lock(path: str, lock_path: str) -> int | None:
 # -- the handshake -------------------------------------------------------------------------
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    return pid, uid, gid
+def peer_is_us(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a Unix socket runs as this user (True where the
+    system cannot tell: the 0700 folder then is the wall)."""
+    uid = platform.peer_uid(sock)
+    return uid is None or sys.platform == "win32" or uid == os.getuid()
 
 
 def send_json(sock: socket.socket, obj: dict[str, Any]) -> None:
@@ -219,6 +232,9 @@ def connect(
         DirectoryLockedError: the socket belongs to another user (no attach is possible).
         IncompatibleWorkerError: the worker runs other versions of safechroma or chromadb.
     """
+    platform.check_worker_transport()
+    if sys.platform == "win32":  # for the type checker: the line above has raised
+        raise OSError("no Unix sockets")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
@@ -228,8 +244,8 @@ def connect(
             raise _foreign(path, lock_path, address) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise ConnectionError(str(exc)) from None
-        _pid, uid, _gid = peer_credentials(sock)
-        if uid != os.getuid():
+        uid = platform.peer_uid(sock)
+        if uid is not None and uid != os.getuid():
             raise _foreign(path, lock_path, address, uid)
         mine = versions()
         send_json(sock, {**mine, "kind": kind, "pid": os.getpid()})
@@ -249,6 +265,9 @@ def connect(
             )
         if not reply.get("ok"):
             raise ConnectionError(str(reply.get("error", "refused")))
+        if reply.get("sentinel"):
+            _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+            reply["sentinel"] = fds[0] if fds else None
         sock.settimeout(None)
         return sock, reply
     except BaseException:
@@ -384,7 +403,7 @@ def sweep(folder: str | None = None, *, now: float | None = None) -> list[str]:
                 removed += _unlink(path)
         elif _LOG.match(name):
             logs.append(path)
-    if logs:
+    if logs and os.path.isdir("/proc"):  # without /proc no log can be known to be unheld
         held = _open_files(folder)
         for path in logs:
             if path not in held:
@@ -432,6 +451,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _listened_on(address: str) -> bool:
+    if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+        raise platform.unsupported()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(1.0)

@@ -1,5 +1,9 @@
 """The warm worker template: new workers in milliseconds instead of an interpreter start.
 
+Linux only, and not in ``SAFECHROMA_PORTABLE`` mode (:func:`.platform.use_fork_template`):
+elsewhere workers are spawned (macOS's system frameworks do not survive a fork of a process
+that imported numpy reliably, the reason CPython made ``spawn`` the default there).
+
 What it owns: one process per caller process (the *template*), a fresh interpreter started with
 ``subprocess`` that imports chromadb and the worker code and then only forks. Each new worker is
 a fork of it: chromadb is already imported, so a worker answers its first call after opening the
@@ -48,7 +52,8 @@ import time
 from typing import Any, Final
 
 from .._env import mark_own_process, private_env
-from .transport import _Process
+from . import platform
+from .process import WorkerProc
 
 MESSAGE: Final = struct.Struct("<4sii")
 _ENV: Final = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -69,7 +74,7 @@ class Template:
 
     def __init__(self) -> None:
         self.owner = os.getpid()
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        mine, theirs = platform.socketpair()
         env = {**private_env(), **_ENV}
         path = json.dumps([p for p in sys.path if p])
         self.popen = subprocess.Popen(
@@ -94,6 +99,8 @@ class Template:
 
     def fork(self, info: dict[str, Any], fds: list[int]) -> Forked | None:
         """A new worker forked from the template, or None if the template cannot fork one."""
+        if sys.platform != "linux":  # the template forks with pidfds
+            raise RuntimeError("the warm worker template is Linux-only")
         data = json.dumps(info).encode()
         with self._lock:
             if self.broken:
@@ -137,6 +144,8 @@ class Template:
                     self.statuses[other] = code
 
     def _read(self, timeout: float) -> tuple[bytes, int, int, list[int]]:
+        if sys.platform != "linux":  # the template forks with pidfds
+            raise RuntimeError("the warm worker template is Linux-only")
         self.sock.settimeout(timeout)
         buf = b""
         fds: list[int] = []
@@ -168,13 +177,13 @@ class Template:
             pass
 
 
-class Forked(_Process):
+class Forked(WorkerProc):
     """A worker forked by the template: waited on and signalled through its pidfd."""
 
     def __init__(self, template: Template, pid: int, pidfd: int) -> None:
         self.template = template
         self.pid = pid
-        self.pidfd: int | None = pidfd
+        self.watch = pidfd
         self._code: int | None = None
         self._gone = False
         # Several threads notice the same exit (a channel's poll, ``alive()``, the crash path):
@@ -188,10 +197,7 @@ class Forked(_Process):
     def _exited(self, timeout: float | None) -> bool:
         if self._gone:
             return True
-        if self.pidfd is None:  # closed after it was reaped
-            return True
-        readable, _, _ = select.select([self.pidfd], [], [], timeout)
-        return bool(readable)
+        return platform.exited(self.watch, timeout)  # no watch: closed after it was reaped
 
     def poll(self) -> int | None:
         if not self._gone and self._exited(0):
@@ -215,12 +221,9 @@ class Forked(_Process):
                 self._gone = True
 
     def kill(self) -> None:
-        if self._gone or self.pidfd is None:
+        if self._gone or self.watch is None:
             return
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        platform.kill(self.pid, self.watch)
 
 
 _template: Template | None = None
@@ -252,7 +255,7 @@ def warm() -> Template | None:
         template = _template
         if template is not None and template.owner == os.getpid() and not template.broken:
             return template
-        if not hasattr(os, "fork") or not hasattr(signal, "pidfd_send_signal"):
+        if not platform.use_fork_template():
             return None
         try:
             _template = Template()
@@ -266,6 +269,8 @@ def warm() -> Template | None:
 
 def serve(fd: int) -> None:
     """The template's loop: fork a worker per request, report each worker's exit."""
+    if sys.platform != "linux":
+        raise RuntimeError("the warm template forks with pidfds: Linux only")
     mark_own_process()  # never patched by the launcher's start-up hook
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -320,6 +325,8 @@ def _record_status(target: str, code: int) -> None:
 def _serve_one(
     sock: socket.socket, children: dict[int, int], poller: Any, status_files: dict[int, str]
 ) -> bool:
+    if sys.platform != "linux":  # the template forks with pidfds
+        raise RuntimeError("the warm worker template is Linux-only")
     head, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE.size, 16)
     while head and len(head) < MESSAGE.size:
         more, extra, _f, _a = socket.recv_fds(sock, MESSAGE.size - len(head), 16)

@@ -13,35 +13,48 @@ channels run in parallel (Chroma's Rust core releases the GIL) and a reply can o
 caller that sent the request.
 
 Death is detected without ever blocking on a dead peer: a caller polls its channel's socket and
-a pidfd of the worker together (the pidfd becomes readable the moment the process exits), so a
-crash is seen within a poll wake-up by every caller in flight, whatever state the socket is in.
+the worker's exit watch together (a pidfd on Linux, a sentinel pipe in portable mode and on
+macOS: :mod:`.platform`; either becomes readable the moment the process exits), so a crash is
+seen within a poll wake-up by every caller in flight, whatever state the socket is in. Where
+there is no fork template (portable mode, macOS), workers are spawned.
+
+Frames are :mod:`.framing`'s, the process handles :mod:`.process`'s; their names used by the
+supervisor are re-exported here.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import mmap
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 from .._env import private_env
-from .protocol import HEADER, MAGIC, MAX_BUFFERS, frame_header
+from . import platform
+from .framing import FrameReader, PeerDied, PeerMisbehaved, PeerTimedOut, send_frame
+from .process import Attached, Spawned, WorkerProc
+
+__all__ = [
+    "THREAD_VARS",
+    "AttachedWorker",
+    "Channel",
+    "FrameReader",
+    "PeerDied",
+    "PeerMisbehaved",
+    "PeerTimedOut",
+    "WorkerProcess",
+    "send_frame",
+]
 
 # Thread-count variables of BLAS and OpenMP runtimes (numpy, torch, onnxruntime's OpenMP).
 THREAD_VARS: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_IOV_MAX: Final = 1024
-_LAZY_ABOVE: Final = 64 << 20
 _SOCKET_BUFFER: Final = 4 << 20
-_SCRATCH: Final = 1 << 16
 
 # The worker's bootstrap: put the caller's import path first (so that embedding functions
 # pickled by reference, e.g. from a test module, resolve), then run the worker loop.
@@ -54,149 +67,6 @@ _BOOT: Final = (
 _serial = itertools.count(1)
 
 
-class PeerDied(Exception):
-    """The worker closed the socket or exited."""
-
-
-class PeerTimedOut(Exception):
-    """The deadline passed before the worker answered."""
-
-
-class PeerMisbehaved(Exception):
-    """The worker sent bytes that are not a valid frame."""
-
-
-def send_frame(
-    sock: socket.socket,
-    data: bytes,
-    buffers: list[memoryview],
-    wait: Callable[[], None] | None = None,
-) -> None:
-    """Send one frame; large buffers go to the kernel without being copied first.
-
-    ``wait``: for a non-blocking socket, called when the kernel takes no more bytes for now; it
-    returns when the socket is writable again (or raises).
-    """
-    parts: list[Any] = [frame_header(data, buffers), data]
-    if buffers:
-        parts.extend(b for b in buffers if b.nbytes)
-    i, count = 0, len(parts)
-    while i < count:
-        try:
-            sent = sock.sendmsg(parts[i : i + _IOV_MAX])
-        except BlockingIOError:
-            if wait is None:
-                raise
-            wait()
-            continue
-        while sent:  # skip what went out; the parts are bytes or 1-D byte views: len == size
-            size = len(parts[i])
-            if sent >= size:
-                sent -= size
-                i += 1
-            else:
-                parts[i] = memoryview(parts[i])[sent:]
-                sent = 0
-
-
-class FrameReader:
-    """Reads frames from a socket: one ``recv`` for a small frame, direct reads for big buffers.
-
-    Args:
-        sock: the socket: blocking, or non-blocking with ``wait``.
-        max_bytes: frames announcing more than this are refused before any allocation.
-        wait: for a non-blocking socket, called when no bytes are there yet; returns when the
-            socket is readable (or raises).
-    """
-
-    def __init__(
-        self, sock: socket.socket, max_bytes: int, wait: Callable[[], None] | None = None
-    ) -> None:
-        self._sock = sock
-        self._max = max_bytes
-        self._wait = wait
-        self._buf = bytearray(_SCRATCH)
-        self._view = memoryview(self._buf)
-        self._pos = 0
-        self._end = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet consumed."""
-        return self._end - self._pos
-
-    def read_frame(self) -> tuple[Any, list[Any]]:
-        """Read one frame and return its pickle stream and its out-of-band buffers."""
-        if self._pos == self._end:  # nothing buffered: the usual start of a frame
-            self._pos = self._end = 0
-            self._end = self._recv_into(self._view)
-        # The common case, a small frame with no buffers that one read brought in whole.
-        pos, end = self._pos, self._end
-        if end - pos >= HEADER.size:
-            magic, n, plen = HEADER.unpack_from(self._view, pos)
-            start = pos + HEADER.size
-            if not n and magic == MAGIC and end - start >= plen and plen <= self._max:
-                self._pos = start + plen
-                return self._view[start : start + plen].tobytes(), []
-        magic, n, plen = HEADER.unpack(self._read(HEADER.size))
-        if magic != MAGIC or n > MAX_BUFFERS:
-            raise PeerMisbehaved(f"bad frame header (magic={magic!r}, buffers={n})")
-        lengths = list(memoryview(self._read(8 * n)).cast("Q")) if n else []
-        if plen + sum(lengths) > self._max:
-            raise PeerMisbehaved(
-                f"frame of {plen + sum(lengths)} bytes exceeds the limit of {self._max}"
-            )
-        data = self._read(plen)
-        return data, [self._read(size) for size in lengths]
-
-    def _read(self, n: int) -> Any:
-        out = _allocate(n)
-        target = memoryview(out)
-        have = min(self._end - self._pos, n)
-        if have:
-            target[:have] = self._view[self._pos : self._pos + have]
-            self._pos += have
-        while have < n:
-            if n - have >= _SCRATCH:
-                have += self._recv_into(target[have:])
-                continue
-            self._pos = 0
-            self._end = 0
-            self._end = self._recv_into(self._view)
-            take = min(self._end, n - have)
-            target[have : have + take] = self._view[:take]
-            self._pos = take
-            have += take
-        return out
-
-    def _recv_into(self, view: memoryview) -> int:
-        while True:
-            try:
-                got = self._sock.recv_into(view)
-            except BlockingIOError:
-                if self._wait is None:
-                    raise
-                self._wait()
-                continue
-            if not got:
-                raise PeerDied("socket closed")
-            return got
-
-
-def _allocate(n: int) -> Any:
-    """A writable buffer of ``n`` bytes; above 64 MiB one that costs memory only as data arrives.
-
-    ``bytearray(n)`` zero-fills, so every page is resident at once: a 24-byte header announcing
-    a gigabyte would make the caller commit it before a byte of it arrived. An anonymous mapping
-    is backed lazily, page by page, as ``recv_into`` writes it, but its page faults make it
-    several times slower to fill (measured: 15 MiB frames at ~1 GB/s into a fresh mapping,
-    ~3.5 GB/s into a fresh bytearray), so only frames too big to commit blindly use it.
-    """
-    if n <= _LAZY_ABOVE:
-        return bytearray(n)
-    return mmap.mmap(-1, n)
-
-
 class Channel:
     """One socket to the worker, carrying one exchange at a time (a request, then its reply).
 
@@ -206,18 +76,15 @@ class Channel:
     exchange (death, deadline, a bad frame) is discarded, never reused.
     """
 
-    def __init__(self, sock: socket.socket, pidfd: int | None, max_reply_bytes: int) -> None:
-        # Non-blocking: every wait is one poll() on the socket and the worker's pidfd together,
+    def __init__(self, sock: socket.socket, watch: int | None, max_reply_bytes: int) -> None:
+        # Non-blocking: every wait is one poll() on the socket and the worker's exit watch,
         # bounded by the call's deadline (a socket timeout would cost an extra poll and two
         # ioctls per exchange inside CPython, and could not watch the process).
         sock.setblocking(False)
         self.sock = sock
         self._sock_fd = sock.fileno()
-        self._pidfd = pidfd
-        self._poll = select.poll()
-        self._poll.register(self._sock_fd, select.POLLIN)
-        if pidfd is not None:
-            self._poll.register(pidfd, select.POLLIN)
+        self._watch = watch
+        self._poll = _poller(self._sock_fd, watch)
         self._deadline: float | None = None
         self.reader = FrameReader(sock, max_reply_bytes, self._wait_readable)
         self.closed = False
@@ -247,11 +114,13 @@ class Channel:
         self._wait(self._poll)
 
     def _wait_writable(self) -> None:
+        if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+            raise platform.unsupported()
         # Rare: only a request bigger than the socket buffer waits for the worker to read.
         poller = select.poll()
         poller.register(self._sock_fd, select.POLLOUT)
-        if self._pidfd is not None:
-            poller.register(self._pidfd, select.POLLIN)
+        if self._watch is not None:
+            poller.register(self._watch, select.POLLIN)
         self._wait(poller)
 
     def _wait(self, poller: Any) -> None:
@@ -276,57 +145,6 @@ class Channel:
         if not self.closed:
             self.closed = True
             self.sock.close()
-
-
-class _Process:
-    """What the caller knows of a worker process: started by ``subprocess`` or forked by the
-    warm template (:mod:`safechroma.runtime.template`)."""
-
-    pid: int
-    pidfd: int | None
-
-    @property
-    def returncode(self) -> int | None:
-        raise NotImplementedError
-
-    def poll(self) -> int | None:
-        raise NotImplementedError
-
-    def wait(self, timeout: float | None) -> int | None:
-        raise NotImplementedError
-
-    def kill(self) -> None:
-        raise NotImplementedError
-
-
-class _Spawned(_Process):
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        try:
-            self.pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # pragma: no cover - pre-5.3 kernels
-            self.pidfd = None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.returncode
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def wait(self, timeout: float | None) -> int | None:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.popen.returncode is None:
-            try:
-                self.popen.kill()
-            except ProcessLookupError:  # pragma: no cover - raced with exit
-                pass
 
 
 class WorkerProcess:
@@ -359,13 +177,14 @@ class WorkerProcess:
         share: dict[str, Any] | None = None,
         journal: bool = True,  # Options.journal (issue 21), read by the worker's open
     ) -> None:
+        platform.check_worker_transport()
         self.serial = next(_serial)
         self.log_path = os.path.join(log_dir, f"worker-{os.getpid()}-{self.serial}.log")
         if share is not None:
             share = {**share, "log": self.log_path}
         self.share = share
         self.max_reply_bytes = max_reply_bytes
-        parent_ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent_ctl, child_ctl = platform.socketpair()
         parent_sock, child_sock = _socketpair()
         info = {
             "ctl": child_ctl.fileno(),
@@ -385,8 +204,8 @@ class WorkerProcess:
         fds = [child_ctl.fileno(), child_sock.fileno()] + ([lock_fd] if lock_fd is not None else [])
         self.forked = False
         try:
-            proc: _Process | None = None
-            if use_template:
+            proc: WorkerProc | None = None
+            if use_template and platform.use_fork_template():
                 from . import template
 
                 proc = template.fork_worker(info, fds)
@@ -401,26 +220,39 @@ class WorkerProcess:
         self.started = time.monotonic()
         self.ctl = parent_ctl
         self._ctl_lock = threading.Lock()
-        self.first_channel: Channel | None = Channel(parent_sock, proc.pidfd, max_reply_bytes)
+        self.first_channel: Channel | None = Channel(parent_sock, proc.watch, max_reply_bytes)
         self.closed = False
         self.opened = False  # it answered the open of the directory
         self.served = 0  # calls answered (results or Chroma errors): the breaker's "progress"
-        self.rss_checked = self.started  # when max_worker_rss last read /proc
+        self.rss_checked = self.started  # when max_worker_rss last read the worker's RSS
 
-    def _spawn(self, info: dict[str, Any], fds: list[int]) -> _Process:
-        # Appending: the worker caps its log by cutting it to its tail (worker._cap_log).
-        with open(self.log_path, "ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, json.dumps(info)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                pass_fds=fds,
-                close_fds=True,
-                env=private_env(),
-                start_new_session=self.share is not None,  # as the template (template.py)
-            )
-        return _Spawned(popen)
+    def _spawn(self, info: dict[str, Any], fds: list[int]) -> WorkerProc:
+        sentinel = platform.new_exit_sentinel()
+        if sentinel.child_fd is not None:
+            info = {**info, "sentinel": sentinel.child_fd}
+            fds = [*fds, sentinel.child_fd]
+        try:
+            # Appending: the worker caps its log by cutting it to its tail (worker._cap_log).
+            with open(self.log_path, "ab") as log:
+                popen = subprocess.Popen(
+                    [sys.executable, "-c", _BOOT, json.dumps(info)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=fds,
+                    close_fds=True,
+                    env=private_env(),
+                    start_new_session=self.share is not None,  # as the template (template.py)
+                )
+        except BaseException:
+            sentinel.abandon()
+            raise
+        status = None
+        if self.share is not None:  # what the template does for the shared workers it forks
+            from .rendezvous import marker_paths
+
+            status = marker_paths(self.share["address"], popen.pid)["status"]
+        return Spawned(popen, sentinel.started(popen.pid), status)
 
     # -- channels --------------------------------------------------------------------------
 
@@ -430,6 +262,8 @@ class WorkerProcess:
         Raises:
             PeerDied: the worker is gone (its control socket is closed).
         """
+        if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+            raise platform.unsupported()
         first, self.first_channel = self.first_channel, None
         if first is not None:
             return first
@@ -442,7 +276,7 @@ class WorkerProcess:
             raise PeerDied(str(exc)) from exc
         finally:
             theirs.close()
-        return Channel(mine, self.proc.pidfd, self.max_reply_bytes)
+        return Channel(mine, self.proc.watch, self.max_reply_bytes)
 
     def leave(self, linger: bool = False) -> bool:
         """Say goodbye to a shared worker; True when it exits because we were its last user
@@ -480,7 +314,7 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
-        """Release the caller's ends: control socket, first channel, pidfd. Reap first."""
+        """Release the caller's ends: control socket, first channel, exit watch. Reap first."""
         if self.closed:
             return
         self.closed = True
@@ -488,9 +322,9 @@ class WorkerProcess:
             self.first_channel.close()
             self.first_channel = None
         self.ctl.close()
-        if self.proc.pidfd is not None:
-            os.close(self.proc.pidfd)
-            self.proc.pidfd = None
+        if self.proc.watch is not None:
+            os.close(self.proc.watch)
+            self.proc.watch = None
 
     def log_tail(self, limit: int = 4000) -> str:
         """The last ``limit`` characters of the worker's log (faulthandler output, stderr)."""
@@ -504,59 +338,8 @@ class WorkerProcess:
             return ""
 
     def rss_bytes(self) -> int | None:
-        """Resident memory of the worker, from /proc; None if unavailable."""
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-
-class _Attached(_Process):
-    """A worker another process started: watched through a pidfd; its exit status is what its
-    parent (that process's template) recorded, when it did."""
-
-    def __init__(self, pid: int, status_path: str) -> None:
-        self.pid = pid
-        self.pidfd: int | None = os.pidfd_open(pid)
-        self.status_path = status_path
-        self._code: int | None = None
-        self.gone = False
-        self._reaping = threading.Lock()  # several threads may notice the exit at once
-
-    @property
-    def returncode(self) -> int | None:
-        return self._code
-
-    def poll(self) -> int | None:
-        self.wait(0)
-        return self._code
-
-    def wait(self, timeout: float | None) -> int | None:
-        if not self.gone:
-            if self.pidfd is not None:
-                ready, _, _ = select.select([self.pidfd], [], [], timeout)
-                if not ready:
-                    return None
-            with self._reaping:
-                if not self.gone:  # read the status before saying it is gone
-                    from .rendezvous import wait_marker
-
-                    text = wait_marker(self.status_path, 0.5)
-                    self._code = int(text) if text and text.lstrip("-").isdigit() else None
-                    self.gone = True
-        return self._code
-
-    def kill(self) -> None:
-        if self.gone or self.pidfd is None:
-            return
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """Resident memory of the worker (Linux's /proc); None where the system cannot say."""
+        return platform.rss_of(self.pid)
 
 
 class AttachedWorker(WorkerProcess):
@@ -579,10 +362,11 @@ class AttachedWorker(WorkerProcess):
         pid = int(hello["pid"])
         self.share = {"address": address, "markers": marker_paths(address, pid)}
         try:
-            self.proc = _Attached(pid, self.share["markers"]["status"])
+            watch = platform.attach_watch(pid, hello.get("sentinel"))
         except OSError:
             session.close()
             raise ConnectionError(f"worker {pid} is gone") from None
+        self.proc = Attached(pid, self.share["markers"]["status"], watch)
         self.pid = pid
         self.log_path = str(hello.get("log", ""))
         self.started = time.monotonic()
@@ -602,14 +386,25 @@ class AttachedWorker(WorkerProcess):
             sock, _hello = connect(self.address, self.dir_path, "channel", self.lock_path)
         except ConnectionError as exc:
             raise PeerDied(str(exc)) from exc
-        return Channel(sock, self.proc.pidfd, self.max_reply_bytes)
+        return Channel(sock, self.proc.watch, self.max_reply_bytes)
 
     def alive(self) -> bool:
         return self.proc.poll() is None and not getattr(self.proc, "gone", False)
 
 
+def _poller(sock_fd: int, watch: int | None) -> Any:
+    """A poll object watching a channel's socket for data and the worker's exit."""
+    if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+        raise platform.unsupported()
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLIN)
+    if watch is not None:
+        poller.register(watch, select.POLLIN)
+    return poller
+
+
 def _socketpair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a, b = platform.socketpair()
     for sock in (a, b):
         # A Unix stream socket moves at most its send buffer per wake-up of the reader;
         # the default (~208 KiB) costs a context switch every 208 KiB of a bulk transfer.

@@ -1,6 +1,7 @@
 """The worker: the only process that opens the persist directory with Chroma.
 
-Started by :class:`safechroma.runtime.transport.WorkerProcess` as ``python -c <boot> <json>``.
+Started by :class:`safechroma.runtime.transport.WorkerProcess` as ``python -c <boot> <json>``
+(or forked from the warm template on Linux).
 It imports chromadb at once (so a standby worker is warm before it is needed; a worker forked
 from the warm template has it already), then serves each channel the parent opens in a thread
 of its own, until told to exit or until its parent is gone.
@@ -28,7 +29,6 @@ import importlib
 import inspect
 import itertools
 import os
-import select
 import signal
 import socket
 import sys
@@ -39,9 +39,9 @@ from typing import Any, Final
 
 from .._env import mark_own_process
 from ..storage import wal
-from . import functions, journal_hook
+from . import functions, journal_hook, platform
+from .framing import FrameReader, PeerDied, send_frame
 from .protocol import Op, Status, decode_request, encode, error_info, is_panic
-from .transport import FrameReader, PeerDied, send_frame
 
 PARENT_GRACE: Final = 1.5
 # A shared worker whose last session vanished (its process was killed) waits this long for a
@@ -98,6 +98,10 @@ class _Worker:
         self.idle_since: float | None = None
         self.path: str | None = None  # the persist directory, once opened
         self.journal = True  # Options.journal (issue 21): keep the write journal
+        # The read end of a pipe whose only write end is ours: handed to each attaching
+        # process (SCM_RIGHTS), it turns readable when this process exits (platform.posix).
+        self.sentinel: int | None = None
+        self._sentinel_w: int | None = None
 
     @property
     def next_handle(self) -> int:
@@ -109,6 +113,8 @@ class _Worker:
         Returns when the control socket closes (the parent closed this worker or died): False,
         or when a shared worker's starting process said goodbye on it: True.
         """
+        if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+            raise platform.unsupported()
         while True:
             try:
                 msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 16)
@@ -135,6 +141,8 @@ class _Worker:
             return
         from . import rendezvous
 
+        if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+            return
         address = self.share["address"]
         try:
             os.unlink(address)  # a dead worker's socket: we hold the lock, it is not in use
@@ -148,6 +156,9 @@ class _Worker:
             os.umask(old)
         os.chmod(address, 0o600)
         listener.listen(128)
+        if self.sentinel is None:
+            # Both ends non-inheritable: no child of ours may keep the write end open.
+            self.sentinel, self._sentinel_w = os.pipe()
         self.listener = listener
         self._rendezvous = rendezvous
         threading.Thread(target=self._accept_loop, name="safechroma-accept", daemon=True).start()
@@ -165,10 +176,11 @@ class _Worker:
             ).start()
 
     def _handshake(self, conn: socket.socket) -> None:
+        if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+            raise platform.unsupported()
         rv = self._rendezvous
         try:
-            _pid, uid, _gid = rv.peer_credentials(conn)
-            if uid != os.getuid():  # the 0600 socket stops them; this is the second wall
+            if not rv.peer_is_us(conn):  # the 0600 socket stops them; this is the second wall
                 conn.close()
                 return
             conn.settimeout(rv.HANDSHAKE_TIMEOUT)
@@ -180,6 +192,7 @@ class _Worker:
                 if ok and hello.get("kind") == "session":
                     self.sessions += 1
             leaving = ok and hello.get("kind") == "leave" and self.leave_if_idle()
+            sentinel = self.sentinel if ok and hello.get("kind") == "session" else None
             rv.send_json(
                 conn,
                 {
@@ -188,10 +201,13 @@ class _Worker:
                     "pid": os.getpid(),
                     "log": self.share.get("log", ""),
                     "leaving": leaving,
+                    "sentinel": sentinel is not None,
                 }
                 if self.share
                 else {"ok": False},
             )
+            if sentinel is not None:
+                socket.send_fds(conn, [b"s"], [sentinel])
             conn.settimeout(None)
         except (OSError, ValueError, ConnectionError):
             conn.close()
@@ -423,14 +439,14 @@ class _Worker:
             if self.share is not None:
                 raise RuntimeError("a shared worker started without the directory lock")
             return
-        import fcntl
-
-        try:  # succeeds at once when our open file description already holds it
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise RuntimeError(
-                "this worker does not hold the directory lock; another process does"
-            ) from exc
+        # flock succeeds at once when our open file description already holds it; on Windows
+        # this is where the worker takes the lock itself (locks are not inherited there).
+        try:
+            held = platform.try_lock(self.lock_fd)
+        except OSError:
+            held = False
+        if not held:
+            raise RuntimeError("this worker does not hold the directory lock; another process does")
 
     def export(self, result: Any) -> Any:
         """Replace Chroma Collection objects (which do not pickle) by (handle, model) refs."""
@@ -540,20 +556,10 @@ def _add_new_only(col: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
 
 def _watch_parent(ppid: int, worker: _Worker, forked: bool) -> None:
     """Exit when the parent dies: at once if idle, after PARENT_GRACE if a call is running."""
-    try:
-        pidfd = os.pidfd_open(ppid)
-    except ProcessLookupError:
-        os._exit(0)
-    except (AttributeError, OSError):
-        pidfd = None
     # A worker forked by the template is the template's child; a spawned one is ours.
     if not forked and os.getppid() != ppid:
         os._exit(0)
-    if pidfd is not None:
-        select.select([pidfd], [], [])
-    else:  # pragma: no cover - kernels without pidfd
-        while os.getppid() == ppid:
-            time.sleep(0.2)
+    platform.wait_parent_gone(ppid)
     _exit_after_grace(worker)
 
 
@@ -636,40 +642,6 @@ def _set_openblas_threads(count: int) -> None:
                 break
 
 
-def _set_limit(which: int, limit: int | None) -> None:
-    """Lower the soft limit ``which`` to ``limit`` (never above the hard limit)."""
-    if not limit:
-        return
-    import resource
-
-    _soft, hard = resource.getrlimit(which)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(which, (limit, hard))
-
-
-def _limit_memory(limit: int | None) -> None:
-    import resource
-
-    # An address-space ceiling turns a runaway allocation (a corrupt header with huge counts
-    # makes hnswlib allocate without bound, CHROMA_FACTS.md section 3) into a failed malloc in
-    # this process instead of memory pressure on the whole machine.
-    _set_limit(resource.RLIMIT_AS, limit)
-
-
-def _limit_file_size(limit: int | None) -> None:
-    if not limit:
-        return
-    import resource
-
-    # A runaway write (chroma-core/chroma#7510) then kills this process with SIGXFSZ, and the
-    # disk keeps its free space. CPython starts with SIGXFSZ ignored, which would turn the
-    # signal into an EFBIG that hnswlib does not check (a silently torn file): restore the
-    # default action, so the supervisor sees a death and validates the directory.
-    _set_limit(resource.RLIMIT_FSIZE, limit)
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-
-
 def main(info: dict[str, Any]) -> None:
     """Entry point of the worker process (see ``safechroma.runtime.transport._BOOT`` and
     ``safechroma.runtime.template``)."""
@@ -678,8 +650,14 @@ def main(info: dict[str, Any]) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable(file=sys.stderr, all_threads=True)
-    _limit_memory(info.get("memory_limit"))
-    _limit_file_size(info.get("file_limit"))
+    # The memory ceiling: RLIMIT_AS on Linux, an RSS watchdog elsewhere (platform); the file
+    # size ceiling: RLIMIT_FSIZE, with SIGXFSZ's default action restored.
+    platform.limit_memory(info.get("memory_limit"))
+    platform.limit_file_size(info.get("file_limit"))
+    if info.get("sentinel") is not None:
+        # The write end of the caller's exit sentinel: held, never written, closed by the exit
+        # alone; not inherited by any process this one starts.
+        os.set_inheritable(int(info["sentinel"]), False)
     _restore_threads(info.get("threads"))
     if info.get("log"):
         threading.Thread(
