@@ -15,12 +15,20 @@ together with its channel                               readable (EOF) once it h
                                                         *sentinel*)
 starting a worker           fork of the warm template   ``subprocess`` spawn (the supervisor's
                             (:mod:`..template`)         warm standby keeps respawns fast)
-the peer's user             ``SO_PEERCRED``             ``LOCAL_PEERCRED`` (macOS), always
-                                                        inside a folder only the user enters
+the peer's user             ``SO_PEERCRED``             ``LOCAL_PEERCRED`` on macOS (its
+                                                        ``xucred``), ``SO_PEERCRED`` on Linux;
+                                                        always inside a 0700 folder of the
+                                                        user, the only wall where the system
+                                                        names no peer
 the directory lock          ``flock``                   ``flock``
 memory ceiling              ``RLIMIT_AS``               an RSS watchdog thread in the worker
+                                                        (/proc/self/statm; macOS: the peak,
+                                                        ``ru_maxrss``)
 largest file written        ``RLIMIT_FSIZE``            ``RLIMIT_FSIZE``
 crash names                 signals                     signals
+a shared worker's exit      its parent, the template    its parent, the starting process (a
+status, for attachers                                   reaper thread); lost if that process
+                                                        has gone
 ==========================  ==========================  ==================================
 
 Windows (:mod:`.windows`, type-checked, not run here): the lock is ``msvcrt.locking``, taken
@@ -42,8 +50,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
-from typing import Final
+import threading
+from typing import Any, Final
 
 from ..._errors import UnsupportedPlatformError
 from ._common import ExitSentinel
@@ -65,6 +75,7 @@ __all__ = [
     "unsupported",
     "use_fork_template",
     "wait_parent_gone",
+    "watch_popen",
 ]
 
 PORTABLE: Final[bool] = sys.platform != "linux" or os.environ.get(
@@ -129,6 +140,24 @@ def kill(pid: int, watch: int | None) -> None:
         windows.kill(pid)
     else:
         posix.kill(pid, watch)
+
+
+def watch_popen(popen: subprocess.Popen[Any]) -> int:
+    """A descriptor readable once ``popen`` (a child of this process) has exited: a pidfd on
+    Linux; elsewhere a pipe whose write end a thread closes when ``popen.wait()`` returns (so
+    that thread reaps the child, as ``Popen`` would). The caller closes the descriptor."""
+    if sys.platform == "linux" and _NATIVE_LINUX:
+        return os.pidfd_open(popen.pid)
+    read, write = os.pipe()
+
+    def reap() -> None:
+        try:
+            popen.wait()
+        finally:
+            os.close(write)
+
+    threading.Thread(target=reap, name="safechroma-reap", daemon=True).start()
+    return read
 
 
 def wait_parent_gone(ppid: int) -> None:
