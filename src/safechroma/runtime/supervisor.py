@@ -238,12 +238,13 @@ class Supervisor:
                 self._cond.notify_all()
 
     def _settle(self, lease: Lease) -> None:
-        """Under _cond: add what the lease's exchanges answered to the counters."""
+        """Under _cond: add what the lease's exchanges answered to the counters (once)."""
         if lease.answered:
             self.calls += lease.calls
             self.errors += lease.answered - lease.calls
             lease.gen.process.served += lease.served
             self.last_worker_seconds = lease.spent
+            lease.answered = lease.calls = lease.served = 0
 
     def _replace_stale(self, gen: Generation) -> None:
         """The worker died between calls, or has served enough: have it replaced."""
@@ -342,6 +343,8 @@ class Supervisor:
             # The files are damaged: stop this worker so the validator and the recovery hook
             # can run on a quiet directory before the next call (reads retry after that).
             if self.retire(gen, "damage"):
+                with self._cond:
+                    self._settle(lease)  # it answered: that is progress, for the breaker
                 self._record_death("damage", gen, error, operation)
                 with self._cond:
                     self.pending_reason = "damage"
