@@ -17,7 +17,7 @@ import time
 
 from .._errors import signal_name
 from .channels import ChannelPool
-from .protocol import Reply, Request, read_reply
+from .protocol import Reply, Request, encode, read_reply
 from .transport import Channel, PeerDied, PeerMisbehaved, PeerTimedOut, WorkerProcess
 
 __all__ = ["End", "Generation", "Lease", "State", "WorkerGone"]
@@ -152,7 +152,7 @@ class Lease:
             WorkerGone: the worker died, passed the deadline, or sent a reply that does not
                 decode; the channel is marked broken (it is discarded when given back).
         """
-        data, buffers = request.encode(by_value)
+        data, buffers = encode((request.op._value_, request.body), by_value=by_value)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             frame = self.channel.exchange(data, buffers, deadline)

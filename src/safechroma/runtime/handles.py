@@ -35,25 +35,20 @@ class Remote:
         raise NotImplementedError
 
 
-class Released:
-    """Handles released by garbage collection, waiting for their worker's next call."""
-
-    def __init__(self) -> None:
-        self._queue: collections.deque[tuple[int, int]] = collections.deque()
-
-    def __bool__(self) -> bool:
-        return bool(self._queue)
+class Released(collections.deque[tuple[int, int]]):
+    """Handles released by garbage collection, waiting for their worker's next call: a deque
+    of (worker serial, handle), so that "any?" is a C-level check on every call."""
 
     def add(self, serial: int, handle: int) -> None:
         """Called from garbage collection, in any thread: it only appends to a deque."""
-        self._queue.append((serial, handle))
+        self.append((serial, handle))
 
     def take(self, serial: int) -> list[int]:
         """Every queued handle; those of worker ``serial`` (others died with their worker)."""
         mine: list[int] = []
         while True:
             try:
-                owner, handle = self._queue.popleft()
+                owner, handle = self.popleft()
             except IndexError:
                 return mine
             if owner == serial:

@@ -74,12 +74,8 @@ class Request(NamedTuple):
 
     def encode(self, by_value: bool = False) -> tuple[bytes, list[memoryview]]:
         """The request as :func:`encode` sends it."""
-        return encode((self.op.value, self.body), by_value=by_value)
-
-
-def call_request(handle: int, method: str, args: tuple[Any, ...], kwargs: Any) -> Request:
-    """Call ``method`` on the object behind ``handle`` (0 is the client)."""
-    return Request(Op.CALL, (handle, method, args, kwargs))
+        # _value_: the plain int, without the enum property's two Python-level calls.
+        return encode((self.op._value_, self.body), by_value=by_value)
 
 
 def run_request(handle: int, fn: Any, args: tuple[Any, ...]) -> Request:
@@ -113,7 +109,10 @@ def _is_collection(value: Any) -> bool:
 
 
 def collection_refs(result: Any, serial: int) -> Any:
-    """``result`` with the worker's collections (alone or in a list) as :class:`CollectionRef`."""
+    """``result`` with the worker's collections (alone or in a list) as :class:`CollectionRef`.
+
+    Only a tuple or a list can hold one: callers may skip the call for anything else.
+    """
     if _is_collection(result):
         return CollectionRef(int(result[1]), result[2], serial)
     if type(result) is list and result and _is_collection(result[0]):
@@ -206,7 +205,7 @@ def read_reply(data: bytes | bytearray | memoryview, buffers: list[bytearray]) -
         Exception: the frame does not decode, or is not ``(status, payload, seconds)`` with a
             known status and, for ERROR and PANIC, an :data:`ErrorInfo` payload.
     """
-    status, payload, spent = decode_reply(data, buffers)
+    status, payload, spent = ReplyUnpickler(io.BytesIO(data), buffers=buffers).load()
     named = _STATUSES.get(status)
     if named is None:
         raise ValueError(f"unknown status {status!r:.100}")

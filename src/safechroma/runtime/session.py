@@ -36,7 +36,7 @@ from .functions import FUNCTIONS, FunctionRef
 from .generation import Lease, State
 from .handles import Released, Remote
 from .poison import NOT_SELF_INFLICTED, Fingerprint
-from .protocol import Op, Request, call_request, collection_refs, run_request
+from .protocol import Op, Request, collection_refs, run_request
 from .replies import DamageRetry, Retired
 from .supervisor import Starter, Supervisor
 
@@ -153,7 +153,7 @@ class Session(Supervisor):
             handle = self.handle_of(lease, owner, method)
             # Before the call is sent: a death here leaves no write's outcome unknown.
             self._send_functions(lease, (args, kwargs) if fingerprint.by_value else None)
-            request = call_request(handle, method, args, kwargs)
+            request = Request(Op.CALL, (handle, method, args, kwargs))
             try:
                 result = self.exchange(lease, request, method, timeout, fingerprint.by_value)
             except WorkerError as exc:
@@ -166,7 +166,9 @@ class Session(Supervisor):
         finally:
             self.give_back(lease)
         self.served()
-        return collection_refs(result, lease.gen.serial)
+        if type(result) is tuple or type(result) is list:  # a collection, or a list of them?
+            return collection_refs(result, lease.gen.serial)
+        return result
 
     def run(self, owner: Remote, fn: Any, args: tuple[Any, ...], timeout: float | None) -> Any:
         """Run ``fn(chroma_client, *args)`` in the worker (fn is carried by cloudpickle)."""

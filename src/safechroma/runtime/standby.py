@@ -40,11 +40,7 @@ class Standby:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.process: WorkerProcess | None = None  # the spare, if any (under _lock)
-        self._refilling = False
-
-    def wanted(self) -> bool:
-        """Cheap, unlocked: no spare and none being spawned."""
-        return self.process is None and not self._refilling
+        self.refilling = False  # a spare is being spawned (under _lock; read unlocked)
 
     def refill(
         self,
@@ -56,14 +52,14 @@ class Standby:
         worker serves: the replacement needs the cores); ``keep()``, asked after the spawn,
         False means the supervisor no longer wants it (it was closed meanwhile)."""
         with self._lock:
-            if self._refilling or self.process is not None or not ready():
+            if self.refilling or self.process is not None or not ready():
                 return
-            self._refilling = True
+            self.refilling = True
         try:
             spare = spawn()
         finally:
             with self._lock:
-                self._refilling = False
+                self.refilling = False
         with self._lock:
             kept = self.process is None and keep()
             if kept:

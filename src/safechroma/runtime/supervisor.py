@@ -231,7 +231,11 @@ class Supervisor:
         else:
             gen.pool.checkin(lease.channel)
         with self._cond:
-            self._settle(lease)
+            if lease.answered:  # _settle, inline: this runs once per call
+                self.calls += lease.calls
+                self.errors += lease.answered - lease.calls
+                gen.process.served += lease.served
+                self.last_worker_seconds = lease.spent
             gen.inflight -= 1
             self._leased -= 1
             if not gen.inflight:
@@ -276,7 +280,13 @@ class Supervisor:
         if self.breaker.consecutive:
             with self._cond:
                 self.breaker.served()
-        if self.options.standby and not self.shared and self._standby.wanted():
+        spare = self._standby
+        if (
+            spare.process is None
+            and not spare.refilling
+            and self.options.standby
+            and not self.shared
+        ):
             # Spawned only after the new worker has served a call: on two cores a standby
             # importing chromadb right away would slow the call a crashed worker's caller waits
             # for.
