@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -347,3 +348,72 @@ def test_the_rss_watchdog_ends_a_runaway_worker(tmp_path: Path) -> None:
     assert out["unlimited"] is True
     assert out["crash"] == {"signal": "SIGKILL", "said": True}
     assert out["alive"] is True
+
+
+# -- the portable mechanisms one by one, in this process (they work on Linux in any mode) ----
+
+
+def test_a_sentinel_pipe_turns_readable_exactly_when_its_only_writer_exits() -> None:
+    """Pins multiprocessing's sentinel idea as the seam uses it: the worker alone holds the
+    write end (a grandchild it starts does not inherit it), so the caller's read end is quiet
+    while the worker lives and readable once it has exited, whoever reaps it."""
+    from safechroma.runtime.platform import posix
+
+    sentinel = posix.PipeSentinel()
+    assert sentinel.child_fd is not None
+    # The child marks the write end non-inheritable, as the worker does, then starts a
+    # grandchild that outlives it, asking it to inherit every inheritable descriptor. Before
+    # the child is started the read end is quiet.
+    code = (
+        "import os, subprocess, sys; os.set_inheritable(int(sys.argv[1]), False); "
+        "print(subprocess.Popen(['sleep', '60'], close_fds=False, start_new_session=True, "
+        "stdout=subprocess.DEVNULL).pid)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(sentinel.child_fd)],
+        pass_fds=[sentinel.child_fd],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    watch = sentinel.started(child.pid)
+    assert watch is not None and sentinel.child_fd is None
+    grandchild = 0
+    try:
+        grandchild = int(child.communicate()[0])  # returns once the child has exited
+        assert posix.exited(watch, 0)  # the grandchild lives on without the write end
+        posix.kill(child.pid, watch)  # no-op: the sentinel says the pid is no longer ours
+    finally:
+        os.close(watch)
+        if grandchild:
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def test_the_peer_check_and_the_lock_of_the_posix_column(tmp_path: Path) -> None:
+    """Pins the pieces the rendezvous and the directory lock use: the peer of a Unix socket is
+    this user; a second open file description cannot take a held lock; resident memory is
+    readable (the RSS watchdog's input)."""
+    import socket as socket_module
+
+    from safechroma.runtime.platform import posix
+
+    a, b = socket_module.socketpair()
+    try:
+        assert posix.peer_uid(a) == os.getuid()
+    finally:
+        a.close()
+        b.close()
+    path = str(tmp_path / "lock")
+    first = os.open(path, os.O_RDWR | os.O_CREAT)
+    second = os.open(path, os.O_RDWR)
+    try:
+        assert posix.try_lock(first) is True
+        assert posix.try_lock(second) is False
+        os.close(first)
+        first = -1
+        assert posix.try_lock(second) is True
+    finally:
+        for fd in (first, second):
+            if fd >= 0:
+                os.close(fd)
+    rss = posix.self_rss()
+    assert rss is not None and rss > 10 << 20
