@@ -323,7 +323,7 @@ class WorkerProcess:
             self.first_channel = None
         self.ctl.close()
         if self.proc.watch is not None:
-            os.close(self.proc.watch)
+            platform.close_watch(self.proc.watch)
             self.proc.watch = None
 
     def log_tail(self, limit: int = 4000) -> str:

@@ -63,6 +63,7 @@ __all__ = [
     "ExitSentinel",
     "attach_watch",
     "check_worker_transport",
+    "close_watch",
     "exited",
     "kill",
     "limit_file_size",
@@ -100,9 +101,10 @@ def new_exit_sentinel() -> ExitSentinel:
     """What lets the caller see a worker it is about to spawn exit (see :class:`ExitSentinel`)."""
     if sys.platform == "linux" and _NATIVE_LINUX:
         return linux.PidfdSentinel()
-    if sys.platform != "win32":
+    if sys.platform == "win32":
+        return windows.HandleSentinel()
+    else:
         return posix.PipeSentinel()
-    return ExitSentinel()
 
 
 def attach_watch(pid: int, passed: int | None) -> int | None:
@@ -115,9 +117,10 @@ def attach_watch(pid: int, passed: int | None) -> int | None:
     """
     if sys.platform == "linux" and _NATIVE_LINUX:
         return linux.attach_watch(pid, passed)
-    if sys.platform != "win32":
+    if sys.platform == "win32":
+        return windows.open_handle(pid)
+    else:
         return posix.attach_watch(pid, passed)
-    return None
 
 
 def exited(watch: int | None, timeout: float | None) -> bool:
@@ -131,13 +134,21 @@ def exited(watch: int | None, timeout: float | None) -> bool:
         return posix.exited(watch, timeout)
 
 
+def close_watch(watch: int) -> None:
+    """Release an exit watch (a descriptor; on Windows a process handle)."""
+    if sys.platform == "win32":
+        windows.close(watch)
+    else:
+        os.close(watch)
+
+
 def kill(pid: int, watch: int | None) -> None:
     """SIGKILL (Windows: terminate) a worker that has not been seen to exit yet; a pidfd on
     Linux, so a recycled pid is never hit; elsewhere only while its sentinel says it lives."""
     if sys.platform == "linux" and _NATIVE_LINUX and watch is not None:
         linux.kill(watch)
     elif sys.platform == "win32":
-        windows.kill(pid)
+        windows.kill(pid, watch)
     else:
         posix.kill(pid, watch)
 

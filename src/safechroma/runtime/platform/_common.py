@@ -19,9 +19,9 @@ class ExitSentinel:
     """How the caller will see a worker it is about to spawn exit.
 
     ``child_fd`` is a descriptor to hand to the child (None: nothing to hand); after the spawn,
-    :meth:`started` returns the caller's watch descriptor (readable once the worker exited), or
-    None when the system gives none; :meth:`abandon` closes everything if the spawn failed.
-    This base is the system without one (Windows, whose process handles the caller keeps).
+    :meth:`started` returns the caller's watch (a descriptor readable once the worker exited; on
+    Windows a process handle signalled then), or None when the system gives none;
+    :meth:`abandon` closes everything if the spawn failed. This base hands and watches nothing.
     """
 
     child_fd: int | None = None

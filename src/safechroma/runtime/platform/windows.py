@@ -20,18 +20,36 @@ if sys.platform == "win32":
     import msvcrt
     from ctypes import wintypes
 
+    from ._common import ExitSentinel
     from ._common import start_rss_watchdog as _start_watchdog
 
     _SYNCHRONIZE = 0x00100000
-    _PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+    _PROCESS_TERMINATE = 0x0001
+
+    class HandleSentinel(ExitSentinel):
+        """Nothing to hand the child: the caller opens a handle of the started process, which
+        is signalled when it exits (what ``multiprocessing``'s sentinel is on Windows)."""
+
+        def started(self, pid: int) -> int | None:
+            return open_handle(pid)
+
+    def open_handle(pid: int) -> int:
+        """A handle of process ``pid`` to wait on and to end (OSError when it is gone)."""
+        return int(_winapi.OpenProcess(_SYNCHRONIZE | _PROCESS_TERMINATE, False, pid))
+
+    def close(handle: int) -> None:
+        _winapi.CloseHandle(handle)
 
     def exited(handle: int, timeout: float | None) -> bool:
         ms = _winapi.INFINITE if timeout is None else int(timeout * 1000)
         return _winapi.WaitForSingleObject(handle, ms) == _winapi.WAIT_OBJECT_0
 
-    def kill(pid: int) -> None:
+    def kill(pid: int, handle: int | None) -> None:
         try:
-            os.kill(pid, signal.SIGTERM)  # TerminateProcess on Windows
+            if handle is not None:  # the handle, not the pid: never another process
+                _winapi.TerminateProcess(handle, 1)
+            else:
+                os.kill(pid, signal.SIGTERM)  # TerminateProcess on Windows
         except OSError:
             pass
 
