@@ -20,7 +20,13 @@ from typing import Any
 import chromadb.errors
 import pytest
 
-from safechroma import Options, PoisonRequestError, WorkerCrashedError
+from safechroma import (
+    CrashLoopError,
+    Options,
+    PoisonRequestError,
+    WorkerCrashedError,
+    WorkerStartError,
+)
 from safechroma.runtime.handles import Remote
 from safechroma.runtime.protocol import (
     CollectionRef,
@@ -267,3 +273,45 @@ def test_without_a_validator_no_call_is_poison(session: Any) -> None:
     with pytest.raises(WorkerCrashedError):
         call(sup, "query", "deadly")
     assert len(opened(workers)) == 3  # the first try and two retries
+
+
+def test_workers_dying_at_open_back_off_then_open_the_breaker(tmp_path: Path) -> None:
+    """Every worker after the first dies while opening: the respawns back off (recorded, not
+    slept) and the breaker opens after five deaths without progress; reset_breaker() lets the
+    next call start a worker at once."""
+    workers: list[FakeWorker] = []
+    slept: list[float] = []
+    healthy = [False]
+
+    def handler(worker: FakeWorker, op: Op, body: Any) -> Any:
+        if op is Op.OPEN and len(workers) > 1 and not healthy[0]:
+            raise Died(-11)
+        return serve(lambda w, method, args: 1)(worker, op, body)
+
+    def starter(_sup: Any) -> Any:
+        workers.append(FakeWorker(handler))
+        return workers[-1]
+
+    opts = Options(exclusive=True, validator=None, standby=False, sleep=slept.append)
+    sup = Session(str(tmp_path), opts, (None, "tenant", "database"), starter=starter)
+    try:
+        assert call(sup, "count") == 1
+        workers[0].returncode = -11  # it dies between calls, after serving one: progress
+        starts = 0
+        with pytest.raises(CrashLoopError, match="5 workers died without serving a call"):
+            while True:
+                try:
+                    call(sup, "count")
+                except WorkerStartError:
+                    starts += 1
+                    assert starts < 10
+        stats = sup.stats()
+        assert stats.breaker_open and starts >= 1
+        assert stats.deaths == {"SIGSEGV": 6}  # the first worker (progress) and five at open
+        # Back-off after the second death in a row without progress, growing.
+        assert len(slept) == 3 and slept == sorted(slept) and slept[0] > 0, slept
+        healthy[0] = True
+        sup.reset_breaker()
+        assert call(sup, "count") == 1
+    finally:
+        sup.close()

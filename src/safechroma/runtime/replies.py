@@ -20,6 +20,7 @@ from typing import Any
 
 from .._errors import (
     ChromaPanicError,
+    CrashLoopError,
     ProtocolError,
     RemoteError,
     SafeChromaError,
@@ -28,6 +29,7 @@ from .._errors import (
     WorkerStartError,
     WorkerTimeoutError,
 )
+from .breaker import Breaker
 from .functions import FUNCTIONS
 from .generation import End
 from .protocol import ErrorInfo
@@ -37,6 +39,7 @@ __all__ = [
     "RemoteTraceback",
     "Retired",
     "copy_error",
+    "crash_loop",
     "crashed",
     "died_between_calls",
     "means_damage",
@@ -202,6 +205,19 @@ def start_failed(path: str, pid: int, exc: WorkerError) -> WorkerStartError:
     )
     error.__cause__ = exc
     return error
+
+
+def crash_loop(path: str, breaker: Breaker, now: float, blocked: float) -> CrashLoopError:
+    """No worker is started for ``blocked`` seconds more: the breaker is open."""
+    return CrashLoopError(
+        f"the worker for {path} is in a crash loop "
+        f"({breaker.reason(now)}), so no new worker is started for "
+        f"{blocked:.1f} s more. Check the directory with "
+        f"`safechroma check {path}`; call reset_breaker() to try at once.",
+        path=path,
+        deaths=breaker.recent(now),
+        retry_after=blocked,
+    )
 
 
 def means_damage(info: ErrorInfo) -> bool:

@@ -3,7 +3,8 @@
 A repair (the recovery hook, or ``safechroma repair`` interrupted between quarantine and
 write-back) leaves the records it saved in salvage files; the supervisor's next worker applies
 them through Chroma (:func:`safechroma.storage.recovery.apply_salvage`, run in the worker) and
-records what could not come back whole as losses (issue 21).
+records what could not come back whole as losses (issue 21), which :func:`losses` reports in
+``stats()`` until they are acknowledged.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .protocol import run_request
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
-__all__ = ["write_back"]
+__all__ = ["losses", "write_back"]
 
 
 def write_back(sup: Supervisor, lease: Lease) -> None:
@@ -55,3 +56,17 @@ def write_back(sup: Supervisor, lease: Lease) -> None:
             summary=summary,
             incomplete_records=len(removed or ()),
         )
+
+
+def losses(path: str) -> dict[str, Any]:
+    """Stats' view of the directory's unacknowledged repair losses (issue 21)."""
+    from ..storage.recovery import unacknowledged_losses
+
+    marker = unacknowledged_losses(path)
+    if marker is None:
+        return {"incomplete_records": 0, "losses_files": []}
+    count = marker.get("count")
+    return {
+        "incomplete_records": int(count) if isinstance(count, int) else -1,
+        "losses_files": [str(f) for f in marker.get("files") or []],
+    }

@@ -492,15 +492,7 @@ class Supervisor:
         self.start(self._standby.take() or self._spawn())
 
     def crash_loop(self, now: float, blocked: float) -> CrashLoopError:
-        return CrashLoopError(
-            f"the worker for {self.path} is in a crash loop "
-            f"({self.breaker.reason(now)}), so no new worker is started for "
-            f"{blocked:.1f} s more. Check the directory with "
-            f"`safechroma check {self.path}`; call reset_breaker() to try at once.",
-            path=self.path,
-            deaths=self.breaker.recent(now),
-            retry_after=blocked,
-        )
+        return replies.crash_loop(self.path, self.breaker, now, blocked)
 
     def back_off(self, consecutive: int) -> None:
         """Back off between consecutive respawns of workers that made no progress (the first
@@ -721,7 +713,7 @@ class Supervisor:
             last_call_worker_seconds=self.last_worker_seconds,
             worker_rss=worker.rss_bytes() if worker else None,
             breaker_open=self.state is State.BROKEN,
-            **_losses(self.path),
+            **salvage.losses(self.path),
         )
 
     def _emit(self, kind: str, pid: int | None, **detail: Any) -> None:
@@ -733,20 +725,6 @@ class Supervisor:
                 self.options.on_event(event)
             except Exception:  # noqa: BLE001 - a broken callback must not break the client
                 logger.exception("safechroma on_event callback failed")
-
-
-def _losses(path: str) -> dict[str, Any]:
-    """Stats' view of the directory's unacknowledged repair losses (issue 21)."""
-    from ..storage.recovery import unacknowledged_losses
-
-    marker = unacknowledged_losses(path)
-    if marker is None:
-        return {"incomplete_records": 0, "losses_files": []}
-    count = marker.get("count")
-    return {
-        "incomplete_records": int(count) if isinstance(count, int) else -1,
-        "losses_files": [str(f) for f in marker.get("files") or []],
-    }
 
 
 # os.getpid() is a system call; every call checks it (see check_usable), so it is kept here.
