@@ -280,7 +280,7 @@ def serve(fd: int) -> None:
     from chromadb.api.models.Collection import Collection  # noqa: F401
     from chromadb.api.rust import RustBindingsAPI  # noqa: F401
 
-    from . import guard, protocol, transport, worker  # noqa: F401
+    from . import framing, guard, protocol, worker  # noqa: F401
 
     children: dict[int, int] = {}  # pidfd -> pid
     status_files: dict[int, str] = {}  # pid -> where a shared worker's exit status goes
