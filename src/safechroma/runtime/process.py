@@ -41,14 +41,6 @@ class WorkerProc:
     def kill(self) -> None:
         raise NotImplementedError
 
-    @property
-    def pidfd(self) -> int | None:
-        """The exit watch under its Linux name (kept for callers written before the seam)."""
-        return self.watch
-
-
-_Process = WorkerProc  # the name the template and older callers import
-
 
 class Spawned(WorkerProc):
     """A worker this process started with ``subprocess``: reaped here.
