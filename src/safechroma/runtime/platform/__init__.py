@@ -69,6 +69,7 @@ __all__ = [
     "limit_file_size",
     "limit_memory",
     "new_exit_sentinel",
+    "nonblocking_pipe",
     "peer_uid",
     "rss_of",
     "socketpair",
@@ -171,6 +172,15 @@ def watch_popen(popen: subprocess.Popen[Any]) -> int:
     return read
 
 
+def nonblocking_pipe() -> tuple[int, int]:
+    """A self-pipe (read end, write end), non-inheritable, non-blocking where the system can."""
+    read, write = os.pipe()
+    if sys.platform != "win32":
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+    return read, write
+
+
 def wait_parent_gone(ppid: int) -> None:
     """In a worker: return once the process ``ppid`` (the caller) has exited."""
     if sys.platform == "linux" and _NATIVE_LINUX:
@@ -194,9 +204,10 @@ def unsupported() -> UnsupportedPlatformError:
     """The one error of a system without the worker transport (Windows): what works there."""
     return UnsupportedPlatformError(
         f"safechroma's SafeClient runs Chroma in a worker process reached over Unix sockets, "
-        f"which this system ({sys.platform}) does not provide. What works here: run "
-        "`safechroma serve <path>` and connect with safechroma.SafeHttpClient(host, port), "
-        "which supervises Chroma's own server.",
+        f"which this system ({sys.platform}) does not provide. What works here: "
+        "safechroma.SafeHttpClient(host, port) against a Chroma server (`chroma run --path "
+        "<path>`, or `safechroma serve <path>` on a Linux or macOS machine), which keeps "
+        "Chroma's crashes out of this process.",
         platform=sys.platform,
     )
 
