@@ -1,8 +1,8 @@
 """The crash-loop breaker and poison requests (issue 13, part 1).
 
 A crash loop is workers that die without making progress; a worker killed after serving calls
-is bad luck. The pure ``Breaker`` is tested as an object; everything else with real workers,
-real signals and default options.
+is bad luck. Everything here runs with real workers, real signals and default options; the pure
+``Breaker`` object has its unit tests in tests/runtime/test_breaker.py.
 """
 
 from __future__ import annotations
@@ -22,59 +22,12 @@ from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from conftest import embed_text
 
 from safechroma import (
-    BreakerPolicy,
     CrashLoopError,
     PoisonRequestError,
     SafeClient,
     WorkerCrashedError,
     WorkerStartError,
 )
-from safechroma.runtime.breaker import Breaker
-
-# -- the pure object ------------------------------------------------------------------------
-
-
-def test_only_deaths_without_progress_open_the_breaker() -> None:
-    b = Breaker(BreakerPolicy(max_deaths=3, window=60, cooldown=30, max_total_deaths=20))
-    for i in range(9):  # workers that served calls: bad luck, however many
-        assert not b.record(float(i), f"served {i}", served=50)
-    assert b.consecutive == 0 and b.blocked_for(9.0) is None
-    assert not b.record(10.0, "start", served=0)
-    assert not b.record(11.0, "start", served=0)
-    assert b.consecutive == 2
-    assert b.record(12.0, "start", served=0)  # the third without progress
-    assert b.blocked_for(13.0) == pytest.approx(29.0)
-    assert "3 workers died without serving a call" in b.reason(13.0)
-    assert b.blocked_for(42.5) is None  # cooldown over: one attempt goes through
-
-
-def test_a_worker_that_served_ends_the_backoff_and_old_deaths_expire() -> None:
-    b = Breaker(BreakerPolicy(max_deaths=3, window=60))
-    b.record(0.0, "a", served=0)
-    b.record(1.0, "b", served=0)
-    assert b.consecutive == 2
-    b.served()
-    assert b.consecutive == 0
-    assert not b.record(70.0, "c", served=0)  # a and b left the window
-    assert b.recent(70.0) == ["c"]
-
-
-def test_the_total_ceiling_stops_workers_that_die_after_a_call_or_two() -> None:
-    b = Breaker(BreakerPolicy(max_deaths=5, window=60, max_total_deaths=4))
-    assert [b.record(float(i), "x", served=2) for i in range(4)] == [False, False, False, True]
-    assert "4 workers died within 60 s" in b.reason(4.0)
-
-
-def test_poison_needs_two_strikes_and_a_recovery_forgives() -> None:
-    b = Breaker(BreakerPolicy())
-    assert not b.strike(b"q") and not b.is_poison(b"q")
-    assert b.strike(b"q") and b.is_poison(b"q")
-    b.forgive()
-    assert not b.is_poison(b"q") and not b.strike(b"q")
-    b.strike(b"q")
-    b.reset()
-    assert not b.is_poison(b"q")
-
 
 # -- real workers ---------------------------------------------------------------------------
 
