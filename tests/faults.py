@@ -52,6 +52,7 @@ FAULTS = {
     "SIGABRT": sigabrt,
     "SIGKILL": sigkill,
     "exit": exit3,
+    "hang": hang,  # the table's sixth way (tests/crash_matrix.py): a call's deadline ends it
 }
 
 

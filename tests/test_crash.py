@@ -2,23 +2,24 @@
 
 Each case makes the worker really die (a genuine SIGBUS from a truncated mapping, a genuine
 SIGSEGV, abort, kill, exit) or hang, and checks that the caller survives, gets the precise error,
-and that the next call is served by a new worker.
+and that the next call is served by a new worker. Where and how it dies, and what each caller
+then sees, is one table (tests/crash_matrix.py), run by :func:`test_crash_matrix`; the tests
+after it pin what the table does not (writes in flight, replays, the breaker, backoff).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import time
 from pathlib import Path
 from typing import Any
 
+import crash_matrix
 import faults
 import pytest
 from conftest import HashEmbedding
 
-import safechroma
 from safechroma import (
     BreakerPolicy,
     ChromaPanicError,
@@ -30,87 +31,19 @@ from safechroma import (
 )
 from safechroma.runtime import platform
 
-EXPECTED = {
-    "SIGBUS": ("SIGBUS", -7),
-    "SIGSEGV": ("SIGSEGV", -11),
-    "SIGABRT": ("SIGABRT", -6),
-    "SIGKILL": ("SIGKILL", -9),
-    "exit": (None, 3),
-}
-FATAL_LOGGED = {"SIGBUS": "Bus error", "SIGSEGV": "Segmentation fault", "SIGABRT": "Aborted"}
 
-
-def _check_crash(err: WorkerCrashedError, fault: str, operation: str) -> None:
-    sig, code = EXPECTED[fault]
-    assert (err.signal, err.exitcode, err.operation) == (sig, code, operation)
-    assert err.pid and err.pid != os.getpid()
-    if fault in FATAL_LOGGED:
-        assert FATAL_LOGGED[fault] in err.crash_log  # faulthandler's report, from the log
-        assert "Fatal Python error" in str(err)
-    restored = pickle.loads(pickle.dumps(err))
-    assert type(restored) is type(err) and restored.signal == err.signal
-
-
-@pytest.mark.parametrize("fault", sorted(EXPECTED))
-@pytest.mark.parametrize("phase", ["call", "reply"])
-def test_worker_death_during_a_call(db: str, fault: str, phase: str) -> None:
-    with SafeClient(db, validator=None) as client:
-        first = client.stats().worker_pid
-        with pytest.raises(WorkerCrashedError) as info:
-            if phase == "call":
-                client.run_in_worker(faults.FAULTS[fault])
-            else:
-                client.run_in_worker(faults.crash_in_reply, fault)
-        err = info.value
-        _check_crash(
-            err, fault, faults.FAULTS[fault].__name__ if phase == "call" else "crash_in_reply"
-        )
-        assert err.pid == first
-        assert client.heartbeat() > 0  # served by a fresh worker
-        stats = client.stats()
-        assert stats.worker_pid not in (None, first)
-        assert stats.deaths == {sig if (sig := EXPECTED[fault][0]) else "exit": 1}
-        assert stats.respawns == 1
-
-
-@pytest.mark.parametrize("fault", sorted(EXPECTED))
-def test_worker_death_while_starting(db: str, tmp_path: Path, fault: str) -> None:
-    """The first worker dies opening the directory; the constructor's read retries on a new one."""
-    marker = tmp_path / "crash-once"
-    marker.touch()
-    init = functools.partial(faults.fault_once, str(marker), fault)
-    events: list[safechroma.Event] = []
-    with SafeClient(db, validator=None, worker_init=init, on_event=events.append) as client:
-        assert not marker.exists()
-        assert client.heartbeat() > 0
-        assert client.stats().deaths == {EXPECTED[fault][0] or "exit": 1}
-    kinds = [e.kind for e in events]
-    assert kinds.count("worker_started") == 1 and "worker_died" in kinds
+@pytest.mark.parametrize(("where", "how"), crash_matrix.CELLS)
+def test_crash_matrix(db: str, tmp_path: Path, where: str, how: str) -> None:
+    """One cell of the crash matrix (tests/crash_matrix.py): the worker really dies ``how``,
+    ``where``; every caller gets its result or the precise error of the table, the death is
+    counted once, and the next call is served by a fresh worker."""
+    crash_matrix.RUNNERS[where](db, tmp_path, how, crash_matrix.expected(where, how))
 
 
 def test_worker_that_always_dies_while_starting_gives_start_error(db: str) -> None:
     with pytest.raises(WorkerStartError) as info:
         SafeClient(db, validator=None, worker_init=faults.sigsegv, read_retries=1)
     assert info.value.signal == "SIGSEGV" and info.value.operation == "start"
-
-
-def test_hung_call_is_cut_by_its_deadline(db: str) -> None:
-    with SafeClient(db, validator=None) as client:
-        first = client.stats().worker_pid
-        start = time.monotonic()
-        with safechroma.call_timeout(1.0), pytest.raises(WorkerTimeoutError) as info:
-            client.run_in_worker(faults.hang)
-        assert 0.9 < time.monotonic() - start < 10
-        assert isinstance(info.value, TimeoutError)
-        assert info.value.timeout == 1.0 and info.value.pid == first
-        assert client.heartbeat() > 0
-        assert client.stats().worker_pid != first and client.stats().timeouts == 1
-
-
-def test_hung_start_is_cut_by_start_timeout(db: str) -> None:
-    with pytest.raises(WorkerStartError) as info:
-        SafeClient(db, validator=None, worker_init=faults.hang, start_timeout=1.5, read_retries=0)
-    assert info.value.signal == "timeout"
 
 
 def test_client_timeout_option_applies_per_client(db: str) -> None:
