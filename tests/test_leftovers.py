@@ -7,9 +7,8 @@ chroma-mcp tests.
 
 from __future__ import annotations
 
-import ctypes
+import collections
 import json
-import mmap
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from crash_matrix import HOW
 
 from safechroma import SafeClient
 from safechroma.runtime import rendezvous
@@ -32,30 +32,6 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("XDG_RUNTIME_DIR", base)
     yield os.path.join(base, f"safechroma-{os.getuid()}")
     shutil.rmtree(base, ignore_errors=True)
-
-
-def _segfault(_client: object) -> None:
-    ctypes.string_at(0)
-
-
-def _bus_error(_client: object) -> None:
-    with tempfile.TemporaryFile() as f:
-        f.truncate(mmap.PAGESIZE * 2)
-        view = mmap.mmap(f.fileno(), mmap.PAGESIZE * 2)
-        f.truncate(0)
-        view[mmap.PAGESIZE]  # noqa: B018 - the read is the point: the page is gone
-
-
-def _abort(_client: object) -> None:
-    os.abort()
-
-
-def _exit(_client: object) -> None:
-    os._exit(3)
-
-
-def _hang(_client: object) -> None:
-    time.sleep(60)
 
 
 # The next process: it starts a worker, and looks at the folder while that worker lives.
@@ -83,48 +59,50 @@ print(json.dumps(files))
 """
 
 
-# A program whose workers die in every way of the crash matrix, and which is then killed
-# itself, so that no orderly close tidies up after it.
+# A program whose workers die in every way of the crash matrix (tests/crash_matrix.py, HOW: its
+# names are argv[3]), each during a call, then once more by a SIGKILL from outside between calls,
+# and which is then killed itself, so that no orderly close tidies up after it.
 DEATHS = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 from safechroma import SafeClient, WorkerError, call_timeout
 sys.path.insert(0, sys.argv[2])
-import test_leftovers as t
+import faults
 
 client = SafeClient(sys.argv[1], validator=None)
 client.heartbeat()
-for fn in (t._segfault, t._bus_error, t._abort, t._exit):
+for how in json.loads(sys.argv[3]):
     try:
-        client.run_in_worker(fn)
+        with call_timeout(1.0 if how == "hang" else None):
+            client.run_in_worker(faults.FAULTS[how])
     except WorkerError:
         pass
     client.heartbeat()  # served: the breaker sees progress
 os.kill(client.stats().worker_pid, signal.SIGKILL)
 time.sleep(0.2)
 client.heartbeat()
-try:
-    with call_timeout(1.0):
-        client.run_in_worker(t._hang)
-except WorkerError:
-    pass
-client.heartbeat()
-print(sum(client.stats().deaths.values()), flush=True)
+print(json.dumps(client.stats().deaths), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
 def test_every_kind_of_death_leaves_nothing_for_the_next_process(db: str, runtime_dir: str) -> None:
+    """Workers killed in every way of the crash matrix leave files; the next process to start a
+    worker finds the folder holding only the living (its own worker's files)."""
     env = {**os.environ, "XDG_RUNTIME_DIR": os.path.dirname(runtime_dir)}
     tests = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(
-        [sys.executable, "-c", DEATHS, db, tests],
+        [sys.executable, "-c", DEATHS, db, tests, json.dumps(list(HOW))],
         capture_output=True,
         text=True,
         timeout=180,
         env=env,
     )
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    assert int(out.stdout) >= 6, out.stdout
+    deaths = json.loads(out.stdout)
+    # Each way of the table once, and the kill from outside: SIGKILL twice.
+    expected = collections.Counter(how.death for how in HOW.values())
+    expected["SIGKILL"] += 1
+    assert deaths == dict(expected), deaths
     time.sleep(1.0)  # its last worker leaves after the idle grace
     assert len(os.listdir(runtime_dir)) > 3, os.listdir(runtime_dir)  # it did leave files
     time.sleep(rendezvous.SWEEP_AGE + 0.5)
