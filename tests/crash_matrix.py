@@ -73,6 +73,8 @@ HOW: dict[str, How] = {
 }
 
 WHERE: dict[str, str] = {
+    # A hang while starting is every worker hanging: start_timeout cuts it and the client
+    # never opens (one hanging first worker would cost the default start_timeout).
     "starting": "the first worker dies opening the directory (worker_init)",
     "call": "during a call (run_in_worker)",
     "reply": "while the worker encodes its reply (the result's __reduce__)",
