@@ -199,3 +199,23 @@ def test_a_lock_file_not_yet_written_counts_as_being_shared(tmp_path: Path) -> N
     assert not being_shared(str(tmp_path / "missing"))
     error = locked_error(str(tmp_path), str(tmp_path / "missing"))
     assert "(an exclusive client or a repair; it holds" in str(error)  # no pid to name
+
+
+def test_the_platform_lock_is_per_open_file_not_per_process(tmp_path: Path) -> None:
+    """``flock`` belongs to an open file description: a second open of the lock file in the
+    same process is refused like another process would be, and closing the holder's descriptor
+    (what the kernel does for a dead process) frees it."""
+    path = str(tmp_path / LOCK_NAME)
+    first = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    second = os.open(path, os.O_RDWR)
+    try:
+        assert platform.try_lock(first) is True
+        assert platform.try_lock(second) is False
+        assert rendezvous.try_lock(path) is None
+        os.close(first)
+        first = -1
+        assert platform.try_lock(second) is True
+    finally:
+        for fd in (first, second):
+            if fd >= 0:
+                os.close(fd)
