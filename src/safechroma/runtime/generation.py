@@ -26,10 +26,10 @@ __all__ = ["End", "Generation", "Lease", "State", "WorkerGone"]
 class State(enum.Enum):
     """The supervisor's worker, as its callers see it."""
 
-    NO_WORKER = "no worker"  # next call validates, recovers if needed, starts one
-    READY = "ready"  # a live worker serves calls
-    BROKEN = "broken"  # the breaker is open; calls fail fast
-    CLOSED = "closed"  # closed by the caller
+    NO_WORKER = "no worker"  # the next call replaces it (validate, recover, start)
+    READY = "ready"  # a live worker has opened the directory and serves calls
+    BROKEN = "broken"  # too many deaths: the breaker is open, calls fail with CrashLoopError
+    CLOSED = "closed"  # closed by the caller: calls raise ClientClosedError
 
 
 class End:

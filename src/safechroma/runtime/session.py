@@ -149,7 +149,8 @@ class Session(Supervisor):
     ) -> Any:
         lease = self.lease(alone=suspect)
         try:
-            self._refuse_poison(fingerprint, method)
+            if self.breaker.poison:  # some call is poison: every call is checked
+                self._refuse_poison(fingerprint, method)
             handle = self.handle_of(lease, owner, method)
             # Before the call is sent: a death here leaves no write's outcome unknown.
             self._send_functions(lease, (args, kwargs) if fingerprint.by_value else None)
@@ -165,7 +166,8 @@ class Session(Supervisor):
                 raise
         finally:
             self.give_back(lease)
-        self.served()
+        if self.breaker.consecutive or (self._standby.process is None and not self.shared):
+            self.served()  # checked here first: it is a call on every call otherwise
         if type(result) is tuple or type(result) is list:  # a collection, or a list of them?
             return collection_refs(result, lease.gen.serial)
         return result
@@ -203,10 +205,9 @@ class Session(Supervisor):
     # -- poison requests (the ledger is the breaker's; see poison.py) -----------------------
 
     def _refuse_poison(self, call: Fingerprint, operation: str) -> None:
-        if self.breaker.poison:
-            refused = poison.refusal(self.breaker, call, self.path, operation, time.monotonic())
-            if refused is not None:
-                raise refused
+        refused = poison.refusal(self.breaker, call, self.path, operation, time.monotonic())
+        if refused is not None:
+            raise refused
 
     def _strike(self, call: Fingerprint, crash: WorkerCrashedError, lease: Lease) -> None:
         """The worker died with ``call`` in flight; if it is now poison, say so instead."""

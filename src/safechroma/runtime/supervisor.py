@@ -23,14 +23,8 @@ worker, stops it, runs the validator (and, on damage, the recovery hook), and st
 worker; callers that were waiting meanwhile share its outcome (the worker, or the error). The
 shape is CPython's ``concurrent.futures.process``, where one manager makes every state change and
 a broken worker fails every pending call at once. ``_cond`` guards the state and the counters; no
-I/O, sleep or user callback runs while it is held.
-
-States, as the supervisor sees its worker::
-
-    NO_WORKER   no usable worker: the next call replaces it (validate, recover, start)
-    READY       a live worker has opened the directory and serves calls
-    BROKEN      too many deaths: the breaker is open, calls fail fast with CrashLoopError
-    CLOSED      closed by the caller: calls raise ClientClosedError
+I/O, sleep or user callback runs while it is held. Its states are
+:class:`~.generation.State`'s (no worker, ready, broken, closed).
 """
 
 from __future__ import annotations
@@ -138,7 +132,9 @@ class Supervisor:
         self._standby = Standby()
         # _cond guards the fields below, every Generation.inflight and the breaker; _life is
         # held by the one thread that replaces the worker (never taken while holding _cond).
-        self._cond = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()  # _cond's lock: taken directly on the call path
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0  # threads in _wait(): give_back() notifies only when there are some
         self._life = threading.RLock()
         self._alone: threading.Thread | None = None  # the retry running alone, if any
         self.state = State.NO_WORKER
@@ -193,17 +189,29 @@ class Supervisor:
         """
         while True:
             stale: Generation | None = None
-            with self._cond:
-                self.check_usable()
+            # The lock itself, not the condition: a Condition's __enter__ is Python code, and
+            # this runs on every call (as does give_back's).
+            with self._lock:
+                if self.owner != _this_pid or self.state is State.CLOSED:
+                    self.check_usable()
                 if self._alone is not None and self._alone is not threading.current_thread():
-                    self._cond.wait()  # a retry runs alone: wait for it
+                    self._wait()  # a retry runs alone: wait for it
                     continue
                 if alone and self._leased:
-                    self._cond.wait()  # let the calls in flight finish first
+                    self._wait()  # let the calls in flight finish first
                     continue
                 gen = self._gen
-                if self.state is State.READY and gen is not None and gen.usable:
-                    if gen.process.alive() and not worn_out(gen.process, self.options):
+                if (
+                    self.state is State.READY
+                    and gen is not None
+                    and gen.end is None
+                    and gen.retiring is None
+                ):
+                    options = self.options
+                    if gen.process.alive() and not (
+                        (options.max_requests is not None or options.max_worker_rss is not None)
+                        and worn_out(gen.process, options)
+                    ):
                         gen.inflight += 1
                         self._leased += 1
                         break
@@ -230,7 +238,7 @@ class Supervisor:
             gen.pool.discard(lease.channel)
         else:
             gen.pool.checkin(lease.channel)
-        with self._cond:
+        with self._lock:
             if lease.answered:  # _settle, inline: this runs once per call
                 self.calls += lease.calls
                 self.errors += lease.answered - lease.calls
@@ -238,8 +246,16 @@ class Supervisor:
                 self.last_worker_seconds = lease.spent
             gen.inflight -= 1
             self._leased -= 1
-            if not gen.inflight:
+            if self._waiting and not gen.inflight:
                 self._cond.notify_all()
+
+    def _wait(self) -> None:
+        """Under _cond: wait for a notification, counted so give_back() knows to send one."""
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
 
     def _settle(self, lease: Lease) -> None:
         """Under _cond: add what the lease's exchanges answered to the counters (once)."""
@@ -461,7 +477,7 @@ class Supervisor:
         if old is not None:
             with self._cond:
                 while old.inflight:
-                    self._cond.wait()
+                    self._wait()
             self.stop(old)
             with self._cond:
                 self._gen = None
@@ -673,7 +689,7 @@ class Supervisor:
             if gen is not None:
                 with self._cond:
                     while gen.inflight:
-                        self._cond.wait()
+                        self._wait()
                     leaving = self.shared and gen.end is None and gen.retiring is None
                     gen.retiring = gen.retiring or "closed"
                 if leaving:
