@@ -672,6 +672,7 @@ def test_cancellation_storm_then_every_result_is_exact(db: str) -> None:
 # -- the example -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_example_service_keeps_answering_through_crashes(tmp_path: Path) -> None:
     """python -m safechroma._examples.async_service runs by itself, survives a SIGSEGV, a
     segfaulting embedding and a SIGKILL, exits 0 and removes its temporary directory."""

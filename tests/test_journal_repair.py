@@ -176,7 +176,13 @@ def _delete_sqlite(root: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", ["truncated_50", "header_zeroed", "deleted"], ids=lambda k: f"safeclient-{k}"
+    "kind",
+    [  # the everyday lane repairs one kind through SafeClient; the slow lane all three
+        pytest.param("truncated_50", marks=pytest.mark.slow),
+        "header_zeroed",
+        pytest.param("deleted", marks=pytest.mark.slow),
+    ],
+    ids=lambda k: f"safeclient-{k}",
 )
 def test_safeclient_brings_a_damaged_managed_directory_back_whole(
     managed: tuple[str, dict[str, Any]], tmp_path: Path, kind: str

@@ -149,7 +149,8 @@ def _race(db: str, exclusive: bool) -> list[str]:
     return sorted(o[0] if o[0] else f"ERR {o[1][-500:]}" for o in outs)
 
 
-@pytest.mark.parametrize("round_", range(2))
+# A second round of each race runs in the slow lane.
+@pytest.mark.parametrize("round_", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_two_exclusive_programs_racing_for_one_directory(db: str, round_: int) -> None:
     """Pins: two programs that open one directory exclusively at the same instant: exactly
     one wins, the other gets DirectoryLockedError naming the directory (never two owners,
@@ -159,7 +160,7 @@ def test_two_exclusive_programs_racing_for_one_directory(db: str, round_: int) -
     assert os.path.realpath(db) in outs[0]
 
 
-@pytest.mark.parametrize("round_", range(2))
+@pytest.mark.parametrize("round_", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_two_programs_racing_for_one_directory_share_one_worker(db: str, round_: int) -> None:
     """Pins: by default, two programs opening one directory at the same instant are both
     served, by one worker: exactly one of them started it, the other attached."""

@@ -233,6 +233,7 @@ def _ready(proc: subprocess.Popen[str]) -> int:
             return int(msg["ready"])
 
 
+@pytest.mark.slow
 def test_three_processes_through_a_killed_starter_and_two_killed_workers(db: str) -> None:
     """The issue's check. Three programs write and read one directory at once; the first one
     (which started the worker) is SIGKILLed, then the worker twice. The survivors finish with no
