@@ -350,6 +350,61 @@ def test_the_rss_watchdog_ends_a_runaway_worker(tmp_path: Path) -> None:
     assert out["alive"] is True
 
 
+def test_import_works_and_safeclient_names_what_works_without_posix() -> None:
+    """Pins issue 23's Windows floor, as far as Linux can show it: with every POSIX-only module
+    and name the runtime uses taken away (fcntl, resource, os.register_at_fork, os.fork,
+    pidfds, AF_UNIX and descriptor passing, select.poll, SIGKILL) and ``sys.platform`` set to
+    win32, ``import safechroma`` and its runtime work, and ``SafeClient(...)`` raises the one
+    UnsupportedPlatformError naming SafeHttpClient and ``safechroma serve``. (A simulation:
+    the modules a real Windows has, subprocess and chromadb among them, are imported first;
+    mypy --platform win32 checks the rest of the code.)"""
+    script = """
+        import os, select, signal, socket, sys, types
+        import asyncio, logging, subprocess, sysconfig, tempfile  # real on Windows too
+        import chromadb, chromadb.api.models.Collection, numpy
+
+        sys.platform = "win32"
+        for name in ("fcntl", "resource", "termios", "grp", "pwd"):
+            sys.modules[name] = None  # importing it raises ImportError
+        sys.modules["_winapi"] = types.ModuleType("_winapi")
+        sys.modules["msvcrt"] = types.ModuleType("msvcrt")
+        gone = {
+            os: ["register_at_fork", "fork", "pidfd_open", "getuid", "pwrite", "pipe2"],
+            socket: ["AF_UNIX", "send_fds", "recv_fds", "SO_PEERCRED"],
+            select: ["poll", "POLLIN", "POLLOUT"],
+            signal: ["SIGKILL", "SIGXFSZ", "SIGBUS", "pidfd_send_signal"],
+        }
+        for module, names in gone.items():
+            for name in names:
+                if hasattr(module, name):
+                    delattr(module, name)
+
+        import safechroma
+        import safechroma.runtime.session, safechroma.runtime.supervisor
+        from safechroma.runtime import platform, template, transport, worker
+
+        errors = []
+        for exclusive in (False, True):
+            try:
+                safechroma.SafeClient(sys.argv[1], exclusive=exclusive)
+            except safechroma.SafeChromaError as exc:
+                errors.append([type(exc).__name__, str(exc)])
+        print(json.dumps(dict(errors=errors, template=template.warm() is None)))
+        """
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json\n" + textwrap.dedent(script), "/nonexistent/db"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["template"] is True
+    assert [kind for kind, _ in out["errors"]] == ["UnsupportedPlatformError"] * 2
+    for _, message in out["errors"]:
+        assert "SafeHttpClient" in message and "safechroma serve" in message
+
+
 # -- the portable mechanisms one by one, in this process (they work on Linux in any mode) ----
 
 

@@ -48,6 +48,8 @@ def member(name: str, path: str, notes: int) -> None:
 
 
 def main() -> int:
+    if sys.platform == "win32":  # it kills a program with SIGKILL
+        raise SystemExit("this example runs on Linux and macOS")
     workdir = tempfile.mkdtemp(prefix="safechroma-procs-")
     path = os.path.join(workdir, "db")
     me = [sys.executable, "-m", "safechroma._examples.shared_processes", "member"]

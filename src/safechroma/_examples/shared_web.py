@@ -132,6 +132,8 @@ def _children(pid: int) -> list[int]:
 
 
 def main() -> int:
+    if sys.platform == "win32":  # it kills processes with SIGKILL and reads /proc
+        raise SystemExit("this example runs on Linux")
     import httpx
 
     workdir = tempfile.mkdtemp(prefix="safechroma-web-")

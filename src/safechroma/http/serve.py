@@ -65,6 +65,7 @@ from .._policy import (
     default_validator,
 )
 from ..jobs.runner import run_job
+from ..runtime import platform
 from ..runtime.breaker import Breaker
 from ..runtime.hooks import check_and_recover, describe_report
 from ..runtime.lock import LOCK_NAME
@@ -217,7 +218,7 @@ class Server:
         # could be held by the very frame the handler interrupts).
         self._stopping = False
         self._watchdog_stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r, self._wake_w = platform.nonblocking_pipe()
         self._lock_fd: int | None = None
         self._workdir = ""
         self._child: subprocess.Popen[bytes] | None = None
@@ -428,7 +429,7 @@ class Server:
             self._ready_at = None
             self._rounds_ok = 0
         self._emit("chroma_started", self._child.pid, command="chroma run " + config)
-        pidfd = os.pidfd_open(self._child.pid)
+        pidfd = platform.watch_popen(self._child)  # a pidfd on Linux, a pipe elsewhere
         try:
             self._wait_ready(pidfd, log_path)
             self._watch(pidfd, log_path)
@@ -572,7 +573,8 @@ class Server:
         try:
             child.send_signal(signal.SIGTERM)
             # A stopped process keeps SIGTERM pending; let it run so that it can stop cleanly.
-            child.send_signal(signal.SIGCONT)
+            if sys.platform != "win32":  # no SIGSTOP, no SIGCONT there
+                child.send_signal(signal.SIGCONT)
             child.wait(grace)
             return
         except subprocess.TimeoutExpired:

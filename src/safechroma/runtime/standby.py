@@ -17,6 +17,7 @@ and never holds it while a process starts or stops.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -142,8 +143,7 @@ def file_size_limit(path: str, setting: int | str | None) -> int | None:
     from ..storage.limits import plausible_max_file_bytes
 
     try:
-        st = os.statvfs(path)
-        free = st.f_bavail * st.f_frsize
+        free: int = shutil.disk_usage(path).free  # statvfs's f_bavail, and on Windows too
     except OSError:
         return None
     return min(largest + max(64 << 20, free // 2), plausible_max_file_bytes(path))

@@ -33,6 +33,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -752,7 +753,8 @@ def _forked() -> None:
     _this_pid = os.getpid()
 
 
-os.register_at_fork(after_in_child=_forked)
+if sys.platform != "win32":  # Windows has no fork (and no os.register_at_fork)
+    os.register_at_fork(after_in_child=_forked)
 
 # Exchanges that are not a caller's call: a worker that only did these made no progress.
 _NOT_CALLS: Final = frozenset({"start", "open", "release", "apply_salvage"})

@@ -194,7 +194,7 @@ class Journal:
             while view:
                 n = os.write(self._fd, view)
                 view = view[n:]
-            os.fdatasync(self._fd)
+            getattr(os, "fdatasync", os.fsync)(self._fd)  # macOS and Windows: no fdatasync
             self._size += len(data)
 
     def submit(
