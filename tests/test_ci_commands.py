@@ -28,7 +28,7 @@ def ci_commands() -> list[str]:
 
 def test_ci_runs_the_readme_commands() -> None:
     assert readme_commands() == ci_commands()
-    assert len(ci_commands()) == 3
+    assert len(ci_commands()) == 5
 
 
 def test_a_failure_anywhere_in_a_ci_line_fails_ci() -> None:
@@ -39,9 +39,12 @@ def test_a_failure_anywhere_in_a_ci_line_fails_ci() -> None:
 
 
 def test_ci_installs_the_framework_extra_and_pins_the_oldest_supported_chromadb() -> None:
-    first, oldest, mcp = ci_commands()
+    first, portable, types, oldest, mcp = ci_commands()
     assert "'.[test,mcp]'" in mcp and mcp.endswith("-m pytest tests/programs")
-    assert "'.[test,integrations]'" in first and first.endswith("-m pytest")
+    assert "'.[test,integrations,lint]'" in first and first.endswith("-m pytest")
+    assert portable.startswith("SAFECHROMA_PORTABLE=1 .venv/bin/python -m pytest tests/")
+    for system in ("linux", "darwin", "win32"):  # issue 23: the type check of every platform
+        assert f"-m mypy --platform {system}" in types
     pyproject = (ROOT / "pyproject.toml").read_text()
     low = re.search(r'"chromadb>=([0-9.]+),<[0-9.]+"', pyproject)
     assert low is not None
