@@ -78,6 +78,11 @@ def test_a_warm_worker_leaves_by_itself_and_restores_chromas_purge(db: str) -> N
     while _alive(got["worker"]) and time.monotonic() < give_up:
         time.sleep(0.05)
     assert not _alive(got["worker"])
+    # The kernel drops a dying process's flock as its files are released, which can trail the
+    # moment /proc shows it gone: seen free a few ms later, once in 20 runs at load 5, with no
+    # process holding the file in between.
+    while not lock_is_free(db) and time.monotonic() < give_up:
+        time.sleep(0.01)
     assert lock_is_free(db)
     assert _purge_on(db)
 
