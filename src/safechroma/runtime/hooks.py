@@ -4,11 +4,14 @@ One supervision for every face (issue 22): ``SafeClient``'s supervisor, ``safech
 the command line all run the user's hooks through :func:`check_and_recover`, so the verdicts, the
 errors and the events are the same whoever starts Chroma on the directory. It runs in the
 caller's process with no worker on the directory; it starts nothing and writes nothing itself
-(the hooks do, and the salvage they leave is written back by :mod:`safechroma.jobs.apply_salvage`
-or the supervisor's worker). It never prints: what happened goes to ``emit`` as events.
+but one record in the write journal (the write a dead worker left undecided: voided or marked
+settled, :func:`safechroma.storage.journal.settle`); the hooks write, and the salvage they
+leave is written back by :mod:`safechroma.jobs.apply_salvage` or the supervisor's worker. It
+never prints: what happened goes to ``emit`` as events.
 
 The steps, in order::
 
+    settle the journal        (no validator needed; never raises)
     validator(ctx)            -> report    (no validator: healthy, nothing else runs)
     report "incompatible"     -> IncompatibleDirectoryError (no repair, nothing written)
     emit("validated")
@@ -84,6 +87,19 @@ def describe_report(report: Any) -> str:
     return text + (f"; {', '.join(findings[:8])}" if findings else "")
 
 
+def _settle_journal(path: str) -> None:
+    """Decide the write the last worker died in, if it journaled one: voided when Chroma never
+    committed it (:func:`safechroma.storage.journal.settle`), before a repair could write it
+    back to some of its ids and before the next worker writes. Never raises: the journal is a
+    second copy, and the record then stays as it is."""
+    try:
+        from ..storage.journal import settle
+
+        settle(path)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
+
+
 def check_and_recover(
     path: str,
     *,
@@ -115,6 +131,7 @@ def check_and_recover(
             ``status == "not_repairable"``.
         Exception: whatever the validator itself raises, unchanged.
     """
+    _settle_journal(path)
     if validator is None:
         return HookResult(healthy=True, report=None)
     ctx = HookContext(path, reason, crash, attempt)  # type: ignore[arg-type]

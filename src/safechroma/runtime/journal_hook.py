@@ -3,8 +3,9 @@
 What it owns: wrapping one opened client's server object (``client._server``, chromadb's
 ``RustBindingsAPI``) so that every write that Chroma accepted is in the journal before the call
 returns, which is before the worker replies: an acknowledged write is in the journal. The
-journal's write and fdatasync run while Chroma commits (:meth:`Journal.submit`); a write Chroma
-refused is voided with an abort record.
+record is written before Chroma is called, so a write Chroma committed is in the journal even
+when the worker dies before replying, and its fdatasync runs while Chroma commits
+(:meth:`Journal.submit`); a write Chroma refused is voided with an abort record.
 ``Collection.add``/``upsert``/``update``/``delete`` reach the server as ``_add``, ``_upsert``,
 ``_update``, ``_delete`` with the embeddings already computed; ``run_in_worker`` functions and
 the recovery's write-back go through the same object. Collection changes (``create_collection``,
@@ -113,18 +114,25 @@ def _journaled(
     ids: Any,
     a: dict[str, Any],
 ) -> Any:
-    """Chroma's write and its journal record at once: the record's write and fdatasync run in
-    the journal's thread while Chroma commits (both release the GIL), so the reply waits for
-    the slower of the two, not their sum; a write Chroma refused is voided by an abort record.
+    """Chroma's write and its journal record: the record is written first (a worker killed in
+    Chroma's write must not leave Chroma ahead of the journal: a repair would then take the
+    journal's older view for the truth), its fdatasync runs in the journal's thread while
+    Chroma commits (both release the GIL), so the reply waits for the slower of the two, not
+    their sum; a write Chroma refused is voided by an abort record.
     """
-    seq, fut = journal.submit(
-        op,
-        cid,
-        ids,
-        embeddings=a.get("embeddings"),
-        metadatas=a.get("metadatas"),
-        documents=a.get("documents"),
-    )
+    try:
+        seq, fut = journal.submit(
+            op,
+            cid,
+            ids,
+            embeddings=a.get("embeddings"),
+            metadatas=a.get("metadatas"),
+            documents=a.get("documents"),
+        )
+    except OSError as exc:
+        raise OSError(
+            f"safechroma's journal could not record the write, so Chroma was not asked: {exc!r}"
+        ) from exc
     try:
         result = method(*args, **kwargs)
     except BaseException:

@@ -7,14 +7,20 @@ apart from the file they protect, in the manner of Litestream:
 
 * ``<path>/.safechroma/journal/seg-<n>.log``: append-only segment files. The worker appends one
   record per write (``add``, ``upsert``, ``update``, ``delete``, collection changes) with one
-  ``write`` on an ``O_APPEND`` descriptor then ``fdatasync`` (Chroma's own commit syncs too;
-  ~3-4 ms per record on this machine), in a thread of its own *while* Chroma commits the write
-  (both release the GIL: the caller waits for the slower, not the sum), and replies only once
-  both are done: an acknowledged write is in the journal. A write Chroma refused is voided by
-  an ``abort`` record appended right after it (a crash in that instant leaves the refused write
-  in the journal: the one window where the journal holds more than Chroma acknowledged). A
-  lock held across both keeps the records in Chroma's order. A writer starts a new segment (it
-  never appends after a torn tail).
+  ``write`` on an ``O_APPEND`` descriptor *before* Chroma is called, then ``fdatasync`` in a
+  thread of its own *while* Chroma commits the write (Chroma's own commit syncs too; ~3-4 ms
+  each on this machine; both release the GIL: the caller waits for the slower, not the sum),
+  and replies only once both are done: an acknowledged write is in the journal, and so is every
+  write Chroma committed, even when the worker dies before it replies (the record was in the
+  page cache before Chroma began; a record written *beside* Chroma's commit once lagged it, and
+  a repair then deleted again a record that an upsert of unknown outcome had re-created, so
+  the upsert came back applied to some of its ids only). A write Chroma refused is voided by
+  an ``abort`` record appended right after it. So the journal can hold more than Chroma
+  committed only in one place: the last record of a segment whose worker died during that
+  write. :func:`settle` decides that record from Chroma's WAL before the next worker starts,
+  and voids it when Chroma never committed it. A lock held across Chroma's write and its record
+  keeps the records in Chroma's order. A writer starts a new segment (it never appends after
+  a torn tail).
 * A record: a fixed header ``<4sIII`` (magic, JSON header length, body length, crc32 of the
   lengths, the JSON header and the body), a JSON header (op, collection, ids, documents,
   metadatas, dim; JSON only: this file is untrusted and never unpickled) and a body of raw
@@ -59,6 +65,7 @@ __all__ = [
     "journal_dir",
     "read_records",
     "replay",
+    "settle",
 ]
 
 JOURNAL_DIR = "journal"
@@ -124,6 +131,10 @@ def encode(header: dict[str, Any], vectors: np.ndarray | None = None) -> bytes:
     return _HEAD.pack(MAGIC, len(head), len(body), crc) + head + body
 
 
+def _datasync(fd: int) -> None:
+    getattr(os, "fdatasync", os.fsync)(fd)  # macOS and Windows: no fdatasync
+
+
 def _vectors(embeddings: Any) -> tuple[np.ndarray | None, int | None]:
     if embeddings is None:
         return None, None
@@ -183,10 +194,16 @@ class Journal:
         self, header: dict[str, Any], vectors: np.ndarray | None = None, *, roll: bool = True
     ) -> None:
         """Append one record durably (write, then fdatasync) before returning."""
-        data = encode(header, vectors)
+        self._put(encode(header, vectors), roll=roll)
+        self._sync()
+
+    def _put(self, data: bytes, *, roll: bool = True) -> None:
+        """Write one encoded record (into the page cache: it survives the process, not yet
+        a power cut)."""
         with self._lock:
             if self._fd is None or (roll and self._size >= self.segment_bytes):
                 if self._fd is not None:
+                    _datasync(self._fd)  # a pending _sync may find the next segment's fd
                     os.close(self._fd)
                     self._fd = None
                 self._fd = self._open_segment()
@@ -194,8 +211,12 @@ class Journal:
             while view:
                 n = os.write(self._fd, view)
                 view = view[n:]
-            getattr(os, "fdatasync", os.fsync)(self._fd)  # macOS and Windows: no fdatasync
             self._size += len(data)
+
+    def _sync(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                _datasync(self._fd)
 
     def submit(
         self,
@@ -207,26 +228,23 @@ class Journal:
         metadatas: Any = None,
         documents: Any = None,
     ) -> tuple[int, Future[None]]:
-        """Start journaling a record write in the background (so that its fdatasync overlaps
-        Chroma's own commit); returns its sequence number and a future. Call it holding
+        """Journal a record write whose Chroma write comes next: the record is written before
+        this returns (so a worker that dies in Chroma's write never leaves Chroma ahead of the
+        journal), its fdatasync starts in the background (to overlap Chroma's own commit);
+        returns its sequence number and the future of that sync. Call it holding
         :attr:`order`, and :meth:`abort` the sequence number if Chroma then refuses the write.
+
+        Raises:
+            OSError: the record could not be written (Chroma must then not be called).
         """
+        seq = next(self._seq)
+        data = self._record(op, collection_id, ids, embeddings, metadatas, documents, seq, pre=True)
+        self._put(data)
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(1, thread_name_prefix="safechroma-journal")
-        seq = next(self._seq)
-        fut = self._pool.submit(
-            self.write,
-            op,
-            collection_id,
-            ids,
-            embeddings=embeddings,
-            metadatas=metadatas,
-            documents=documents,
-            seq=seq,
-        )
-        return seq, fut
+        return seq, self._pool.submit(self._sync)
 
     def abort(self, seq: int) -> None:
         """Void record ``seq`` (Chroma refused that write): appended right after it, durably,
@@ -244,18 +262,35 @@ class Journal:
         documents: Any = None,
         seq: int | None = None,
     ) -> None:
-        """Journal one record write (``add``, ``upsert``, ``update`` or ``delete``)."""
+        """Journal one record write (``add``, ``upsert``, ``update`` or ``delete``) durably."""
+        self._put(self._record(op, collection_id, ids, embeddings, metadatas, documents, seq))
+        self._sync()
+
+    @staticmethod
+    def _record(
+        op: str,
+        collection_id: str,
+        ids: Sequence[str],
+        embeddings: Any,
+        metadatas: Any,
+        documents: Any,
+        seq: int | None,
+        *,
+        pre: bool = False,
+    ) -> bytes:
         vectors, dim = _vectors(embeddings)
         header: dict[str, Any] = {"op": op, "c": collection_id, "ids": list(ids)}
         if seq is not None:
             header["s"] = seq
+        if pre:
+            header["pre"] = True  # written before Chroma's write: settle() may decide it
         if documents is not None:
             header["documents"] = list(documents)
         if metadatas is not None:
             header["metadatas"] = [None if m is None else dict(m) for m in metadatas]
         if dim is not None:
             header["dim"] = dim
-        self.append(header, vectors)
+        return encode(header, vectors)
 
     def collection(
         self,
@@ -441,7 +476,7 @@ def _apply(
     if op == "reset":  # chromadb's reset(): every collection gone
         state.clear()
         return
-    if op == "compacted":
+    if op in ("compacted", "settled"):
         return
     if op == "collection":
         prev = state.get(cid)
@@ -541,6 +576,9 @@ def compact(
     disk stays within ``1 + min_growth`` of the compacted size).
     """
     out = CompactReport()
+    # Before anything folds the journal or compacts Chroma's WAL (which runs right after this,
+    # in wal.maintain): settle() reads the WAL rows as Chroma wrote them.
+    settle(path)
     segs = _segments(path)
     out.segments_before = len(segs)
     out.bytes_before = sum(os.path.getsize(s) for s in segs)
@@ -628,3 +666,107 @@ def _create_configuration(configuration: Any) -> dict[str, Any] | None:
 def has_journal(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` has a write journal."""
     return bool(_segments(path))
+
+
+# ---- the one uncertain record ----------------------------------------------------------------
+
+# chromadb's operation codes in ``embeddings_queue`` (its WAL).
+_CHROMA_OPS = {"add": 0, "update": 1, "upsert": 2, "delete": 3}
+
+
+def settle(path: str | os.PathLike[str]) -> str | None:
+    """Decide the journal's one uncertain record, once, before anything writes again.
+
+    A record is written before Chroma is asked (:meth:`Journal.submit`), so the journal can
+    hold a write Chroma never committed in one place only: the last record of the newest
+    segment, when its worker died during that write. Left as it is, a later repair would
+    write it back, to some of its ids only (the records the directory lacks): an unknown
+    outcome turned into a partial one, long after a read had seen it not applied. Chroma's
+    WAL (``embeddings_queue``, kept by safechroma and compacted only after a settle: see
+    :func:`compact`) says which: Chroma logs a write as one row per id, in order, in one
+    transaction, after every earlier write, so the write was committed exactly when the
+    collection's newest rows are its ids with its operation (and its vectors and documents).
+    A committed record gets a ``settled`` record after it, one Chroma never committed an
+    ``abort`` (the reader then skips it). Only records marked as written before Chroma's
+    write (``pre``) are decided; the caller must own the directory (no worker has it open).
+
+    Returns:
+        ``"committed"``, ``"voided"``, or None when there was nothing to decide or the WAL
+        could not be read (the record then stays, as a write that happened).
+    """
+    segs = _segments(path)
+    if not segs:
+        return None
+    seg = segs[-1]
+    rep = ReadReport()
+    last: tuple[dict[str, Any], np.ndarray | None] | None = None
+    for record in _read_segment(seg, rep):
+        last = record
+    if last is None or rep.torn:
+        # A torn tail is the write the worker died in, cut short before Chroma was asked.
+        return None
+    header, vectors = last
+    op, seq = header.get("op"), header.get("s")
+    ids = [str(i) for i in header.get("ids") or []]
+    if op not in _CHROMA_OPS or not isinstance(seq, int) or not header.get("pre") or not ids:
+        return None
+    cid = str(header.get("c"))
+    committed = _in_chroma_wal(os.fspath(path), cid, str(op), ids, header, vectors)
+    if committed is None:
+        return None
+    mark = {"op": "settled" if committed else "abort", "c": cid, "s": seq}
+    fd = os.open(seg, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, encode(mark))
+        _datasync(fd)
+    finally:
+        os.close(fd)
+    return "committed" if committed else "voided"
+
+
+def _in_chroma_wal(
+    root: str,
+    cid: str,
+    op: str,
+    ids: list[str],
+    header: dict[str, Any],
+    vectors: np.ndarray | None,
+) -> bool | None:
+    """Whether the collection's newest WAL rows are this write (None: unreadable)."""
+    import sqlite3
+
+    db = os.path.join(root, "chroma.sqlite3")
+    if not os.path.isfile(db):
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute(
+                "SELECT id, operation, vector, encoding, metadata FROM embeddings_queue "
+                "WHERE topic LIKE ? ORDER BY seq_id DESC LIMIT ?",
+                ("%/" + cid, len(ids)),
+            ).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None  # e.g. a hot rollback journal, which the check backs up first
+    rows.reverse()
+    if [str(r[0]) for r in rows] != ids or any(r[1] != _CHROMA_OPS[op] for r in rows):
+        return False
+    docs = header.get("documents")
+    for k, (_i, _op, blob, encoding, meta) in enumerate(rows):
+        if vectors is not None and op != "delete":
+            if blob is None:
+                return False
+            if (encoding or "FLOAT32").upper() == "FLOAT32" and not np.array_equal(
+                np.frombuffer(blob, dtype="<f4"), np.asarray(vectors[k], dtype="<f4")
+            ):
+                return False
+        if docs is not None and docs[k] is not None:
+            try:
+                logged = json.loads(meta).get("chroma:document") if meta else None
+            except (ValueError, AttributeError):
+                logged = None
+            if logged != docs[k]:
+                return False
+    return True

@@ -21,6 +21,7 @@ from safechroma.storage.journal import (
     _json_default,
     _segments,
     replay,
+    settle,
 )
 from safechroma.storage.layout import LOSSES_MARKER, STATE_DIR, _fsync_dir, _stamp
 
@@ -136,6 +137,9 @@ def fill(root: str, rep: Any, *, sqlite_unusable: bool = False) -> Any:
     found = _db_collections(db)
     rebuilt = any(getattr(c, "action", "") == "sqlite_rebuild" for c in rep.collections)
     whole_loss = sqlite_unusable or found is None or (not found and rep.status != "nothing_to_do")
+    if not (rebuilt or whole_loss) and settle(root) == "voided":
+        # Undecided until the repair rolled back a killed commit's hot journal: read again.
+        state = {k: v for k, v in replay(root).items() if v.name is not None}
 
     backup = rep.backup_dir
     if backup is None:

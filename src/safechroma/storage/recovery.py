@@ -61,7 +61,7 @@ from safechroma.storage.hnsw import (
     read_live_elements,
     salvage_vectors,
 )
-from safechroma.storage.journal import has_journal
+from safechroma.storage.journal import has_journal, settle
 from safechroma.storage.journal_fill import fill
 from safechroma.storage.label_map import (
     LabelMapRebuild,
@@ -232,6 +232,10 @@ def repair_directory(
 ) -> RepairReport:
     """Repair ``path`` (see :func:`_repair_files`), then fill from the write journal what the
     repair could not bring back (issue 21: :func:`safechroma.storage.journal.fill`)."""
+    if not dry_run:
+        # The write a dead worker left undecided, decided against Chroma's WAL as it was
+        # before the repair touches chroma.sqlite3 (a rebuild writes a new one).
+        settle(path)
     try:
         out = _repair_files(path, report, dry_run=dry_run, progress=progress)
     except Exception as exc:
