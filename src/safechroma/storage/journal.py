@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from safechroma.storage.journal_wal import CHROMA_OPS, chroma_logged
 from safechroma.storage.layout import STATE_DIR, _fsync_dir
 
 __all__ = [
@@ -372,6 +373,12 @@ def _read_segment(
 ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
     with open(name, "rb") as f:
         data = f.read()
+    yield from _parse(data, name, report)
+
+
+def _parse(
+    data: bytes, name: str, report: ReadReport
+) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
     off = 0
     while off < len(data):
         why = None
@@ -670,9 +677,6 @@ def has_journal(path: str | os.PathLike[str]) -> bool:
 
 # ---- the one uncertain record ----------------------------------------------------------------
 
-# chromadb's operation codes in ``embeddings_queue`` (its WAL).
-_CHROMA_OPS = {"add": 0, "update": 1, "upsert": 2, "delete": 3}
-
 
 def settle(path: str | os.PathLike[str]) -> str | None:
     """Decide the journal's one uncertain record, once, before anything writes again.
@@ -698,20 +702,16 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     if not segs:
         return None
     seg = segs[-1]
-    rep = ReadReport()
-    last: tuple[dict[str, Any], np.ndarray | None] | None = None
-    for record in _read_segment(seg, rep):
-        last = record
-    if last is None or rep.torn:
-        # A torn tail is the write the worker died in, cut short before Chroma was asked.
+    last = _last_record(seg)
+    if last is None:
         return None
     header, vectors = last
     op, seq = header.get("op"), header.get("s")
     ids = [str(i) for i in header.get("ids") or []]
-    if op not in _CHROMA_OPS or not isinstance(seq, int) or not header.get("pre") or not ids:
+    if op not in CHROMA_OPS or not isinstance(seq, int) or not header.get("pre") or not ids:
         return None
     cid = str(header.get("c"))
-    committed = _in_chroma_wal(os.fspath(path), cid, str(op), ids, header, vectors)
+    committed = chroma_logged(os.fspath(path), cid, str(op), ids, header.get("documents"), vectors)
     if committed is None:
         return None
     mark = {"op": "settled" if committed else "abort", "c": cid, "s": seq}
@@ -724,49 +724,27 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     return "committed" if committed else "voided"
 
 
-def _in_chroma_wal(
-    root: str,
-    cid: str,
-    op: str,
-    ids: list[str],
-    header: dict[str, Any],
-    vectors: np.ndarray | None,
-) -> bool | None:
-    """Whether the collection's newest WAL rows are this write (None: unreadable)."""
-    import sqlite3
+def _last_record(segment: str) -> tuple[dict[str, Any], np.ndarray | None] | None:
+    """The last record of ``segment`` when the file ends right after it; None when it is empty
+    or its tail is torn or damaged (a torn tail is the write the worker died in, cut short
+    before Chroma was asked). Walks the records' lengths only, so a respawn does not read and
+    check a large segment whole."""
+    import mmap
 
-    db = os.path.join(root, "chroma.sqlite3")
-    if not os.path.isfile(db):
+    size = os.path.getsize(segment)
+    if size == 0:
         return None
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            rows = con.execute(
-                "SELECT id, operation, vector, encoding, metadata FROM embeddings_queue "
-                "WHERE topic LIKE ? ORDER BY seq_id DESC LIMIT ?",
-                ("%/" + cid, len(ids)),
-            ).fetchall()
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return None  # e.g. a hot rollback journal, which the check backs up first
-    rows.reverse()
-    if [str(r[0]) for r in rows] != ids or any(r[1] != _CHROMA_OPS[op] for r in rows):
-        return False
-    docs = header.get("documents")
-    for k, (_i, _op, blob, encoding, meta) in enumerate(rows):
-        if vectors is not None and op != "delete":
-            if blob is None:
-                return False
-            if (encoding or "FLOAT32").upper() == "FLOAT32" and not np.array_equal(
-                np.frombuffer(blob, dtype="<f4"), np.asarray(vectors[k], dtype="<f4")
-            ):
-                return False
-        if docs is not None and docs[k] is not None:
-            try:
-                logged = json.loads(meta).get("chroma:document") if meta else None
-            except (ValueError, AttributeError):
-                logged = None
-            if logged != docs[k]:
-                return False
-    return True
+    with open(segment, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        off, last = 0, -1
+        while off < size:
+            if size - off < _HEAD.size:
+                return None
+            magic, hlen, blen, _crc = _HEAD.unpack_from(m, off)
+            end = off + _HEAD.size + hlen + blen
+            if magic != MAGIC or hlen > _MAX_HEADER or end > size:
+                return None
+            last, off = off, end
+        tail = m[last:size]
+    rep = ReadReport()
+    records = list(_parse(tail, segment, rep))
+    return records[0] if len(records) == 1 and not rep.torn else None
