@@ -10,6 +10,13 @@ and safechroma run in this one process, on two copies of one 10k x 384 collectio
 alternating rounds so that drift on a shared machine hits both::
 
     python benchmarks/bench_overhead.py [--records 10000] [--calls 1500] [--rounds 3]
+        [--threads 1,2,4,8] [--seconds 3]
+
+A third table runs ``get`` and ``query`` from 1-8 threads at once, the modes taking turns, and
+reports per call what the throughput ratio is made of: CPU (direct's process; safechroma's
+caller and worker) and context switches (every thread of those processes, from
+``/proc/<pid>/task/*/status``): on a machine where a wake-up costs tens of microseconds, the
+switches a call adds are most of its cost.
 
 Writes ``benchmarks/results/overhead.md``.
 """
@@ -27,6 +34,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +52,13 @@ from safechroma import SafeClient  # noqa: E402
 
 DIM = 384
 OPS = ("heartbeat", "get_ids10", "query1")
-LABELS = {"heartbeat": "heartbeat()", "get_ids10": "get(ids=10)", "query1": "query(1 vec, k=10)"}
+THREADED_OPS = ("get_ids10", "query1", "count")
+LABELS = {
+    "heartbeat": "heartbeat()",
+    "get_ids10": "get(ids=10)",
+    "query1": "query(1 vec, k=10)",
+    "count": "count()",
+}
 _TICK = os.sysconf("SC_CLK_TCK")
 IDLE_US = (0, 200, 1000, 3000)
 
@@ -125,6 +139,76 @@ def _measure(
     return out
 
 
+def _switches(pid: int) -> int:
+    """Context switches (voluntary + involuntary) of every live thread of ``pid`` so far."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                        total += int(line.split()[-1])
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+    return total
+
+
+def _threaded(
+    target: Any, op: str, records: int, workers: int, seconds: float, worker: int | None
+) -> dict[str, float]:
+    """``workers`` threads call ``op`` for ``seconds``: calls per s, and per call CPU and
+    context switches of this process and of the worker (counted while every thread lives)."""
+    calls = [_calls(target, op, records, 100 + w, 64) for w in range(workers)]
+    stop = threading.Event()
+    counts = [0] * workers
+    start, end = threading.Barrier(workers + 1), threading.Barrier(workers + 1)
+
+    def loop(w: int) -> None:
+        mine = calls[w]
+        start.wait()
+        k = 0
+        try:
+            while not stop.is_set():
+                mine[k % 64]()
+                k += 1
+        finally:
+            counts[w] = k
+            end.wait()  # alive until the counters are read
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    me = os.getpid()
+    start.wait()
+    u0, s0 = _self_cpu()
+    wu0, ws0 = _proc_cpu(worker) if worker else (0.0, 0.0)
+    x0, wx0 = _switches(me), (_switches(worker) if worker else 0)
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    while end.n_waiting < workers:
+        time.sleep(0.001)
+    wall = time.perf_counter() - t0
+    u1, s1 = _self_cpu()
+    wu1, ws1 = _proc_cpu(worker) if worker else (0.0, 0.0)
+    x1, wx1 = _switches(me), (_switches(worker) if worker else 0)
+    end.wait()
+    for t in threads:
+        t.join()
+    n = max(1, sum(counts))
+    return {
+        "per_s": sum(counts) / wall,
+        "cpu": ((u1 - u0) + (s1 - s0)) / n * 1e6,
+        "worker_cpu": ((wu1 - wu0) + (ws1 - ws0)) / n * 1e6,
+        "switches": (x1 - x0) / n,
+        "worker_switches": (wx1 - wx0) / n,
+    }
+
+
 def _calls(target: Any, op: str, records: int, rnd: int, n: int) -> list[Callable[[], Any]]:
     out: list[Callable[[], Any]] = []
     for k in range(n):
@@ -140,6 +224,9 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--calls", type=int, default=1500, help="calls per op per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", default="1,2,4,8", help="caller threads for the third table")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per threaded cell")
+    parser.add_argument("--turns", type=int, default=3, help="turns per threaded cell and mode")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-overhead-")
     try:
@@ -192,6 +279,18 @@ def _run(args: argparse.Namespace, work: str) -> int:
                     f" (ratio {d['wall'] / s['wall']:.2f})",
                     flush=True,
                 )
+    threaded: dict[tuple[str, int], dict[str, list[dict[str, float]]]] = {}
+    for op in THREADED_OPS:
+        for n in [int(x) for x in args.threads.split(",")]:
+            cell = threaded.setdefault((op, n), {"direct": [], "safe": []})
+            for turn in range(args.turns):  # the modes take turns; the first one alternates
+                order = ("direct", "safe") if turn % 2 == 0 else ("safe", "direct")
+                for mode in order:
+                    tgt, pid = (direct, None) if mode == "direct" else (safe, worker)
+                    cell[mode].append(_threaded(tgt, op, args.records, n, args.seconds, pid))
+            d = statistics.median(r["per_s"] for r in cell["direct"])
+            sc = statistics.median(r["per_s"] for r in cell["safe"])
+            print(f"{op} x{n}: direct {d:.0f}/s, safechroma {sc:.0f}/s ({sc / d:.2f})", flush=True)
     safe_client.close()
 
     def med(op: str, mode: str, key: str) -> float:
@@ -247,10 +346,40 @@ def _run(args: argparse.Namespace, work: str) -> int:
         "|---|" + "---|" * len(IDLE_US),
         "| wake-up | " + " | ".join(f"{wake[us]:.0f}" for us in IDLE_US) + " |",
     ]
+    lines += _threaded_table(threaded, args)
     out = HERE / "results" / "overhead.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def _threaded_table(
+    cells: dict[tuple[str, int], dict[str, list[dict[str, float]]]], args: argparse.Namespace
+) -> list[str]:
+    def m(op: str, n: int, mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in cells[(op, n)][mode])
+
+    lines = [
+        "",
+        f"Many callers: N threads call at once for {args.seconds:g} s, {args.turns} turns per "
+        "mode, medians. Per call: CPU in us (direct: its process; safechroma: caller + worker) "
+        "and context switches (every thread: Chroma's own tokio and SQLite threads included). "
+        "**ratio** = safechroma calls/s / direct calls/s.",
+        "",
+        "| call | threads | direct /s | safechroma /s | ratio | direct CPU | safechroma CPU "
+        "(caller + worker) | direct switches | safechroma switches (caller + worker) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for op, n in cells:
+        d, sc = m(op, n, "direct", "per_s"), m(op, n, "safe", "per_s")
+        cc, wc = m(op, n, "safe", "cpu"), m(op, n, "safe", "worker_cpu")
+        cx, wx = m(op, n, "safe", "switches"), m(op, n, "safe", "worker_switches")
+        lines.append(
+            f"| {LABELS[op]} | {n} | {d:.0f} | {sc:.0f} | {sc / d:.2f} "
+            f"| {m(op, n, 'direct', 'cpu'):.0f} | {cc + wc:.0f} ({cc:.0f} + {wc:.0f}) "
+            f"| {m(op, n, 'direct', 'switches'):.1f} | {cx + wx:.1f} ({cx:.1f} + {wx:.1f}) |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
