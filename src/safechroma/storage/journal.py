@@ -695,14 +695,18 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     write (``pre``) are decided; the caller must own the directory (no worker has it open).
 
     Returns:
-        ``"committed"``, ``"voided"``, or None when there was nothing to decide or the WAL
-        could not be read (the record then stays, as a write that happened).
+        ``"committed"``, ``"voided"``, or None when there was nothing to decide, or the WAL
+        could not be read or the mark not written (the record then stays, as a write that
+        happened). Never raises for a bad file.
     """
     segs = _segments(path)
     if not segs:
         return None
     seg = segs[-1]
-    last = _last_record(seg)
+    try:
+        last = _last_record(seg)
+    except (OSError, ValueError):
+        return None
     if last is None:
         return None
     header, vectors = last
@@ -715,12 +719,15 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     if committed is None:
         return None
     mark = {"op": "settled" if committed else "abort", "c": cid, "s": seq}
-    fd = os.open(seg, os.O_WRONLY | os.O_APPEND)
     try:
-        os.write(fd, encode(mark))
-        _datasync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(seg, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, encode(mark))
+            _datasync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None  # a read-only or full disk: the record stays, as a write that happened
     return "committed" if committed else "voided"
 
 
