@@ -14,7 +14,8 @@ Now the record is written before Chroma is asked, and the one record that may be
 last of a dead worker's segment) is settled against Chroma's WAL before anything else writes
 (:func:`safechroma.storage.journal.settle`). Each test kills a real worker at the instant that
 matters, from inside it, runs ``safechroma repair`` (the fill runs on every repair) and reads
-the directory back with plain chromadb in a child process.
+the directory back with plain chromadb in a child process. A collection's drop, journaled after
+Chroma's the same way, had the same window.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ def _read(root: str) -> dict[str, Any]:
     return got
 
 
+_NAMES = """
+import json, sys
+import chromadb
+names = sorted(c.name for c in chromadb.PersistentClient(sys.argv[1]).list_collections())
+print("RESULT " + json.dumps(names), flush=True)
+"""
+
+
+def _names(root: str) -> list[str]:
+    p = subprocess.run(
+        [sys.executable, "-c", _NAMES, root], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    names: list[str] = json.loads(line[7:])
+    return names
+
+
 def _repair(root: str) -> None:
     p = subprocess.run(
         [sys.executable, "-m", "safechroma", "repair", root],
@@ -108,9 +127,9 @@ def _upsert_while_the_journal_file_is_held(client: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _die_after_the_record(client: Any) -> None:
-    """Upsert, with the worker killed the instant its record is in the journal (before Chroma
-    is asked)."""
+def _die_after_the_record(client: Any, what: str = "upsert") -> None:
+    """Upsert (or drop the collection), with the worker killed the instant its record is in the
+    journal (before Chroma is asked)."""
     journal = client._server._safechroma_journal
     put = journal._put
 
@@ -119,8 +138,19 @@ def _die_after_the_record(client: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     journal._put = put_then_die
+    if what == "drop":
+        client.delete_collection("unknown")
     col = client.get_collection("unknown", embedding_function=None)
     col.upsert(ids=["a", "n"], embeddings=np.vstack([_vec(1.0), _vec(3.0)]), documents=["a1", "n1"])
+
+
+def _drop_while_the_journal_file_is_held(client: Any) -> None:
+    """The same for a collection's drop."""
+    journal = client._server._safechroma_journal
+    journal._lock.acquire()
+    threading.Thread(target=lambda: client.delete_collection("unknown"), daemon=True).start()
+    time.sleep(2.0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -134,11 +164,11 @@ def _start(d: str) -> tuple[safechroma.SafeClient, Any]:
     return client, col
 
 
-def _kill_from_inside(client: safechroma.SafeClient, fn: Any) -> None:
+def _kill_from_inside(client: safechroma.SafeClient, fn: Any, *args: Any) -> None:
     pid = client.stats().worker_pid
     assert pid is not None
     with pytest.raises(safechroma.WorkerError) as info:
-        client.run_in_worker(fn)
+        client.run_in_worker(fn, *args)
     assert info.value.signal == "SIGKILL"
     _wait_gone(pid)
 
@@ -202,3 +232,35 @@ def test_a_committed_write_of_a_killed_worker_is_kept(tmp_path: Path) -> None:
     got = _read(d)
     assert {k: v[0] for k, v in got.items()} == {"a": "a1", "n": "n1"}
     assert got["n"][1] == [3.0] * DIM
+
+
+def test_a_collection_chroma_dropped_stays_dropped_through_a_repair(tmp_path: Path) -> None:
+    """Pins the same for a collection's drop: what the next call sees after the worker died in
+    ``delete_collection`` (dropped or not) is what a repair leaves; a drop Chroma made and the
+    journal lacked made the repair create the collection again, with its records."""
+    d = str(tmp_path / "d")
+    client, _col = _start(d)
+    try:
+        _kill_from_inside(client, _drop_while_the_journal_file_is_held)
+        seen = sorted(getattr(c, "name", c) for c in client.list_collections())
+    finally:
+        client.close()
+    _repair(d)
+    assert _names(d) == seen
+
+
+def test_a_journaled_drop_chroma_never_made_is_voided(tmp_path: Path) -> None:
+    """Pins: a drop recorded in the journal that Chroma never made (the worker died between) is
+    voided, so a repair keeps the collection and its records."""
+    d = str(tmp_path / "d")
+    client, col = _start(d)
+    try:
+        _kill_from_inside(client, _die_after_the_record, "drop")
+        assert col.count() == 1  # Chroma was never asked
+        ops = [h["op"] for h, _ in jr.read_records(d)]
+        assert ops[-2:] == ["drop_collection", "abort"], ops
+    finally:
+        client.close()
+    _repair(d)
+    got = _read(d)
+    assert sorted(got) == ["a"] and got["a"][0] == "a0", got

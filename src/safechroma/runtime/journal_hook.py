@@ -133,6 +133,11 @@ def _journaled(
         raise OSError(
             f"safechroma's journal could not record the write, so Chroma was not asked: {exc!r}"
         ) from exc
+    except Exception as exc:
+        # Arguments the record cannot hold (ragged embeddings, a value JSON cannot carry) are
+        # mostly ones Chroma refuses: its own error is the one the caller must see.
+        method(*args, **kwargs)
+        raise _failed(exc) from exc
     try:
         result = method(*args, **kwargs)
     except BaseException:
@@ -240,17 +245,29 @@ def _modify(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
 def _drop(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         a = _bind(method, args, kwargs)
-        try:
-            cid = str(server.bindings.get_collection(a["name"], a["tenant"], a["database"]).id)
-        except Exception:  # noqa: BLE001 - Chroma raises its own error for a missing one
-            cid = None
-        result = method(*args, **kwargs)
-        if cid is not None:
+        with journal.order:
             try:
-                journal.drop_collection(cid, a["name"])
-            except Exception as exc:
-                raise _failed(exc) from exc
-        return result
+                cid = str(server.bindings.get_collection(a["name"], a["tenant"], a["database"]).id)
+            except Exception:  # noqa: BLE001 - Chroma raises its own error for a missing one
+                return method(*args, **kwargs)
+            # Recorded before Chroma drops it, as record writes are (see _journaled): a worker
+            # killed in between must not leave a dropped collection alive in the journal,
+            # which a repair would then create again with its records.
+            try:
+                seq = journal.drop_collection(cid, a["name"])
+            except OSError as exc:
+                raise OSError(
+                    "safechroma's journal could not record the drop, so Chroma was not asked: "
+                    f"{exc!r}"
+                ) from exc
+            try:
+                return method(*args, **kwargs)
+            except BaseException:
+                try:
+                    journal.abort(seq)
+                except Exception:  # noqa: BLE001 - the abort failed: Chroma's error wins
+                    pass
+                raise
 
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from safechroma.storage.journal_wal import CHROMA_OPS, chroma_logged
+from safechroma.storage.journal_wal import CHROMA_OPS, chroma_dropped, chroma_logged
 from safechroma.storage.layout import STATE_DIR, _fsync_dir
 
 __all__ = [
@@ -325,10 +325,15 @@ class Journal:
         self.append(header)
         self.announced.add(collection_id)
 
-    def drop_collection(self, collection_id: str, name: str) -> None:
-        """Journal a collection's deletion."""
-        self.append({"op": "drop_collection", "c": collection_id, "name": name})
+    def drop_collection(self, collection_id: str, name: str) -> int:
+        """Journal a collection's deletion, durably, before Chroma is asked (as a record write:
+        a repair must never bring back a collection Chroma dropped); returns its sequence
+        number, to :meth:`abort` if Chroma then refuses."""
+        seq = next(self._seq)
+        header = {"op": "drop_collection", "c": collection_id, "name": name, "s": seq}
+        self.append({**header, "pre": True})
         self.announced.discard(collection_id)
+        return seq
 
     def close(self) -> None:
         if self._pool is not None:
@@ -691,8 +696,9 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     transaction, after every earlier write, so the write was committed exactly when the
     collection's newest rows are its ids with its operation (and its vectors and documents).
     A committed record gets a ``settled`` record after it, one Chroma never committed an
-    ``abort`` (the reader then skips it). Only records marked as written before Chroma's
-    write (``pre``) are decided; the caller must own the directory (no worker has it open).
+    ``abort`` (the reader then skips it). A collection's drop is decided by the collection's
+    absence from ``chroma.sqlite3``. Only records marked as written before Chroma's write
+    (``pre``) are decided; the caller must own the directory (no worker has it open).
 
     Returns:
         ``"committed"``, ``"voided"``, or None when there was nothing to decide, or the WAL
@@ -712,10 +718,17 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     header, vectors = last
     op, seq = header.get("op"), header.get("s")
     ids = [str(i) for i in header.get("ids") or []]
-    if op not in CHROMA_OPS or not isinstance(seq, int) or not header.get("pre") or not ids:
+    if not isinstance(seq, int) or not header.get("pre"):
         return None
     cid = str(header.get("c"))
-    committed = chroma_logged(os.fspath(path), cid, str(op), ids, header.get("documents"), vectors)
+    if op == "drop_collection":
+        committed = chroma_dropped(os.fspath(path), cid)
+    elif op in CHROMA_OPS and ids:
+        committed = chroma_logged(
+            os.fspath(path), cid, str(op), ids, header.get("documents"), vectors
+        )
+    else:
+        return None
     if committed is None:
         return None
     mark = {"op": "settled" if committed else "abort", "c": cid, "s": seq}

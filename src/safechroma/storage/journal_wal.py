@@ -1,5 +1,5 @@
-"""Whether Chroma's WAL holds a given write: how the write journal settles its one uncertain
-record (:func:`safechroma.storage.journal.settle`).
+"""Whether Chroma committed a given write (its WAL rows) or a collection's drop: how the write
+journal settles its one uncertain record (:func:`safechroma.storage.journal.settle`).
 
 It reads ``chroma.sqlite3`` read-only with the standard ``sqlite3`` module; it never imports
 Chroma, and nothing of safechroma above the storage floor.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["CHROMA_OPS", "chroma_logged"]
+__all__ = ["CHROMA_OPS", "chroma_dropped", "chroma_logged"]
 
 # chromadb's operation codes in ``embeddings_queue`` (its WAL).
 CHROMA_OPS = {"add": 0, "update": 1, "upsert": 2, "delete": 3}
@@ -67,3 +67,19 @@ def chroma_logged(
             if logged != documents[k]:
                 return False
     return True
+
+
+def chroma_dropped(root: str, cid: str) -> bool | None:
+    """Whether collection ``cid`` is gone from ``chroma.sqlite3`` (None: unreadable)."""
+    db = os.path.join(root, "chroma.sqlite3")
+    if not os.path.isfile(db):
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute("SELECT 1 FROM collections WHERE id = ?", (cid,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return row is None
