@@ -78,13 +78,16 @@ def _writers_of(name: str) -> set[int]:
 
 
 _HOLDER = """
-import time
+import sys, time
 from safechroma import SafeClient
 c = SafeClient({db!r})
 c.get_or_create_collection("shared", embedding_function=None).upsert(
     ids=["{name}"], embeddings=[[1.0, 0.0]], documents=["{name}"])
 print(c.stats().worker_pid, flush=True)
-time.sleep({hold})
+if {hold} < 0:
+    sys.stdin.readline()  # held until the test says so: a start under load takes seconds
+else:
+    time.sleep({hold})
 c.close()
 print("closed", flush=True)
 """
@@ -94,7 +97,7 @@ def test_processes_share_one_worker_and_the_last_close_releases_the_directory(db
     """Pins: a second and a third program on the directory attach to the first one's worker
     (same pid, each other's writes visible); this process attaches too; when the last one
     closes, the worker exits and the lock is free."""
-    first = _run(_HOLDER.format(db=db, name="first", hold=3))
+    first = _run(_HOLDER.format(db=db, name="first", hold=-1), stdin=subprocess.PIPE)
     assert first.stdout is not None
     pid = int(first.stdout.readline())
     second = _run(_HOLDER.format(db=db, name="second", hold=1))
@@ -104,8 +107,8 @@ def test_processes_share_one_worker_and_the_last_close_releases_the_directory(db
         assert client.stats().worker_pid == pid
         col = client.get_collection("shared", embedding_function=None)
         assert sorted(col.get()["ids"]) == ["first", "second"]
-        for p in (first, second):
-            out, err = p.communicate(timeout=60)
+        for p, release in ((first, "\n"), (second, None)):
+            out, err = p.communicate(release, timeout=60)
             assert p.returncode == 0 and "closed" in out, err
         assert _alive(pid)  # this process still uses it
         assert col.count() == 2
