@@ -286,6 +286,125 @@ def test_a_second_process_attaches_through_the_sentinel(tmp_path: Path) -> None:
     assert out["pidfds"] == []
 
 
+# Waits (bounded) for the process's spare worker of ``client``; None if none came.
+_SPARE = """
+import time
+
+def live(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+def spare_of(client, within=120.0):
+    give_up = time.monotonic() + within
+    while client._sup.standby is None and time.monotonic() < give_up:
+        time.sleep(0.05)
+    spare = client._sup.standby
+    return None if spare is None else spare.pid
+"""
+
+
+def test_a_shared_directory_keeps_a_warm_standby_that_takes_over(tmp_path: Path) -> None:
+    """Pins issue 23's "spawn with a warm standby" for a shared directory (the default): where
+    workers are spawned, the process that started the directory's worker keeps a spare; when
+    the worker is SIGKILLed, the spare becomes the next worker (handed the directory lock, so
+    another process attaches to it), the read is retried on it with nothing lost, a new spare
+    follows, and close leaves no process."""
+    db = str(tmp_path / "db")
+    out = _portable(
+        _SPARE
+        + textwrap.dedent(
+            f"""
+        import signal, subprocess
+        from safechroma import SafeClient
+
+        client = SafeClient({db!r})
+        col = client.create_collection("col", embedding_function=None)
+        col.add(ids=["a", "b"], embeddings=[[1.0, 2.0], [3.0, 4.0]])
+        first, spare = client.stats().worker_pid, spare_of(client)
+        os.kill(first, signal.SIGKILL)
+        count = col.count()
+        after = client.stats().worker_pid
+        other = subprocess.run(
+            [sys.executable, "-c",
+             "from safechroma import SafeClient\\n"
+             f"c = SafeClient({db!r}); c.heartbeat(); print(c.stats().worker_pid); c.close()"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert other.returncode == 0, other.stderr[-4000:]
+        next_spare = spare_of(client)
+        client.close()
+        report(first=first, spare=spare, count=count, after=after,
+               other=int(other.stdout.split()[-1]), next_spare=next_spare,
+               left=[p for p in (spare, after, next_spare) if p and live(p)])
+        """
+        )
+    )
+    assert out["spare"] is not None and out["spare"] != out["first"]
+    assert out["after"] == out["spare"], "the spare did not become the worker"
+    assert out["count"] == 2
+    assert out["other"] == out["spare"], "another process could not attach to the promoted spare"
+    assert out["next_spare"] not in (None, out["spare"])
+    assert out["left"] == []
+
+
+def test_a_spare_whose_process_vanished_leaves_the_shared_worker_alone(tmp_path: Path) -> None:
+    """Pins: a spare is never the directory's worker until promoted. When the process holding
+    it is SIGKILLed, the spare exits without touching the rendezvous socket of the live worker,
+    which the other process keeps using and a third one still attaches to."""
+    db = str(tmp_path / "db")
+    holder = _SPARE + textwrap.dedent(
+        f"""
+        from safechroma import SafeClient
+
+        client = SafeClient({db!r})
+        client.get_or_create_collection("col", embedding_function=None).add(
+            ids=["a"], embeddings=[[1.0, 2.0]])
+        print(client.stats().worker_pid, spare_of(client), flush=True)
+        time.sleep(600)
+        """
+    )
+    out = _portable(
+        f"""
+        import subprocess, time
+        from safechroma import SafeClient
+
+        starter = subprocess.Popen([sys.executable, "-c", {PRELUDE!r} + {holder!r}],
+                                   stdout=subprocess.PIPE, text=True)
+        worker, spare = (int(x) for x in starter.stdout.readline().split())
+        client = SafeClient({db!r})
+        col = client.get_collection("col", embedding_function=None)
+        attached = client.stats().worker_pid
+        address = client._sup.address
+        starter.kill()
+        starter.wait()
+        give_up = time.monotonic() + 60
+        while os.path.exists(f"/proc/{{spare}}") and time.monotonic() < give_up:
+            time.sleep(0.05)  # not our child: gone from /proc once its own parent reaped it
+        spare_gone = not os.path.exists(f"/proc/{{spare}}")
+        col.add(ids=["b"], embeddings=[[3.0, 4.0]])
+        third = subprocess.run(
+            [sys.executable, "-c",
+             "from safechroma import SafeClient\\n"
+             f"c = SafeClient({db!r}); print(c.stats().worker_pid, "
+             "c.get_collection('col', embedding_function=None).count()); c.close()"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert third.returncode == 0, third.stderr[-4000:]
+        report(worker=worker, attached=attached, spare_gone=spare_gone,
+               socket=os.path.exists(address), now=client.stats().worker_pid,
+               third=third.stdout.split())
+        client.close()
+        """
+    )
+    assert out["attached"] == out["worker"] and out["spare_gone"]
+    assert out["socket"], "the vanished process's spare removed the live worker's socket"
+    assert out["now"] == out["worker"]
+    assert out["third"] == [str(out["worker"]), "2"]
+
+
 @pytest.mark.slow
 def test_a_sigkill_storm_under_concurrent_writers_loses_no_acknowledged_write(
     tmp_path: Path,

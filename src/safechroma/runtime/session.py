@@ -166,7 +166,7 @@ class Session(Supervisor):
                 raise
         finally:
             self.give_back(lease)
-        if self.breaker.consecutive or (self._standby.process is None and not self.shared):
+        if self.breaker.consecutive or (self._standby.process is None and self.wants_standby):
             self.served()  # checked here first: it is a call on every call otherwise
         if type(result) is tuple or type(result) is list:  # a collection, or a list of them?
             return collection_refs(result, lease.gen.serial)

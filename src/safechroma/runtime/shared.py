@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import WorkerStartError, signal_name
 from ..storage import wal
-from . import rendezvous
+from . import rendezvous, standby
 from .breaker import Breaker
 from .generation import State
 from .lock import being_shared, locked_error
@@ -127,7 +127,8 @@ def cycle(sup: Supervisor, fd: int) -> None:
     sup.check_and_recover()
     if reason == "start":
         wal.maintain(sup.path)  # no worker has the directory open (see Supervisor._replace)
-    process = sup._spawn()
+    # Our spare, if we keep one (spawned workers: macOS, portable mode), skips a Python start.
+    process = standby.promote(sup._standby, fd, sup.options.start_timeout) or sup._spawn()
     with sup._cond:
         state["breaker"] = sup.breaker.dump()
     state["worker"] = {

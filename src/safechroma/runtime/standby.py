@@ -3,9 +3,12 @@
 - :func:`spawn`: the supervisor's default starter, a worker process from the template, with
   the limits the options set (:func:`file_size_limit`); a test may hand the supervisor
   another starter (an in-process fake worker);
-- :class:`Standby`: one spare worker process (``Options.standby``, exclusive directories only),
-  spawned after the current worker has served a call and taken by the next replacement, so a
-  crash costs the caller Chroma's open and not Python's import of chromadb.
+- :class:`Standby`: one spare worker process (``Options.standby``), spawned after the current
+  worker has served a call and taken by the next replacement, so a crash costs the caller
+  Chroma's open and not Python's import of chromadb. Exclusive directories keep one; shared
+  ones only where workers are spawned (macOS, portable mode: Linux forks them from the warm
+  template in milliseconds), in the process that started the current worker; such a spare
+  is handed the directory lock when promoted (:func:`promote`).
 - :func:`worn_out`: gunicorn's ``max_requests`` and a resident-memory ceiling
   (``Options.max_worker_rss``): whether to retire a healthy worker between calls, which no
   caller sees.
@@ -24,12 +27,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from .._policy import Options
-from .transport import WorkerProcess
+from . import platform
+from .transport import AttachedWorker, PeerDied, WorkerProcess
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
-__all__ = ["Standby", "file_size_limit", "spawn", "worn_out"]
+__all__ = [
+    "Standby",
+    "file_size_limit",
+    "promote",
+    "shared_wants_spare",
+    "spawn",
+    "spawn_spare",
+    "worn_out",
+]
 
 # How often a worker's resident memory is read when max_worker_rss is set (seconds).
 _RSS_CHECK_EVERY: Final = 1.0
@@ -88,6 +100,41 @@ class Standby:
             spare.close()
 
 
+def spawn_spare(sup: Supervisor, starter: Callable[[Supervisor], WorkerProcess]) -> WorkerProcess:
+    """A spare worker. A shared directory's never inherits the lock (a replacement in progress
+    may hold it): it is handed the lock when promoted (:func:`promote`)."""
+    if sup.shared and starter is spawn:
+        return spawn(sup, lock=False)
+    return starter(sup)
+
+
+def shared_wants_spare(options: Options, process: WorkerProcess) -> bool:
+    """Whether this process keeps a spare for a shared directory whose worker is ``process``:
+    only where workers are spawned (no fork template: macOS, portable mode) and only the
+    process that started it (not one attached to another's worker)."""
+    return (
+        options.standby
+        and not isinstance(process, AttachedWorker)
+        and not platform.use_fork_template()
+    )
+
+
+def promote(spare: Standby, lock_fd: int, timeout: float) -> WorkerProcess | None:
+    """The spare of a shared directory, made its next worker: handed the lock ``lock_fd``
+    (held by the process replacing the worker). None: there is no live spare, or it did not
+    take the lock within ``timeout`` seconds (it is killed)."""
+    process = spare.take()
+    if process is None:
+        return None
+    try:
+        process.hand_lock(lock_fd, timeout)
+    except PeerDied:
+        process.kill()
+        process.close()
+        return None
+    return process
+
+
 def worn_out(worker: WorkerProcess, options: Options) -> bool:
     """Whether to replace a healthy worker between calls (no caller sees it)."""
     max_requests = options.max_requests
@@ -104,12 +151,16 @@ def worn_out(worker: WorkerProcess, options: Options) -> bool:
     return rss is not None and rss > ceiling
 
 
-def spawn(sup: Supervisor) -> WorkerProcess:
-    """The default starter: a worker process from the template, for ``sup``'s directory."""
+def spawn(sup: Supervisor, lock: bool = True) -> WorkerProcess:
+    """The default starter: a worker process from the template, for ``sup``'s directory.
+
+    ``lock``: the worker inherits the directory lock ``sup`` holds. A spare for a shared
+    directory does not: it is handed the lock when it is promoted (:func:`promote`).
+    """
     options = sup.options
     return WorkerProcess(
         log_dir=sup.log_dir,
-        lock_fd=sup.lock_fd,
+        lock_fd=sup.lock_fd if lock else None,
         memory_limit=options.memory_limit,
         max_reply_bytes=options.max_reply_bytes,
         file_limit=file_size_limit(sup.path, options.max_file_bytes),

@@ -131,6 +131,8 @@ class Supervisor:
                 raise
         self.breaker = Breaker(options.breaker)
         self._standby = Standby()
+        # Whether a spare worker is kept (standby.py); for a shared directory, set at each start.
+        self.wants_standby = options.standby and not self.shared
         # _cond guards the fields below, every Generation.inflight and the breaker; _life is
         # held by the one thread that replaces the worker (never taken while holding _cond).
         self._lock = threading.RLock()  # _cond's lock: taken directly on the call path
@@ -293,22 +295,17 @@ class Supervisor:
 
     def served(self) -> None:
         """A caller's call succeeded: it ends a run of deaths without progress, and a spare
-        worker may be started now (exclusive directories only)."""
+        worker may be started now (:attr:`wants_standby`)."""
         if self.breaker.consecutive:
             with self._cond:
                 self.breaker.served()
         spare = self._standby
-        if (
-            spare.process is None
-            and not spare.refilling
-            and self.options.standby
-            and not self.shared
-        ):
+        if spare.process is None and not spare.refilling and self.wants_standby:
             # Spawned only after the new worker has served a call: on two cores a standby
             # importing chromadb right away would slow the call a crashed worker's caller waits
             # for.
             self._standby.refill(
-                self._spawn,
+                lambda: standby.spawn_spare(self, self._starter),
                 lambda: self.state is State.READY,
                 lambda: self.state is not State.CLOSED,
             )
@@ -645,6 +642,8 @@ class Supervisor:
             if not closed:
                 self._gen = gen
                 self.state = State.READY
+                if self.shared:
+                    self.wants_standby = standby.shared_wants_spare(self.options, process)
                 self.started_workers += 1
                 if self.started_workers > 1:
                     self.respawns += 1

@@ -278,6 +278,27 @@ class WorkerProcess:
             theirs.close()
         return Channel(mine, self.proc.watch, self.max_reply_bytes)
 
+    def hand_lock(self, fd: int, timeout: float) -> None:
+        """Give a standby started for a shared directory the directory lock it now holds.
+
+        It answers once it has the lock (after its import of chromadb, if that is still under
+        way), before anything is asked of it: only then may it open the directory.
+
+        Raises:
+            PeerDied: it is gone, or did not answer within ``timeout`` seconds.
+        """
+        if sys.platform == "win32":  # no Unix sockets: SafeClient refuses to start there
+            raise platform.unsupported()
+        try:
+            with self._ctl_lock:
+                self.ctl.settimeout(timeout)
+                socket.send_fds(self.ctl, [b"L"], [fd])
+                answer = self.ctl.recv(1)
+        except OSError as exc:
+            raise PeerDied(str(exc)) from exc
+        if answer != b"k":
+            raise PeerDied("the standby did not take the lock")
+
     def leave(self, linger: bool = False) -> bool:
         """Say goodbye to a shared worker; True when it exits because we were its last user
         (the caller then waits for its exit before touching the directory).

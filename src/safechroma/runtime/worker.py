@@ -122,6 +122,12 @@ class _Worker:
                 return False
             if not msg and not fds:
                 return False
+            if msg == b"L" and len(fds) == 1 and self.lock_fd is None:
+                # A standby made the directory's shared worker: the lock it holds from now on
+                # (the process that promotes it waits for the answer before it asks anything).
+                self.lock_fd = fds[0]
+                ctl.sendall(b"k")
+                continue
             for fd in fds:
                 self.start_channel(socket.socket(fileno=fd))
             if msg in (b"b", b"w"):  # goodbye from the starting process, which keeps going
@@ -291,11 +297,13 @@ class _Worker:
                 time.sleep(0.01)
             wal.release(self.path)
         if self.share is not None:
-            address = self.share["address"]
-            try:
-                os.unlink(address)
-            except OSError:
-                pass
+            if self.listener is not None:
+                # Only the worker that bound the address removes it: a standby that was never
+                # promoted shares the address of the directory's live worker.
+                try:
+                    os.unlink(self.share["address"])
+                except OSError:
+                    pass
             _write(self.share["markers"]["end"], why)
         orderly = why in ("closed", "idle", "asked to leave")
         give_up = time.monotonic() + (PARENT_GRACE if orderly else DRAIN_GRACE)
