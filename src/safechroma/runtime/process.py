@@ -65,14 +65,7 @@ class Spawned(WorkerProc):
             ).start()
 
     def _record(self, status_path: str) -> None:
-        code = self.popen.wait()
-        tmp = f"{status_path}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                f.write(str(code))
-            os.replace(tmp, status_path)
-        except OSError:
-            pass
+        record_status(status_path, self.popen.wait())
 
     @property
     def returncode(self) -> int | None:
@@ -133,3 +126,15 @@ class Attached(WorkerProc):
         if self.gone or self.watch is None:
             return
         platform.kill(self.pid, self.watch)
+
+
+def record_status(target: str, code: int) -> None:
+    """Write a shared worker's exit status where attached processes read it (atomically: they
+    may look at any moment). Done by its parent: the template, or the process that spawned it."""
+    tmp = f"{target}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(code))
+        os.replace(tmp, target)
+    except OSError:
+        pass

@@ -53,7 +53,7 @@ from typing import Any, Final
 
 from .._env import mark_own_process, private_env
 from . import platform
-from .process import WorkerProc
+from .process import WorkerProc, record_status
 
 MESSAGE: Final = struct.Struct("<4sii")
 _ENV: Final = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -303,23 +303,13 @@ def serve(fd: int) -> None:
                 code = os.waitstatus_to_exitcode(status)
                 target = status_files.pop(pid, None)
                 if target is not None:
-                    _record_status(target, code)
+                    record_status(target, code)
                 if caller:
                     try:
                         sock.sendall(MESSAGE.pack(b"EXIT", pid, code))
                     except OSError:
                         caller = False
     os._exit(0)
-
-
-def _record_status(target: str, code: int) -> None:
-    tmp = f"{target}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(str(code))
-        os.replace(tmp, target)
-    except OSError:
-        pass
 
 
 def _serve_one(

@@ -18,9 +18,9 @@ import numpy as np
 
 from safechroma.storage.layout import (
     SQLITE_FILE,
-    STATE_DIR,
     _ro,
     _write_atomic,
+    backup_files,
 )
 
 # -- records whose vectors exist nowhere: put them back with an embedding function ----------
@@ -86,27 +86,19 @@ def check_embedding_function(
 
 def saved_records(path: str | os.PathLike[str], collection: str | None = None) -> list[str]:
     """``.removed.json`` files of ``path`` (records saved by a repair) not yet fully restored."""
-    backups = os.path.join(os.fspath(path), STATE_DIR, "backups")
     out: list[str] = []
-    if not os.path.isdir(backups):
-        return out
-    for stamp in sorted(os.listdir(backups)):
-        d = os.path.join(backups, stamp)
-        if stamp.endswith(".partial") or not os.path.isdir(d):
+    for f in backup_files(path):
+        if not f.endswith(".npz.removed.json"):
             continue
-        for name in sorted(os.listdir(d)):
-            if not name.endswith(".npz.removed.json"):
-                continue
-            f = os.path.join(d, name)
-            if os.path.exists(f + ".restored"):
-                with open(f + ".restored", "rb") as fh:
-                    if not json.loads(fh.read()).get("remaining"):
-                        continue
-            if collection is not None:
-                with open(f[: -len(".npz.removed.json")] + ".json", "rb") as fh:
-                    if json.loads(fh.read()).get("name") != collection:
-                        continue
-            out.append(f)
+        if os.path.exists(f + ".restored"):
+            with open(f + ".restored", "rb") as fh:
+                if not json.loads(fh.read()).get("remaining"):
+                    continue
+        if collection is not None:
+            with open(f[: -len(".npz.removed.json")] + ".json", "rb") as fh:
+                if json.loads(fh.read()).get("name") != collection:
+                    continue
+        out.append(f)
     return out
 
 

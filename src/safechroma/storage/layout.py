@@ -20,6 +20,7 @@ __all__ = [
     "STATE_DIR",
     "VECTOR_SEGMENT_TYPE",
     "Progress",
+    "backup_files",
 ]
 
 STATE_DIR = ".safechroma"
@@ -32,6 +33,21 @@ Progress = Callable[[str, dict[str, Any]], None]
 # acknowledges it, so `safechroma check` after it is not "healthy" and the backup holding what
 # is left of those records is not cleaned up by someone who believed a plain "repaired".
 LOSSES_MARKER = "losses.json"
+
+
+def backup_files(path: str | os.PathLike[str]) -> list[str]:
+    """Every file of every finished backup under ``<path>/.safechroma/backups``: oldest backup
+    first, names sorted within one (a backup still being written ends in ``.partial``)."""
+    backups = os.path.join(os.fspath(path), STATE_DIR, "backups")
+    if not os.path.isdir(backups):
+        return []
+    out: list[str] = []
+    for stamp in sorted(os.listdir(backups)):
+        d = os.path.join(backups, stamp)
+        if stamp.endswith(".partial") or not os.path.isdir(d):
+            continue
+        out += [os.path.join(d, name) for name in sorted(os.listdir(d))]
+    return out
 
 
 def _stamp() -> str:

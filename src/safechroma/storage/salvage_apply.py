@@ -17,30 +17,20 @@ import numpy as np
 
 from safechroma.storage.embedding import check_embedding_function
 from safechroma.storage.layout import (
-    STATE_DIR,
     _write_atomic,
+    backup_files,
 )
 
 
 def pending_salvage_files(path: str | os.PathLike[str]) -> list[str]:
     """Salvage files under ``<path>/.safechroma/backups`` not yet applied (oldest first)."""
-    backups = os.path.join(os.fspath(path), STATE_DIR, "backups")
-    out: list[str] = []
-    if not os.path.isdir(backups):
-        return out
-    for stamp in sorted(os.listdir(backups)):
-        d = os.path.join(backups, stamp)
-        if stamp.endswith(".partial") or not os.path.isdir(d):
-            continue
-        for name in sorted(os.listdir(d)):
-            f = os.path.join(d, name)
-            if (
-                name.startswith("salvage-")
-                and name.endswith(".npz")
-                and not os.path.exists(f + ".applied")
-            ):
-                out.append(f)
-    return out
+    return [
+        f
+        for f in backup_files(path)
+        if os.path.basename(f).startswith("salvage-")
+        and f.endswith(".npz")
+        and not os.path.exists(f + ".applied")
+    ]
 
 
 def apply_salvage(
