@@ -144,6 +144,31 @@ def _die_after_the_record(client: Any, what: str = "upsert") -> None:
     col.upsert(ids=["a", "n"], embeddings=np.vstack([_vec(1.0), _vec(3.0)]), documents=["a1", "n1"])
 
 
+def _die_in_a_transaction_after_the_record(client: Any) -> None:
+    """Upsert, with the worker killed the instant its record is in the journal, inside a
+    SQLite transaction on ``chroma.sqlite3`` that has already spilled pages to the file: a
+    hot rollback journal is left, as when a worker dies inside Chroma's own commit."""
+    import sqlite3
+
+    journal = client._server._safechroma_journal
+    put = journal._put
+    db = os.path.join(journal.path, "chroma.sqlite3")
+
+    def put_then_die(data: bytes, **kwargs: Any) -> None:
+        put(data, **kwargs)
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("PRAGMA cache_size=2")
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("CREATE TABLE scratch (x BLOB)")
+        for _ in range(64):
+            con.execute("INSERT INTO scratch VALUES (randomblob(4000))")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    journal._put = put_then_die
+    col = client.get_collection("unknown", embedding_function=None)
+    col.upsert(ids=["a", "n"], embeddings=np.vstack([_vec(1.0), _vec(3.0)]), documents=["a1", "n1"])
+
+
 def _drop_while_the_journal_file_is_held(client: Any) -> None:
     """The same for a collection's drop."""
     journal = client._server._safechroma_journal
@@ -259,6 +284,27 @@ def test_a_journaled_drop_chroma_never_made_is_voided(tmp_path: Path) -> None:
         assert col.count() == 1  # Chroma was never asked
         ops = [h["op"] for h, _ in jr.read_records(d)]
         assert ops[-2:] == ["drop_collection", "abort"], ops
+    finally:
+        client.close()
+    _repair(d)
+    got = _read(d)
+    assert sorted(got) == ["a"] and got["a"][0] == "a0", got
+
+
+def test_a_record_is_settled_past_a_hot_sqlite_journal(tmp_path: Path) -> None:
+    """Pins: when the worker died inside a SQLite transaction (a hot ``chroma.sqlite3-journal``,
+    which a read-only reader cannot get past), the record of its write is still settled before
+    the next worker writes: the hot journal is played back first, as Chroma's open would."""
+    d = str(tmp_path / "d")
+    client, col = _start(d)
+    try:
+        _kill_from_inside(client, _die_in_a_transaction_after_the_record)
+        from safechroma.storage.sqlite_pages import is_hot_journal
+
+        assert is_hot_journal(os.path.join(d, "chroma.sqlite3-journal"))
+        assert col.count() == 1
+        ops = [(h["op"], h.get("ids")) for h, _ in jr.read_records(d)]
+        assert ops[-2:] == [("upsert", ["a", "n"]), ("abort", None)], ops
     finally:
         client.close()
     _repair(d)

@@ -91,11 +91,12 @@ def _settle_journal(path: str) -> None:
     """Decide the write the last worker died in, if it journaled one: voided when Chroma never
     committed it (:func:`safechroma.storage.journal.settle`), before a repair could write it
     back to some of its ids and before the next worker writes. Never raises: the journal is a
-    second copy, and the record then stays as it is."""
+    second copy, and the record then stays as it is. A hot SQLite journal (the worker died
+    inside Chroma's transaction) is played back first, as the next worker's open would."""
     try:
         from ..storage.journal import settle
 
-        settle(path)
+        settle(path, roll_back=True)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
 

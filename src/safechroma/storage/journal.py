@@ -52,7 +52,12 @@ from typing import Any
 
 import numpy as np
 
-from safechroma.storage.journal_wal import CHROMA_OPS, chroma_dropped, chroma_logged
+from safechroma.storage.journal_wal import (
+    CHROMA_OPS,
+    chroma_dropped,
+    chroma_logged,
+    roll_back_if_hot,
+)
 from safechroma.storage.layout import STATE_DIR, _fsync_dir
 
 __all__ = [
@@ -589,8 +594,9 @@ def compact(
     """
     out = CompactReport()
     # Before anything folds the journal or compacts Chroma's WAL (which runs right after this,
-    # in wal.maintain): settle() reads the WAL rows as Chroma wrote them.
-    settle(path)
+    # in wal.maintain, and plays back a hot SQLite journal anyway): settle() reads the WAL
+    # rows as Chroma wrote them.
+    settle(path, roll_back=True)
     segs = _segments(path)
     out.segments_before = len(segs)
     out.bytes_before = sum(os.path.getsize(s) for s in segs)
@@ -683,7 +689,7 @@ def has_journal(path: str | os.PathLike[str]) -> bool:
 # ---- the one uncertain record ----------------------------------------------------------------
 
 
-def settle(path: str | os.PathLike[str]) -> str | None:
+def settle(path: str | os.PathLike[str], *, roll_back: bool = False) -> str | None:
     """Decide the journal's one uncertain record, once, before anything writes again.
 
     A record is written before Chroma is asked (:meth:`Journal.submit`), so the journal can
@@ -699,6 +705,10 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     ``abort`` (the reader then skips it). A collection's drop is decided by the collection's
     absence from ``chroma.sqlite3``. Only records marked as written before Chroma's write
     (``pre``) are decided; the caller must own the directory (no worker has it open).
+
+    A worker killed inside Chroma's transaction leaves a hot ``chroma.sqlite3-journal``, which a
+    read-only reader cannot get past: with ``roll_back`` it is played back first, as Chroma's
+    next open would (``safechroma repair`` backs it up and plays it back before it settles).
 
     Returns:
         ``"committed"``, ``"voided"``, or None when there was nothing to decide, or the WAL
@@ -720,15 +730,18 @@ def settle(path: str | os.PathLike[str]) -> str | None:
     ids = [str(i) for i in header.get("ids") or []]
     if not isinstance(seq, int) or not header.get("pre"):
         return None
-    cid = str(header.get("c"))
-    if op == "drop_collection":
-        committed = chroma_dropped(os.fspath(path), cid)
-    elif op in CHROMA_OPS and ids:
-        committed = chroma_logged(
-            os.fspath(path), cid, str(op), ids, header.get("documents"), vectors
-        )
-    else:
+    cid, root = str(header.get("c")), os.fspath(path)
+    if op != "drop_collection" and (op not in CHROMA_OPS or not ids):
         return None
+
+    def decide() -> bool | None:
+        if op == "drop_collection":
+            return chroma_dropped(root, cid)
+        return chroma_logged(root, cid, str(op), ids, header.get("documents"), vectors)
+
+    committed = decide()
+    if committed is None and roll_back and roll_back_if_hot(root):
+        committed = decide()
     if committed is None:
         return None
     mark = {"op": "settled" if committed else "abort", "c": cid, "s": seq}

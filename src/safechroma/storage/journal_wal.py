@@ -14,10 +14,31 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["CHROMA_OPS", "chroma_dropped", "chroma_logged"]
+from safechroma.storage.sqlite_pages import is_hot_journal
+
+__all__ = ["CHROMA_OPS", "chroma_dropped", "chroma_logged", "roll_back_if_hot"]
 
 # chromadb's operation codes in ``embeddings_queue`` (its WAL).
 CHROMA_OPS = {"add": 0, "update": 1, "upsert": 2, "delete": 3}
+
+
+def roll_back_if_hot(root: str) -> bool:
+    """Play back a hot ``chroma.sqlite3-journal`` (a worker killed inside a transaction), as
+    Chroma's next open would, so that a read-only reader can read the file; True if there was
+    one. The caller must own the directory. (``safechroma repair`` backs the pair up first:
+    :func:`safechroma.storage.recovery.roll_back_hot_journal`.)"""
+    db = os.path.join(root, "chroma.sqlite3")
+    if not os.path.isfile(db) or not is_hot_journal(db + "-journal"):
+        return False
+    try:
+        con = sqlite3.connect(db, timeout=5.0)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return True
 
 
 def chroma_logged(
