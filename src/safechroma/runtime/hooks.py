@@ -5,7 +5,8 @@ the command line all run the user's hooks through :func:`check_and_recover`, so 
 errors and the events are the same whoever starts Chroma on the directory. It runs in the
 caller's process with no worker on the directory; it starts nothing and writes nothing itself
 but one record in the write journal (the write a dead worker left undecided: voided or marked
-settled, :func:`safechroma.storage.journal.settle`); the hooks write, and the salvage they
+settled, :func:`safechroma.storage.journal.settle`, after playing back a hot SQLite journal as
+Chroma's next open would); the hooks write, and the salvage they
 leave is written back by :mod:`safechroma.jobs.apply_salvage` or the supervisor's worker. It
 never prints: what happened goes to ``emit`` as events.
 
