@@ -176,7 +176,7 @@ def test_acknowledged_write_survives_a_sigkilled_worker(tmp_path: Path) -> None:
 
 
 def test_a_write_chroma_refuses_is_voided_in_the_journal(tmp_path: Path) -> None:
-    """The record is written while Chroma commits; when Chroma refuses the write (here a
+    """The record is written before Chroma is asked; when Chroma refuses the write (here a
     wrong dimension), an abort record voids it."""
     from safechroma import SafeClient
 
