@@ -14,8 +14,8 @@ Now the record is written before Chroma is asked, and the one record that may be
 last of a dead worker's segment) is settled against Chroma's WAL before anything else writes
 (:func:`safechroma.storage.journal.settle`). Each test kills a real worker at the instant that
 matters, from inside it, runs ``safechroma repair`` (the fill runs on every repair) and reads
-the directory back with plain chromadb in a child process. A collection's drop, journaled after
-Chroma's the same way, had the same window.
+the directory back with plain chromadb in a child process. A collection's drop and chromadb's
+``reset()``, journaled after Chroma's the same way, had the same window.
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def _die_after_the_record(client: Any, what: str = "upsert") -> None:
     journal._put = put_then_die
     if what == "drop":
         client.delete_collection("unknown")
+    if what == "reset":
+        client.reset()
     col = client.get_collection("unknown", embedding_function=None)
     col.upsert(ids=["a", "n"], embeddings=np.vstack([_vec(1.0), _vec(3.0)]), documents=["a1", "n1"])
 
@@ -169,6 +171,26 @@ def _die_in_a_transaction_after_the_record(client: Any) -> None:
     col.upsert(ids=["a", "n"], embeddings=np.vstack([_vec(1.0), _vec(3.0)]), documents=["a1", "n1"])
 
 
+def _reset_then_die(client: Any) -> None:
+    """chromadb's ``reset()``, with the worker killed the instant Chroma has reset (before
+    anything after Chroma's call runs)."""
+    server = client._server
+
+    class Bindings:
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def reset(self) -> Any:
+            self._inner.reset()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    server.bindings = Bindings(server.bindings)
+    client.reset()
+
+
 def _drop_while_the_journal_file_is_held(client: Any) -> None:
     """The same for a collection's drop."""
     journal = client._server._safechroma_journal
@@ -181,8 +203,10 @@ def _drop_while_the_journal_file_is_held(client: Any) -> None:
 # -- the tests ----------------------------------------------------------------------------------
 
 
-def _start(d: str) -> tuple[safechroma.SafeClient, Any]:
-    client = safechroma.SafeClient(d, standby=False, keep_warm=0)
+def _start(d: str, **settings: Any) -> tuple[safechroma.SafeClient, Any]:
+    from chromadb.config import Settings
+
+    client = safechroma.SafeClient(d, standby=False, keep_warm=0, settings=Settings(**settings))
     col = client.create_collection("unknown", embedding_function=None)
     col.add(ids=["a", "t"], embeddings=np.vstack([_vec(0.0), _vec(0.5)]), documents=["a0", "t0"])
     col.delete(ids=["t"])  # "t" is a tombstone in the journal
@@ -284,6 +308,40 @@ def test_a_journaled_drop_chroma_never_made_is_voided(tmp_path: Path) -> None:
         assert col.count() == 1  # Chroma was never asked
         ops = [h["op"] for h, _ in jr.read_records(d)]
         assert ops[-2:] == ["drop_collection", "abort"], ops
+    finally:
+        client.close()
+    _repair(d)
+    got = _read(d)
+    assert sorted(got) == ["a"] and got["a"][0] == "a0", got
+
+
+def test_a_reset_chroma_made_stays_made_through_a_repair(tmp_path: Path) -> None:
+    """Pins: chromadb's ``reset()`` whose worker died right after Chroma reset is not undone by
+    a repair: it was journaled before Chroma was asked (it used to be after, so a worker killed
+    in between left every collection alive in the journal)."""
+    d = str(tmp_path / "d")
+    client, _col = _start(d, allow_reset=True)
+    try:
+        _kill_from_inside(client, _reset_then_die)
+        seen = sorted(getattr(c, "name", c) for c in client.list_collections())
+        ops = [h["op"] for h, _ in jr.read_records(d)]
+    finally:
+        client.close()
+    assert seen == [] and ops[-2:] == ["reset", "settled"], ops
+    _repair(d)
+    assert _names(d) == []
+
+
+def test_a_journaled_reset_chroma_never_made_is_voided(tmp_path: Path) -> None:
+    """Pins: a ``reset()`` recorded in the journal that Chroma never made (the worker died
+    between) is voided, so a repair keeps every collection and its records."""
+    d = str(tmp_path / "d")
+    client, col = _start(d, allow_reset=True)
+    try:
+        _kill_from_inside(client, _die_after_the_record, "reset")
+        assert col.count() == 1  # Chroma was never asked
+        ops = [h["op"] for h, _ in jr.read_records(d)]
+        assert ops[-2:] == ["reset", "abort"], ops
     finally:
         client.close()
     _repair(d)

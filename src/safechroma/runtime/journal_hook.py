@@ -275,13 +275,24 @@ def _drop(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
 
 def _reset(journal: Journal, method: Callable[..., Any]) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        result = method(*args, **kwargs)
-        try:
-            journal.append({"op": "reset"})
-            journal.announced.clear()
-        except Exception as exc:
-            raise _failed(exc) from exc
-        return result
+        with journal.order:
+            # Recorded before Chroma resets, as a drop is: a worker killed in between must not
+            # leave every reset collection alive in the journal for a repair to bring back.
+            try:
+                seq = journal.reset()
+            except OSError as exc:
+                raise OSError(
+                    "safechroma's journal could not record the reset, so Chroma was not "
+                    f"asked: {exc!r}"
+                ) from exc
+            try:
+                return method(*args, **kwargs)
+            except BaseException:
+                try:
+                    journal.abort(seq)
+                except Exception:  # noqa: BLE001 - the abort failed: Chroma's error wins
+                    pass
+                raise
 
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper

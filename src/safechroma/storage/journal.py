@@ -340,6 +340,14 @@ class Journal:
         self.announced.discard(collection_id)
         return seq
 
+    def reset(self) -> int:
+        """Journal chromadb's ``reset()`` (every collection gone), durably, before Chroma is
+        asked, as a drop; returns its sequence number, to :meth:`abort` if Chroma refuses."""
+        seq = next(self._seq)
+        self.append({"op": "reset", "s": seq, "pre": True})
+        self.announced.clear()
+        return seq
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -703,8 +711,9 @@ def settle(path: str | os.PathLike[str], *, roll_back: bool = False) -> str | No
     collection's newest rows are its ids with its operation (and its vectors and documents).
     A committed record gets a ``settled`` record after it, one Chroma never committed an
     ``abort`` (the reader then skips it). A collection's drop is decided by the collection's
-    absence from ``chroma.sqlite3``. Only records marked as written before Chroma's write
-    (``pre``) are decided; the caller must own the directory (no worker has it open).
+    absence from ``chroma.sqlite3``, a ``reset()`` by the absence of every collection. Only
+    records marked as written before Chroma's write (``pre``) are decided; the caller must own
+    the directory (no worker has it open).
 
     A worker killed inside Chroma's transaction leaves a hot ``chroma.sqlite3-journal``, which a
     read-only reader cannot get past: with ``roll_back`` it is played back first, as Chroma's
@@ -731,12 +740,12 @@ def settle(path: str | os.PathLike[str], *, roll_back: bool = False) -> str | No
     if not isinstance(seq, int) or not header.get("pre"):
         return None
     cid, root = str(header.get("c")), os.fspath(path)
-    if op != "drop_collection" and (op not in CHROMA_OPS or not ids):
+    if op not in ("drop_collection", "reset") and (op not in CHROMA_OPS or not ids):
         return None
 
     def decide() -> bool | None:
-        if op == "drop_collection":
-            return chroma_dropped(root, cid)
+        if op in ("drop_collection", "reset"):
+            return chroma_dropped(root, cid if op == "drop_collection" else None)
         return chroma_logged(root, cid, str(op), ids, header.get("documents"), vectors)
 
     committed = decide()

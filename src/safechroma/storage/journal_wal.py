@@ -90,15 +90,21 @@ def chroma_logged(
     return True
 
 
-def chroma_dropped(root: str, cid: str) -> bool | None:
-    """Whether collection ``cid`` is gone from ``chroma.sqlite3`` (None: unreadable)."""
+def chroma_dropped(root: str, cid: str | None) -> bool | None:
+    """Whether collection ``cid`` is gone from ``chroma.sqlite3``; with ``cid`` None, whether
+    every collection is (chromadb's ``reset()``). None: unreadable."""
     db = os.path.join(root, "chroma.sqlite3")
     if not os.path.isfile(db):
         return None
+    query, args = (
+        ("SELECT 1 FROM collections LIMIT 1", ())
+        if cid is None
+        else ("SELECT 1 FROM collections WHERE id = ?", (cid,))
+    )
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            row = con.execute("SELECT 1 FROM collections WHERE id = ?", (cid,)).fetchone()
+            row = con.execute(query, args).fetchone()
         finally:
             con.close()
     except sqlite3.Error:
