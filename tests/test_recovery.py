@@ -90,7 +90,9 @@ def test_repair_recovers_or_names_the_lost(
     # exists nowhere, so they were saved (document and metadata) and removed, leaving a
     # collection Chroma can serve in full (issue 7: left in place they failed every get).
     assert set(res["missing"]) == lost and res["bad_document"] == []
-    assert set(res["not_first"]) == lost
+    # HNSW is approximate: an intact record (its exact vector stored: wrong_vector below) may,
+    # rarely, not come first for its own vector (seen once in a loaded CI run); a lost one never.
+    assert lost <= set(res["not_first"]) and len(set(res["not_first"]) - lost) <= 2, res
     assert res["wrong_vector"] == []
     assert res["get_embeddings_error"] is None
     for s in out["applied"]:
