@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ from safechroma import (
     WorkerCrashedError,
     WorkerTimeoutError,
 )
+from safechroma.runtime.supervisor import Supervisor
+from safechroma.runtime.transport import Channel
 
 # The loop must keep running while workers crash and respawn. A heartbeat sleeping 5 ms is
 # woken late by GIL hand-offs and the scheduler; on this noisy 2-core VM tens of ms are normal,
@@ -590,13 +593,29 @@ def test_cancelling_aclose_still_closes(db: str) -> None:
     assert not Path(f"/proc/{pid}").exists()  # the worker was stopped and reaped
 
 
-def test_cancellation_storm_then_every_result_is_exact(db: str) -> None:
+def test_cancellation_storm_then_every_result_is_exact(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Tasks cancelled at random points: every uncancelled call returns exactly its own data,
     every acknowledged add is present, every cancelled add is fully applied or fully absent,
-    the count adds up, and calls after the storm are answered in step."""
+    the count adds up, and calls after the storm are answered in step. The event loop never
+    waits on the worker: no exchange with it, and no wait for a channel or a worker, runs in
+    the loop's thread (checked by thread, not by a clock: with three test processes on two
+    cores the loop's lateness measured up to 0.69 s from CPU and GIL contention alone)."""
     rng = random.Random(6)
+    waited_in: set[int] = set()
+    for cls, name in ((Channel, "exchange"), (Supervisor, "lease")):
+        original = getattr(cls, name)
+
+        def recorded(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            waited_in.add(threading.get_ident())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, recorded)
+    loop_thread: list[int] = []
 
     async def main() -> dict[str, Any]:
+        loop_thread.append(threading.get_ident())
         client = await AsyncSafeClient.create(db, validator=None, standby=False)
         col = await client.create_collection("storm", embedding_function=SlowEmbedding(0.003))
         batches: dict[int, dict[str, str]] = {}
@@ -666,7 +685,7 @@ def test_cancellation_storm_then_every_result_is_exact(db: str) -> None:
         f"acknowledged, {applied_unacked} cancelled adds applied, {absent} absent, "
         f"max loop lateness {r['late'] * 1000:.1f} ms"
     )
-    assert r["late"] < MAX_LATENESS
+    assert waited_in and loop_thread[0] not in waited_in
 
 
 # -- the example -----------------------------------------------------------------------------
