@@ -242,6 +242,31 @@ def _modify(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
     return wrapper
 
 
+def _recorded_first(
+    journal: Journal, record: Callable[[], int], what: str, call: Callable[[], Any]
+) -> Any:
+    """Journal ``record()`` durably, then ``call()`` Chroma; abort the record if Chroma raises.
+
+    For a drop and a reset, as for record writes (see _journaled): a worker killed in between
+    must not leave what Chroma removed alive in the journal, for a repair to bring back.
+    Call under ``journal.order``.
+    """
+    try:
+        seq = record()
+    except OSError as exc:
+        raise OSError(
+            f"safechroma's journal could not record the {what}, so Chroma was not asked: {exc!r}"
+        ) from exc
+    try:
+        return call()
+    except BaseException:
+        try:
+            journal.abort(seq)
+        except Exception:  # noqa: BLE001 - the abort failed: Chroma's error wins
+            pass
+        raise
+
+
 def _drop(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         a = _bind(method, args, kwargs)
@@ -250,24 +275,12 @@ def _drop(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
                 cid = str(server.bindings.get_collection(a["name"], a["tenant"], a["database"]).id)
             except Exception:  # noqa: BLE001 - Chroma raises its own error for a missing one
                 return method(*args, **kwargs)
-            # Recorded before Chroma drops it, as record writes are (see _journaled): a worker
-            # killed in between must not leave a dropped collection alive in the journal,
-            # which a repair would then create again with its records.
-            try:
-                seq = journal.drop_collection(cid, a["name"])
-            except OSError as exc:
-                raise OSError(
-                    "safechroma's journal could not record the drop, so Chroma was not asked: "
-                    f"{exc!r}"
-                ) from exc
-            try:
-                return method(*args, **kwargs)
-            except BaseException:
-                try:
-                    journal.abort(seq)
-                except Exception:  # noqa: BLE001 - the abort failed: Chroma's error wins
-                    pass
-                raise
+            return _recorded_first(
+                journal,
+                lambda: journal.drop_collection(cid, a["name"]),
+                "drop",
+                lambda: method(*args, **kwargs),
+            )
 
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper
@@ -276,23 +289,7 @@ def _drop(server: Any, journal: Journal, method: Callable[..., Any]) -> Any:
 def _reset(journal: Journal, method: Callable[..., Any]) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with journal.order:
-            # Recorded before Chroma resets, as a drop is: a worker killed in between must not
-            # leave every reset collection alive in the journal for a repair to bring back.
-            try:
-                seq = journal.reset()
-            except OSError as exc:
-                raise OSError(
-                    "safechroma's journal could not record the reset, so Chroma was not "
-                    f"asked: {exc!r}"
-                ) from exc
-            try:
-                return method(*args, **kwargs)
-            except BaseException:
-                try:
-                    journal.abort(seq)
-                except Exception:  # noqa: BLE001 - the abort failed: Chroma's error wins
-                    pass
-                raise
+            return _recorded_first(journal, journal.reset, "reset", lambda: method(*args, **kwargs))
 
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper
