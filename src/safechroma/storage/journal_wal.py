@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from safechroma.storage.layout import _ro
 from safechroma.storage.sqlite_pages import is_hot_journal
 
 __all__ = ["CHROMA_OPS", "chroma_dropped", "chroma_logged", "roll_back_if_hot"]
@@ -58,7 +59,7 @@ def chroma_logged(
     if not os.path.isfile(db):
         return None
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        con = _ro(db)
         try:
             rows = con.execute(
                 "SELECT id, operation, vector, encoding, metadata FROM embeddings_queue "
@@ -102,7 +103,7 @@ def chroma_dropped(root: str, cid: str | None) -> bool | None:
         else ("SELECT 1 FROM collections WHERE id = ?", (cid,))
     )
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        con = _ro(db)
         try:
             row = con.execute(query, args).fetchone()
         finally:
